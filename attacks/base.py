@@ -1,0 +1,103 @@
+"""What every attack shares: pass counting, the eps-ball projection, the frozen-model context.
+
+An attack is a plain function ``fn(forward, x, y, *, eps, ..., counter=None) -> x_adv`` on a batch:
+`forward` maps images in [0,1] to logits [B,C,H,W]; eps and step sizes are in [0,1] units there.
+``build_attack`` wraps it in an :class:`Attack` that takes config units (1/255) and keeps counts.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.errors import SetupError
+from utils.registry import closest
+
+PIXEL_OPTIONS = ("eps", "alpha")  # given in 1/255 in configs
+
+
+@dataclass
+class PassCounter:
+    """Forward and backward passes, counted per image (a batch of 8 through the model counts 8)."""
+    forward: int = 0
+    backward: int = 0
+
+
+def counted(forward: Callable, counter: Optional[PassCounter]) -> Callable:
+    """Wrap `forward` so each call adds the batch size to ``counter.forward``."""
+    if counter is None:
+        return forward
+
+    def fwd(x: torch.Tensor):
+        counter.forward += x.shape[0]
+        return forward(x)
+    return fwd
+
+
+def input_grad(loss: torch.Tensor, x: torch.Tensor, counter: Optional[PassCounter]) -> torch.Tensor:
+    """d loss / d x only (never touches parameter .grad), counting one backward per image."""
+    if counter is not None:
+        counter.backward += x.shape[0]
+    return torch.autograd.grad(loss, x)[0]
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clip to the L-inf ball of radius eps around x and to [0,1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+
+
+def pixel_ce(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Per-pixel cross-entropy [B,H,W]; exactly 0 (value and gradient) at ignored pixels."""
+    return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Model in eval mode with parameters frozen (requires_grad False); both restored on exit."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+class Attack:
+    """A configured attack: ``attack(forward, x, y) -> x_adv``, accumulating ``attack.counter``.
+
+    Options come in config units: ``eps`` and ``alpha`` in 1/255 (converted here).
+    """
+
+    def __init__(self, name: str, fn: Callable, **options):
+        params = inspect.signature(fn).parameters
+        valid = [k for k in params if k not in ("forward", "x", "y", "counter")]
+        for k in options:
+            if k not in valid:
+                raise SetupError(f"attack '{name}' has no option '{k}'{closest(k, valid)}; valid: {', '.join(valid)}")
+        if "eps" in options and not options["eps"] > 0:
+            raise SetupError(f"attack '{name}': eps must be > 0, got {options['eps']}")
+        if "steps" in options and not (isinstance(options["steps"], int) and options["steps"] >= 1):
+            raise SetupError(f"attack '{name}': steps must be an integer >= 1, got {options['steps']}")
+        missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty
+                   and k not in ("forward", "x", "y") and k not in options]
+        if missing:
+            raise SetupError(f"attack '{name}' needs option(s) {', '.join(missing)}")
+        self.name, self.fn, self.options = name, fn, dict(options)
+        self.kwargs = {k: (v / 255.0 if k in PIXEL_OPTIONS else v) for k, v in options.items()}
+        self.counter = PassCounter()
+
+    def __call__(self, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.fn(forward, x, y, counter=self.counter, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.options.items())})"

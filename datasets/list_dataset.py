@@ -1,0 +1,101 @@
+"""A dataset read from a list file of ``image label`` paths relative to a root (semseg / VOC layout)."""
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils.errors import SetupError
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB float32 HxWx3 in [0,1]; SetupError naming the file if unreadable."""
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise SetupError(f"cannot read image {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+
+
+def read_label(path: str) -> np.ndarray:
+    """Label ids HxW int64. PIL returns palette indices for 'P' PNGs (VOC), not luminance."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise SetupError(f"label {path} has mode {im.mode}; expected a single-channel or palette PNG")
+            return np.array(im).astype(np.int64)
+    except (OSError, ValueError) as e:
+        raise SetupError(f"cannot read label {path}: {e}") from None
+
+
+def read_list(root: str, list_file: str) -> List[Tuple[str, Optional[str]]]:
+    """Parse a list file; each line `image [label]`, paths relative to root (a leading '/' is tolerated)."""
+    path = list_file if os.path.isabs(list_file) and os.path.isfile(list_file) else os.path.join(root, list_file)
+    if not os.path.isdir(root):
+        raise SetupError(f"data root not found: {root}")
+    if not os.path.isfile(path):
+        raise SetupError(f"list file not found: {path}")
+    items = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) > 2:
+                raise SetupError(f"{path}:{n}: expected 'image [label]', got {line.strip()!r}")
+            img, lbl = (os.path.join(root, p.lstrip("/")) for p in (parts + [""])[:2])
+            items.append((img, lbl if len(parts) == 2 else None))
+    if not items:
+        raise SetupError(f"list file {path} is empty")
+    return items
+
+
+class SegDataset(Dataset):
+    """(image, label) pairs; yields {"image": [3,H,W] float in [0,1], "label": [H,W] long, "index": i}.
+
+    `transform(img, lbl, rng)` gets a generator seeded from (seed, epoch, index): call
+    ``set_epoch`` each epoch so augmentation differs between epochs but repeats between runs.
+    """
+
+    def __init__(self, items: List[Tuple[str, Optional[str]]], classes: int, ignore_label: int = 255,
+                 transform: Optional[Callable] = None, seed: int = 0, label_map: Optional[Callable] = None):
+        self.items, self.classes, self.ignore_label = items, classes, ignore_label
+        self.transform, self.seed, self.epoch, self.label_map = transform, seed, 0, label_map
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def name(self, index: int) -> str:
+        return os.path.splitext(os.path.basename(self.items[index][0]))[0]
+
+    def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        img_path, lbl_path = self.items[index]
+        img = read_image(img_path)
+        if lbl_path is None:
+            return img, np.full(img.shape[:2], self.ignore_label, np.int64)
+        lbl = read_label(lbl_path)
+        if self.label_map is not None:
+            lbl = self.label_map(lbl)
+        if lbl.shape != img.shape[:2]:
+            raise SetupError(f"label {lbl_path} is {lbl.shape[1]}x{lbl.shape[0]} but its image "
+                             f"{img_path} is {img.shape[1]}x{img.shape[0]}")
+        bad = (lbl >= self.classes) & (lbl != self.ignore_label) | (lbl < 0)
+        if bad.any():
+            raise SetupError(f"label {lbl_path} has values {sorted(np.unique(lbl[bad]).tolist())[:5]} "
+                             f"outside 0..{self.classes - 1} and not {self.ignore_label}")
+        return img, lbl
+
+    def __getitem__(self, index: int) -> dict:
+        img, lbl = self.load(index)
+        if self.transform is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            img, lbl = self.transform(img, lbl, rng)
+        return {"image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+                "label": torch.from_numpy(np.ascontiguousarray(lbl)).long(), "index": index}

@@ -1,0 +1,13 @@
+"""Segmentation models. Add one: a module with an ``@register_model`` builder, imported below."""
+from torch import nn
+
+from .registry import MODELS, register_model
+from . import pspnet  # noqa: F401  (registers)
+
+
+def build_model(config) -> nn.Module:
+    """Build the model named by ``config.model.name`` (weights are loaded by the caller)."""
+    return MODELS.get(config.model.name)(config)
+
+
+__all__ = ["build_model", "register_model", "MODELS"]

@@ -1,0 +1,1 @@
+"""Backbones return a list of feature maps, shallow to deep."""

@@ -1,0 +1,58 @@
+"""PSPNet exactly as in semseg / DDC-AT (ddcat.md §1.2): PPM 1-2-3-6, 3x3 head, layer3 aux head."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+from torch import nn
+
+from .backbones.resnet import ResNet
+from .registry import register_model
+from .segmentor import Segmentor, upsample
+
+
+class PPM(nn.Module):
+    """Pyramid pooling: per bin AdaptiveAvgPool -> 1x1 conv -> BN -> ReLU -> upsample; concat with input."""
+
+    def __init__(self, in_dim: int, reduction_dim: int, bins: Sequence[int]):
+        super().__init__()
+        self.features = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_dim, reduction_dim, 1, bias=False),
+                          nn.BatchNorm2d(reduction_dim), nn.ReLU(inplace=True)) for b in bins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        return torch.cat([x] + [upsample(f(x), size) for f in self.features], 1)
+
+
+def conv_head(cin: int, mid: int, classes: int, dropout: float, kernel: int = 3) -> nn.Sequential:
+    """Conv(k x k) -> BN -> ReLU -> Dropout2d -> Conv1x1 classifier (semseg's `cls` / `aux`)."""
+    return nn.Sequential(nn.Conv2d(cin, mid, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(mid),
+                         nn.ReLU(inplace=True), nn.Dropout2d(dropout), nn.Conv2d(mid, classes, 1))
+
+
+class PSPNet(Segmentor):
+    def __init__(self, classes: int, layers: int = 50, bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
+                 aux: bool = True, deep_base: bool = True, output_stride: int = 8, width: float = 1.0,
+                 mean=None, std=None):
+        super().__init__(mean, std)
+        self.backbone = ResNet(layers, deep_base, output_stride, width)
+        fea = self.backbone.channels[3]
+        self.ppm = PPM(fea, fea // len(bins), bins)
+        mid = max(1, int(round(512 * width)))
+        self.cls = conv_head(fea * 2, mid, classes, dropout)
+        self.aux = conv_head(self.backbone.channels[2], max(1, int(round(256 * width))), classes, dropout) if aux else None
+
+    def forward_features(self, x: torch.Tensor, size: Sequence[int]) -> Dict[str, torch.Tensor]:
+        c3, c4 = self.backbone(x)[2:]
+        out = {"out": upsample(self.cls(self.ppm(c4)), size)}
+        if self.aux is not None and self.training:
+            out["aux"] = upsample(self.aux(c3), size)
+        return out
+
+
+@register_model("pspnet")
+def build_pspnet(cfg) -> PSPNet:
+    m = cfg.model
+    return PSPNet(cfg.data.classes, m.layers, m.bins, m.dropout, m.aux, m.deep_base, m.output_stride, m.width,
+                  m.mean, m.std)

@@ -1,0 +1,106 @@
+"""Loading weights: always strict, always ``weights_only=True``, errors that list the keys.
+
+Published checkpoints use other key names than ours; a *converter* maps one published format to
+ours. Register one with ``@register_converter("name")`` on ``fn(state_dict, model) -> state_dict``;
+``load_model_weights(model, path, fmt="auto")`` tries our own format first and then each converter,
+and fails with the missing / unexpected / mis-shaped keys of the closest match.
+"""
+from __future__ import annotations
+
+import pickle
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from utils.errors import SetupError
+from utils.registry import Registry
+
+CONVERTERS = Registry("weight format")
+register_converter = CONVERTERS.register
+
+
+def safe_load(path: str) -> dict:
+    """torch.load with weights_only=True: a checkpoint that would run code is refused."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SetupError(f"checkpoint not found: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SetupError(f"refused to load {path}: not a plain weights file ({first[:200]})") from None
+    if not isinstance(obj, Mapping):
+        raise SetupError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+def extract_state_dict(ckpt: Mapping) -> Dict[str, torch.Tensor]:
+    """The tensor dict of a checkpoint: ours ('model'), semseg ('state_dict'), or a bare state dict."""
+    for key in ("model", "state_dict", "model_state_dict", "net"):
+        if key in ckpt and isinstance(ckpt[key], Mapping):
+            return dict(ckpt[key])
+    return dict(ckpt)
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def key_report(module: nn.Module, state: Mapping[str, torch.Tensor]) -> Tuple[List[str], List[str], List[str]]:
+    """(missing, unexpected, shape mismatches) of `state` against `module.state_dict()`."""
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
+    return missing, unexpected, shapes
+
+
+def _fmt(items: List[str], n: int = 12) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `module` strictly; on any mismatch raise SetupError listing the keys."""
+    missing, unexpected, shapes = key_report(module, state)
+    if missing or unexpected or shapes:
+        parts = [f"missing keys: {_fmt(missing)}" if missing else "",
+                 f"unexpected keys: {_fmt(unexpected)}" if unexpected else "",
+                 f"shape mismatches: {_fmt(shapes, 6)}" if shapes else ""]
+        raise SetupError(f"{source} does not match the model ({type(module).__name__}): "
+                         + "; ".join(p for p in parts if p))
+    module.load_state_dict(state, strict=True)
+
+
+def load_model_weights(model: nn.Module, path: str, fmt: str = "auto",
+                       state: Optional[Mapping[str, torch.Tensor]] = None) -> str:
+    """Load a whole-model checkpoint strictly; returns the format that matched.
+
+    `fmt` is "ours", a converter name, or "auto" (ours, then every converter; the error reports the
+    candidate with the fewest mismatched keys).
+    """
+    raw = strip_prefix(extract_state_dict(safe_load(path) if state is None else state))
+    candidates: List[Tuple[str, Callable]] = []
+    if fmt in ("auto", "ours"):
+        candidates.append(("ours", lambda s, m: s))
+    if fmt == "auto":
+        candidates += [(n, CONVERTERS.get(n)) for n in CONVERTERS.names()]
+    elif fmt != "ours":
+        candidates.append((fmt, CONVERTERS.get(fmt)))
+    best = None
+    for name, conv in candidates:
+        try:
+            converted = conv(raw, model)
+        except (KeyError, ValueError, TypeError):
+            continue
+        report = key_report(model, converted)
+        if not any(report):
+            model.load_state_dict(converted, strict=True)
+            return name
+        score = sum(len(r) for r in report)
+        if best is None or score < best[0]:
+            best = (score, name, converted)
+    if best is None:
+        raise SetupError(f"{path}: no weight format ({', '.join(n for n, _ in candidates)}) applies to it")
+    load_strict(model, best[2], f"{path} (as format '{best[1]}')")  # raises with the key lists
+    return best[1]

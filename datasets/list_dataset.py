@@ -66,6 +66,27 @@ class SegDataset(Dataset):
         self.items, self.classes, self.ignore_label = items, classes, ignore_label
         self.transform, self.seed, self.epoch, self.label_map = transform, seed, 0, label_map
 
+    def check_files(self) -> "SegDataset":
+        """Fail early, naming the file: every image/label exists and each label matches its image's size.
+
+        Reads only the PNG/JPEG headers, so it is cheap even for thousands of files.
+        """
+        for img_path, lbl_path in self.items:
+            if not os.path.isfile(img_path):
+                raise SetupError(f"image not found: {img_path}")
+            if lbl_path is None:
+                continue
+            if not os.path.isfile(lbl_path):
+                raise SetupError(f"label not found: {lbl_path} (for image {img_path})")
+            try:
+                with Image.open(img_path) as a, Image.open(lbl_path) as b:
+                    sa, sb = a.size, b.size
+            except OSError as e:
+                raise SetupError(f"cannot read {img_path} or {lbl_path}: {e}") from None
+            if sa != sb:
+                raise SetupError(f"label {lbl_path} is {sb[0]}x{sb[1]} but its image {img_path} is {sa[0]}x{sa[1]}")
+        return self
+
     def __len__(self) -> int:
         return len(self.items)
 

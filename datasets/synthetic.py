@@ -128,4 +128,4 @@ def build_synthetic(cfg, split: str) -> SegDataset:
     ensure_synthetic(d.root, s.num_train, s.num_val, s.size, s.seed)
     list_file = {"train": d.train_list, "val": d.val_list, "test": d.test_list}[split]
     transform = build_train_transform(d) if split == "train" else None
-    return SegDataset(read_list(d.root, list_file), d.classes, d.ignore_label, transform, cfg.seed)
+    return SegDataset(read_list(d.root, list_file), d.classes, d.ignore_label, transform, cfg.seed).check_files()

@@ -45,7 +45,16 @@ class Config(dict):
         return new
 
     def to_dict(self) -> dict:
-        return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self.items()}
+        """Plain dicts and lists all the way down (for YAML / checkpoints)."""
+        return _plain(self)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _wrap(value: Any) -> Any:
@@ -117,8 +126,8 @@ def _type_ok(default: Any, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, str):
         return isinstance(value, str)
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
+    if isinstance(default, (list, tuple)):  # null allowed: e.g. model.mean null = no normalisation
+        return value is None or isinstance(value, (list, tuple))
     if isinstance(default, Mapping):
         return isinstance(value, Mapping)
     return True
@@ -186,3 +195,35 @@ def save_config(cfg: Config, path: str) -> None:
     with open(tmp, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False, default_flow_style=None)
     os.replace(tmp, path)
+
+
+def _main(argv: Sequence[str] = ()) -> int:
+    """`python -m utils.config CONFIG [--get dotted.key] [overrides]`: print the resolved config or a value."""
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="python -m utils.config")
+    p.add_argument("config")
+    p.add_argument("--get", help="print only this dotted key")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.get:
+            node: Any = cfg
+            for part in args.get.split("."):
+                node = node[part]
+            print(node)
+        else:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"error: no config key {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,9 @@
+"""Clean training (`train.method: none`)."""
+from .base import Defense
+from .registry import register_defense
+
+
+@register_defense("none")
+class NoDefense(Defense):
+    def loss(self, model, batch):
+        return self.seg_loss(model(batch["image"]), batch["label"])

@@ -1,0 +1,1 @@
+"""The loops: training (trainer.py) and clean/attacked evaluation (evaluator.py)."""

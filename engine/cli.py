@@ -1,0 +1,41 @@
+"""Command-line entry shared by train.py and test.py: parse, load config, run, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, List, Optional
+
+from utils import dist
+from utils.config import load_config
+from utils.errors import SetupError
+from utils.logger import setup_logger
+
+
+def one_line(e: Exception) -> str:
+    """The message itself, also when a DataLoader worker re-raised it with its traceback attached."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and "Traceback" in str(e):
+        return lines[-1].split("SetupError: ", 1)[-1]
+    return lines[0] if lines else type(e).__name__
+
+
+def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
+    """`python {kind}.py --config FILE [section.key=value ...]`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog=f"{kind}.py", description=f"{kind} a segmentation model from a YAML config")
+    parser.add_argument("--config", required=True, help="experiment YAML (see config/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.005 test.eps=[4,8]")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        log = setup_logger(cfg.exp_dir, kind, main_process=int(__import__("os").environ.get("RANK", 0)) == 0)
+        log.info(f"config {args.config}" + (f" with overrides {' '.join(args.overrides)}" if args.overrides else ""))
+        run(cfg)
+        return 0
+    except SetupError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: training stopped: {e}; the last good checkpoint is kept", file=sys.stderr)
+        return 3
+    finally:
+        dist.cleanup()

@@ -1,0 +1,205 @@
+"""The one training loop: defense loss -> backward -> step -> poly lr; logs, validation, checkpoints."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from datasets import build_dataset
+from defenses import build_defense
+from models import build_model
+from models.weights import load_model_weights
+from utils import dist
+from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from utils.config import save_config
+from utils.errors import SetupError
+from utils.logger import get_logger
+from utils.metrics import summarize
+from utils.rng import get_rng_state, seed_all, set_rng_state
+
+from .common import make_loader, per_process_batch, setup_runtime, to_device, train_sampler
+from .evaluator import evaluate
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (semseg) or AdamW (PIR-AT); head groups at `head_lr_mult` x lr (ddcat.md §1.6)."""
+    t = cfg.train
+    groups = model.param_groups(t.head_lr_mult) if hasattr(model, "param_groups") else \
+        [{"params": list(model.parameters()), "lr_mult": 1.0}]
+    groups = [dict(g, lr=t.lr * g["lr_mult"]) for g in groups if g["params"]]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
+    raise SetupError(f"train.optimizer '{t.optimizer}' unknown; valid: sgd, adamw")
+
+
+class PolyWithWarmup:
+    """lr factor for 0-based step s (iteration it = s + 1, set before the step as in semseg):
+    linear warmup from `ratio` over `warmup` iterations, then (1 - (it - warmup)/(max - warmup))^power."""
+
+    def __init__(self, max_iters: int, power: float, warmup: int = 0, ratio: float = 1e-6):
+        self.max_iters, self.power, self.warmup, self.ratio = max_iters, power, warmup, ratio
+
+    def __call__(self, step: int) -> float:
+        it = step + 1
+        if it <= self.warmup:
+            return self.ratio + (1 - self.ratio) * it / self.warmup
+        frac = (it - self.warmup) / max(self.max_iters - self.warmup, 1)
+        return max(1.0 - frac, 0.0) ** self.power
+
+
+def build_scheduler(cfg, optimizer, max_iters: int):
+    t = cfg.train
+    if t.scheduler != "poly":
+        raise SetupError(f"train.scheduler '{t.scheduler}' unknown; valid: poly")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyWithWarmup(max_iters, t.power, t.warmup_iters,
+                                                                      t.warmup_ratio))
+
+
+class Trainer:
+    """Builds everything from the config, validates the inputs, then runs `fit()`."""
+
+    def __init__(self, cfg):
+        self.cfg, self.log = cfg, get_logger()
+        self.device = setup_runtime(cfg)
+        seed_all(cfg.seed)  # same init on every process; data order comes from the sampler seed
+        t = cfg.train
+        self.train_set = build_dataset(cfg, "train")
+        self.val_set = build_dataset(cfg, "val") if t.eval_freq else None
+        self.batch = per_process_batch(t.batch_size, "train.batch_size")
+        self.sampler = train_sampler(self.train_set, cfg.seed)
+        self.loader = make_loader(self.train_set, self.batch, cfg.data.workers, cfg.seed, self.sampler, drop_last=True)
+        self.iters_per_epoch = len(self.loader)
+        if self.iters_per_epoch == 0:
+            raise SetupError(f"train.batch_size={t.batch_size} exceeds the {len(self.train_set)} training images")
+        self.max_iters = t.epochs * self.iters_per_epoch
+        model = build_model(cfg)
+        if cfg.model.weights:
+            load_model_weights(model, cfg.model.weights)
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.max_iters)
+        self.defense = build_defense(cfg)
+        self.epoch, self.iteration = 0, 0
+        resume = resolve_resume(t.resume, cfg.exp_dir)
+        if resume:
+            self._restore(resume)
+        if dist.world_size() > 1:
+            if self.device.type == "cuda" and t.sync_bn:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.writer = None
+        if dist.is_main():  # everything above validated: now it is safe to write into exp_dir
+            from tensorboardX import SummaryWriter
+            save_config(cfg, os.path.join(cfg.exp_dir, "config.yaml"))
+            self.writer = SummaryWriter(os.path.join(cfg.exp_dir, "events"))
+
+    def _restore(self, path: str) -> None:
+        ckpt = load_checkpoint(path)
+        from models.weights import load_strict
+        load_strict(self.model, ckpt["model"], path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+        set_rng_state(ckpt["rng"])
+        self.log.info(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
+
+    def state(self) -> dict:
+        return {"model": dist.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
+                "rng": get_rng_state(), "config": self.cfg.to_dict()}
+
+    def save(self) -> None:
+        if not dist.is_main():
+            return
+        state = self.state()
+        model_dir = os.path.join(self.cfg.exp_dir, "model")
+        if self.epoch % self.cfg.train.save_freq == 0 or self.epoch == self.cfg.train.epochs:
+            save_checkpoint(state, os.path.join(model_dir, f"epoch_{self.epoch}.pth"))
+        save_checkpoint(state, os.path.join(model_dir, "last.pth"))
+
+    def _log_scalars(self, sums: Dict[str, torch.Tensor], count: int, prefix: str) -> Dict[str, float]:
+        keys = sorted(sums)
+        vec = dist.all_reduce_sum(torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=self.device)]))
+        vals = {k: float(v) / max(float(vec[-1]), 1.0) for k, v in zip(keys, vec[:-1].tolist())}
+        if self.writer:
+            for k, v in vals.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, self.iteration)
+        return vals
+
+    def train_epoch(self) -> Dict[str, float]:
+        from tqdm import tqdm
+        cfg = self.cfg
+        self.sampler.set_epoch(self.epoch)
+        self.train_set.set_epoch(self.epoch)
+        self.model.train()
+        window: Dict[str, torch.Tensor] = {}
+        total: Dict[str, torch.Tensor] = {}
+        n_window = n_total = 0
+        bar = tqdm(self.loader, disable=not dist.is_main(), desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
+                   leave=False)
+        for batch in bar:
+            batch = to_device(batch, self.device)
+            loss, logs = self.defense.loss(self.model, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.iteration += 1
+            logs = dict(logs, loss=loss.detach())
+            for k, v in logs.items():
+                window[k] = window.get(k, 0.0) + v.float()
+                total[k] = total.get(k, 0.0) + v.float()
+            n_window += 1
+            n_total += 1
+            if self.iteration % cfg.train.print_freq == 0:
+                vals = self._log_scalars(window, n_window * dist.world_size(), "train")
+                lr = self.optimizer.param_groups[0]["lr"]
+                if self.writer:
+                    self.writer.add_scalar("train/lr", lr, self.iteration)
+                if not all(math.isfinite(v) for v in vals.values()):
+                    raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {vals}")
+                self.log.info(f"epoch {self.epoch + 1} iter {self.iteration}/{self.max_iters} lr {lr:.5f} "
+                              + " ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+                window, n_window = {}, 0
+        return {k: float(v) for k, v in self._log_scalars(total, n_total * dist.world_size(), "train_epoch").items()}
+
+    def validate(self) -> dict:
+        from torch.utils.data import Subset
+        cfg = self.cfg
+        shard = Subset(self.val_set, list(range(dist.rank(), len(self.val_set), dist.world_size())))
+        loader = make_loader(shard, per_process_batch(cfg.train.val_batch_size, "train.val_batch_size"),
+                             cfg.data.workers, cfg.seed)
+        model = dist.unwrap(self.model)
+        stats = evaluate(model, loader, cfg.data.classes, cfg.data.ignore_label, device=self.device)
+        _, inter, union, target = stats["clean"].gathered()
+        m = summarize(inter, union, target)
+        if self.writer:
+            for k in ("mIoU", "mAcc", "aAcc"):
+                self.writer.add_scalar(f"val/{k}", m[k], self.epoch)
+        return m
+
+    def fit(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self.log.info(f"training {cfg.model.name} with method '{t.method}' for {t.epochs} epochs "
+                      f"({self.iters_per_epoch} iterations each, {dist.world_size()} process(es), device {self.device})")
+        while self.epoch < t.epochs:
+            start = time.time()
+            train_logs = self.train_epoch()
+            self.epoch += 1
+            msg = f"epoch {self.epoch}/{t.epochs} done in {time.time() - start:.0f}s: " + \
+                  " ".join(f"{k} {v:.4f}" for k, v in train_logs.items())
+            if t.eval_freq and self.epoch % t.eval_freq == 0:
+                m = self.validate()
+                msg += f" | val mIoU {m['mIoU']:.4f} mAcc {m['mAcc']:.4f} aAcc {m['aAcc']:.4f}"
+            self.log.info(msg)
+            self.save()
+        if self.writer:
+            self.writer.close()
+        dist.barrier()

@@ -1,0 +1,90 @@
+"""Distributed helpers in one place (torchrun / env:// rendezvous; gloo on CPU, NCCL on GPU)."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import SetupError
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def select_device(name: str) -> torch.device:
+    """`device` config: auto | cpu | cuda; with several processes each takes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SetupError("device: cuda requested but no GPU is visible")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise SetupError(f"process LOCAL_RANK={local} but only {torch.cuda.device_count()} GPU(s) are visible")
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    if name != "cpu":
+        raise SetupError(f"device must be auto, cpu or cuda, got '{name}'")
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (in place on a copy)."""
+    if not is_dist():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate row blocks of different lengths from every process, in rank order."""
+    if not is_dist():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    pad = t.new_zeros((m - t.shape[0],) + tuple(t.shape[1:]))
+    out: List[torch.Tensor] = [t.new_zeros((m,) + tuple(t.shape[1:])) for _ in sizes]
+    dist.all_gather(out, torch.cat([t, pad]))
+    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / compiled wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()

@@ -3,6 +3,8 @@ from torch import nn
 
 from .registry import MODELS, register_model
 from . import pspnet  # noqa: F401  (registers)
+from . import deeplabv3, ddcat, upernet  # noqa: F401  (register)
+from . import weight_formats  # noqa: F401  (registers checkpoint converters)
 
 
 def build_model(config) -> nn.Module:

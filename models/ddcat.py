@@ -16,7 +16,7 @@ from typing import Dict, Sequence
 import torch
 
 from .deeplabv3 import DeepLabV3
-from .pspnet import PSPNet
+from .pspnet import PSPNet, norm_stats
 from .registry import register_model
 from .segmentor import upsample
 
@@ -70,11 +70,11 @@ class DeepLabV3DDCAT(_DDCATMixin, DeepLabV3):
 def build_pspnet_ddcat(cfg) -> PSPNetDDCAT:
     m = cfg.model
     return PSPNetDDCAT(cfg.data.classes, m.layers, m.bins, m.dropout, m.aux, m.deep_base, m.output_stride, m.width,
-                       m.mean, m.std)
+                       *norm_stats(m))
 
 
 @register_model("deeplabv3_ddcat")
 def build_deeplabv3_ddcat(cfg) -> DeepLabV3DDCAT:
     m = cfg.model
     return DeepLabV3DDCAT(cfg.data.classes, m.layers, m.atrous_rates, m.dropout, m.aux, m.deep_base,
-                          m.output_stride, m.width, m.mean, m.std)
+                          m.output_stride, m.width, *norm_stats(m))

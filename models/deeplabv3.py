@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .backbones.resnet import ResNet
-from .pspnet import conv_head
+from .pspnet import conv_head, norm_stats
 from .registry import register_model
 from .segmentor import Segmentor, upsample
 
@@ -68,4 +68,4 @@ class DeepLabV3(Segmentor):
 def build_deeplabv3(cfg) -> DeepLabV3:
     m = cfg.model
     return DeepLabV3(cfg.data.classes, m.layers, m.atrous_rates, m.dropout, m.aux, m.deep_base, m.output_stride,
-                     m.width, m.mean, m.std)
+                     m.width, *norm_stats(m))

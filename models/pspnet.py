@@ -60,8 +60,14 @@ class PSPNet(Segmentor):
         return out
 
 
+def norm_stats(m):
+    """(mean, std) for the model's input normalisation from the model config; (None, None) when
+    ``model.normalize`` is false or mean/std are null."""
+    return (m.mean, m.std) if m.get("normalize", True) else (None, None)
+
+
 @register_model("pspnet")
 def build_pspnet(cfg) -> PSPNet:
     m = cfg.model
     return PSPNet(cfg.data.classes, m.layers, m.bins, m.dropout, m.aux, m.deep_base, m.output_stride, m.width,
-                  m.mean, m.std)
+                  *norm_stats(m))

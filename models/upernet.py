@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones.convnext import VARIANTS, convnext_cvst
+from .pspnet import norm_stats
 from .registry import register_model
 from .segmentor import Segmentor
 from utils.errors import SetupError
@@ -100,4 +101,4 @@ def build_upernet_convnext(cfg) -> UperNet:
     if m.backbone not in VARIANTS:
         raise SetupError(f"{cfg.path}: model.backbone '{m.backbone}' is not a ConvNeXt variant for "
                          f"upernet_convnext; valid: {', '.join(VARIANTS)}")
-    return UperNet(cfg.data.classes, m.backbone, m.drop_path, m.aux, m.mean, m.std)
+    return UperNet(cfg.data.classes, m.backbone, m.drop_path, m.aux, *norm_stats(m))

@@ -25,7 +25,8 @@ Backbone (ImageNet) formats, for ``load_backbone_weights(backbone, path)``:
   and ``normalizer`` buffers, both dropped by name), then as torchvision.
 - ``timm_convnext_cvst``: the robust ConvNeXt-CvSt ImageNet models (timm naming: ``stem.stem.i``,
   ``stages.j.downsample.p``, ``stages.j.blocks.k.{gamma,conv_dw,norm,mlp.fc1,mlp.fc2}``), with
-  the ``module.`` / ``base_model.`` wrappers stripped.
+  the ``module.`` / ``base_model.`` wrappers stripped; the four per-stage output norms, absent
+  from ImageNet models, keep their fresh values.
 
 The ImageNet classifier (``fc.*``, ``head.*``, including timm's final ``head.norm``) and input
 normaliser buffers are dropped by name; anything else must match exactly.
@@ -149,9 +150,18 @@ def bb_robust_resnet(state: Mapping[str, torch.Tensor], backbone: nn.Module) -> 
 
 @register_backbone_format("timm_convnext_cvst")
 def bb_timm_convnext(state: Mapping[str, torch.Tensor], backbone: nn.Module) -> State:
-    """timm-style ConvNeXt-CvSt (robust ImageNet): ``stem.stem.i`` -> ``stem.i``; the rest as ours."""
+    """timm-style ConvNeXt-CvSt (robust ImageNet): ``stem.stem.i`` -> ``stem.i``; the rest as ours.
+
+    The per-stage output norms (``out_norms.*``) are new layers of the segmentation backbone that
+    no ImageNet model has: when the checkpoint lacks them they keep their current (fresh) values,
+    as in PIR-AT.
+    """
     _need(state, r"^stem\.stem\.")
-    return rename(state, [(r"^stem\.stem\.", "stem.")])
+    state = rename(state, [(r"^stem\.stem\.", "stem.")])
+    for k, v in backbone.state_dict().items():
+        if k.startswith("out_norms.") and k not in state:
+            state[k] = v
+    return state
 
 
 def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> State:

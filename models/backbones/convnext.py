@@ -96,7 +96,8 @@ class ConvNeXt(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, stem_dim, 3, 2, 1), LayerNorm2d(stem_dim, eps=1e-6), nn.GELU(),
                                   nn.Conv2d(stem_dim, dims[0], 3, 2, 1), LayerNorm2d(dims[0], eps=1e-6), nn.GELU())
-        rates = torch.linspace(0, drop_path, sum(depths)).tolist()  # linear over all blocks
+        total = sum(depths)
+        rates = [drop_path * i / max(total - 1, 1) for i in range(total)]  # linear 0 -> drop_path over all blocks
         starts = [sum(depths[:i]) for i in range(4)]
         self.stages = nn.ModuleList(
             Stage(dims[max(i - 1, 0)], dims[i], depths[i], rates[starts[i]:starts[i] + depths[i]], layer_scale_init,

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
 from models import MODELS, build_model
-from models.backbones.convnext import ConvNeXt, DropPath, LayerNorm2d, convnext_cvst
+from models.backbones.convnext import DropPath, LayerNorm2d, convnext_cvst
 from models.backbones.resnet import ResNet
 from models.ddcat import DeepLabV3DDCAT, PSPNetDDCAT, route
 from models.deeplabv3 import DeepLabV3

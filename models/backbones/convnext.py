@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # name -> (depths, dims, drop-path rate)

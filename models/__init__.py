@@ -3,6 +3,10 @@ from torch import nn
 
 from .registry import MODELS, register_model
 from . import pspnet  # noqa: F401  (registers)
+from . import deeplabv3, ddcat, upernet  # noqa: F401  (register)
+from . import weight_formats  # noqa: F401  (registers checkpoint converters)
+from .ddcat import route  # noqa: F401  (DDC-AT per-pixel routing of the outputs dict)
+from .weight_formats import load_backbone_weights  # noqa: F401  (ImageNet weights into model.backbone)
 
 
 def build_model(config) -> nn.Module:

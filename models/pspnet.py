@@ -43,16 +43,31 @@ class PSPNet(Segmentor):
         self.cls = conv_head(fea * 2, mid, classes, dropout)
         self.aux = conv_head(self.backbone.channels[2], max(1, int(round(256 * width))), classes, dropout) if aux else None
 
-    def forward_features(self, x: torch.Tensor, size: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def make_head(self, classes: int) -> nn.Sequential:
+        """A fresh main head with `classes` outputs (DDC-AT adds more heads of this shape)."""
+        return conv_head(self.cls[0].in_channels, self.cls[0].out_channels, classes, self.cls[3].p)
+
+    def features(self, x: torch.Tensor):
+        """(layer3 output for the aux head, context feature for the main head)."""
         c3, c4 = self.backbone(x)[2:]
-        out = {"out": upsample(self.cls(self.ppm(c4)), size)}
+        return c3, self.ppm(c4)
+
+    def forward_features(self, x: torch.Tensor, size: Sequence[int]) -> Dict[str, torch.Tensor]:
+        c3, ctx = self.features(x)
+        out = {"out": upsample(self.cls(ctx), size)}
         if self.aux is not None and self.training:
             out["aux"] = upsample(self.aux(c3), size)
         return out
+
+
+def norm_stats(m):
+    """(mean, std) for the model's input normalisation from the model config; (None, None) when
+    ``model.normalize`` is false or mean/std are null."""
+    return (m.mean, m.std) if m.get("normalize", True) else (None, None)
 
 
 @register_model("pspnet")
 def build_pspnet(cfg) -> PSPNet:
     m = cfg.model
     return PSPNet(cfg.data.classes, m.layers, m.bins, m.dropout, m.aux, m.deep_base, m.output_stride, m.width,
-                  m.mean, m.std)
+                  *norm_stats(m))

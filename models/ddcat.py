@@ -1,0 +1,80 @@
+"""DDC-AT variants of PSPNet and DeepLabv3 (ddcat.md §1.5).
+
+Three heads of the main head's architecture on the same context feature: ``cls1`` (f_n, the
+deployed head), ``cls2`` (f_a, for perturbation-sensitive clean pixels) and ``mask1`` (f_m, a
+2-way per-pixel router), plus ``aux_cls1`` on layer3. Module names follow the published code, so
+its checkpoints load after moving the ResNet under ``backbone.``.
+
+Outputs (all upsampled to the input): ``{"out": o_n, "adv": o_a, "mask": o_m}`` and, in training
+mode, ``"aux"``. Eval-mode ``model(x)`` returns o_n only and computes neither cls2 nor mask1.
+``route(outputs)`` gives the routed logits o = where(argmax o_m == 1, o_a, o_n).
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+
+from .deeplabv3 import DeepLabV3
+from .pspnet import PSPNet, norm_stats
+from .registry import register_model
+from .segmentor import upsample
+
+
+def route(outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Hard per-pixel routing: f_a where the mask head's argmax is 1, else f_n (not differentiable
+    through the choice; ties go to f_n like the published ``max(1)[1]``)."""
+    pick = outputs["mask"].argmax(1, keepdim=True) == 1
+    return torch.where(pick, outputs["adv"], outputs["out"])
+
+
+class _DDCATMixin:
+    """Turns a model with ``cls``/``aux``/``make_head``/``features`` into its DDC-AT variant."""
+
+    def _add_branches(self, classes: int) -> None:
+        if self.aux is None:
+            raise ValueError("DDC-AT models always have the layer3 aux head (model.aux must be true)")
+        cls2, mask1 = self.make_head(classes), self.make_head(2)
+        self.cls1, self.aux_cls1 = self.cls, self.aux
+        del self.cls, self.aux
+        self.cls2, self.mask1 = cls2, mask1
+
+    def forward_features(self, x: torch.Tensor, size: Sequence[int]) -> Dict[str, torch.Tensor]:
+        c3, ctx = self.features(x)
+        out = {"out": upsample(self.cls1(ctx), size), "adv": upsample(self.cls2(ctx), size),
+               "mask": upsample(self.mask1(ctx), size)}
+        if self.training:
+            out["aux"] = upsample(self.aux_cls1(c3), size)
+        return out
+
+    def forward(self, x: torch.Tensor):
+        if self.training:
+            return self.outputs(x)
+        _, ctx = self.features(self.normalize(x))  # deployed model: f_n only
+        return upsample(self.cls1(ctx), x.shape[-2:])
+
+
+class PSPNetDDCAT(_DDCATMixin, PSPNet):
+    def __init__(self, classes: int, *args, **kwargs):
+        super().__init__(classes, *args, **kwargs)
+        self._add_branches(classes)
+
+
+class DeepLabV3DDCAT(_DDCATMixin, DeepLabV3):
+    def __init__(self, classes: int, *args, **kwargs):
+        super().__init__(classes, *args, **kwargs)
+        self._add_branches(classes)
+
+
+@register_model("pspnet_ddcat")
+def build_pspnet_ddcat(cfg) -> PSPNetDDCAT:
+    m = cfg.model
+    return PSPNetDDCAT(cfg.data.classes, m.layers, m.bins, m.dropout, m.aux, m.deep_base, m.output_stride, m.width,
+                       *norm_stats(m))
+
+
+@register_model("deeplabv3_ddcat")
+def build_deeplabv3_ddcat(cfg) -> DeepLabV3DDCAT:
+    m = cfg.model
+    return DeepLabV3DDCAT(cfg.data.classes, m.layers, m.atrous_rates, m.dropout, m.aux, m.deep_base,
+                          m.output_stride, m.width, *norm_stats(m))

@@ -3,6 +3,8 @@ from torch import nn
 
 from .registry import MODELS, register_model
 from . import pspnet  # noqa: F401  (registers)
+from . import drn_seg, taskonomy, fpd_seg  # noqa: F401  (registers)
+from . import weight_formats_mtl  # noqa: F401  (registers converters)
 
 
 def build_model(config) -> nn.Module:

@@ -168,7 +168,7 @@ def build_drn_multitask(cfg) -> DRNMultitask:
         raise SetupError(f"config key model.shared_until must be layer5 or layer8, got {m.shared_until!r}")
     if not m.tasks:
         raise SetupError("config key model.tasks is empty")
-    if ARCHS.get(_check_arch(m.arch), ("A",))[0] == "A":
+    if ARCHS[_check_arch(m.arch)][0] == "A":
         raise SetupError(f"config key model.arch: drn_multitask needs a C or D DRN, got {m.arch}")
     channels = task_channels(m.tasks, DRN_TASK_CHANNELS, cfg.data.classes, m.task_channels)
     return DRNMultitask(m.arch, m.tasks, channels, m.shared_until, m.mean, m.std)

@@ -17,7 +17,8 @@ def read_image(path: str) -> np.ndarray:
     """RGB float32 HxWx3 in [0,1]; SetupError naming the file if unreadable."""
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        raise SetupError(f"cannot read image {path}")
+        what = "file not found" if not os.path.isfile(path) else "not a readable image"
+        raise SetupError(f"cannot read image {path}: {what}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
 
 
@@ -52,6 +53,23 @@ def read_list(root: str, list_file: str) -> List[Tuple[str, Optional[str]]]:
     if not items:
         raise SetupError(f"list file {path} is empty")
     return items
+
+
+def check_items(items: List[Tuple[str, Optional[str]]], source: str) -> List[Tuple[str, Optional[str]]]:
+    """Fail early, naming the file, when `items` is empty or an image or its label is missing."""
+    if not items:
+        raise SetupError(f"{source}: no samples found")
+    for img, lbl in items:
+        if not os.path.isfile(img):
+            raise SetupError(f"{source}: image {img} not found")
+        if lbl is not None and not os.path.isfile(lbl):
+            raise SetupError(f"{source}: image {img} has no label (expected {lbl})")
+    return items
+
+
+def split_list(data_cfg, split: str) -> str:
+    """The list file configured for `split` ('' = none, scan the folder layout)."""
+    return {"train": data_cfg.train_list, "val": data_cfg.val_list, "test": data_cfg.test_list}[split]
 
 
 class SegDataset(Dataset):

@@ -20,7 +20,7 @@ from utils.errors import SetupError
 
 from .list_dataset import SegDataset, read_list
 from .registry import register_dataset
-from .transforms import build_train_transform
+from .transforms import build_transform
 
 SPLIT_OFFSET = {"train": 0, "val": 1}
 
@@ -127,5 +127,5 @@ def build_synthetic(cfg, split: str) -> SegDataset:
         raise SetupError(f"data.classes must be 6 for the synthetic dataset, got {d.classes}")
     ensure_synthetic(d.root, s.num_train, s.num_val, s.size, s.seed)
     list_file = {"train": d.train_list, "val": d.val_list, "test": d.test_list}[split]
-    transform = build_train_transform(d) if split == "train" else None
+    transform = build_transform(d, split)
     return SegDataset(read_list(d.root, list_file), d.classes, d.ignore_label, transform, cfg.seed)

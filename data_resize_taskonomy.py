@@ -21,7 +21,7 @@ DEPTH = ("depth_zbuffer", "depth_euclidean")
 
 def kind_of(rel: str) -> str:
     domain = rel.split(os.sep)[0]
-    if not rel.endswith(".png"):
+    if not rel.lower().endswith((".png", ".jpg", ".jpeg")):
         return "copy"
     if domain in SEG:
         return "label"
@@ -56,8 +56,8 @@ def main() -> int:
         raise ValueError(f"--factor must be positive, got {a.factor}")
     size = None if a.factor else parse_size(a.size or "256")
     files = walk(a.src)
-    if not any(f.endswith(".png") for f in files):
-        raise ValueError(f"no PNG files under {a.src}")
+    if not any(kind_of(f) != "copy" for f in files):
+        raise ValueError(f"no images under {a.src}")
     jobs = [Job(os.path.join(a.src, f), os.path.join(a.dst, dst_rel(f, a.rename_segment)), kind_of(f), "high")
             for f in files]
     return run(jobs, size, a.factor, max(1, a.workers), "taskonomy")

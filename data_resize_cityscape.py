@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from datasets.resize_ops import Job, main_guard, parse_size, run, walk
+from data_resize_common import Job, main_guard, parse_size, run, walk
 
 LABEL_ENDINGS = ("labelIds.png", "TrainIds.png", "trainIds.png", "instanceIds.png", "_color.png")
 

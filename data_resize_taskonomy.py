@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from datasets.resize_ops import Job, main_guard, parse_size, run, walk
+from data_resize_common import Job, main_guard, parse_size, run, walk
 
 SEG = ("segmentsemantic", "segment_semantic")
 DEPTH = ("depth_zbuffer", "depth_euclidean")

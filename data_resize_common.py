@@ -1,4 +1,4 @@
-"""Offline resizing of dataset trees (used by data_resize_cityscape.py and data_resize_taskonomy.py).
+"""Shared core of the offline resize tools (data_resize_cityscape.py, data_resize_taskonomy.py); no torch needed.
 
 Kinds of files and how they are resized:
 - image: INTER_AREA when shrinking (anti-aliased), bilinear when enlarging;

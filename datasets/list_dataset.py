@@ -17,7 +17,8 @@ def read_image(path: str) -> np.ndarray:
     """RGB float32 HxWx3 in [0,1]; SetupError naming the file if unreadable."""
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        raise SetupError(f"cannot read image {path}")
+        what = "file not found" if not os.path.isfile(path) else "not a readable image"
+        raise SetupError(f"cannot read image {path}: {what}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
 
 
@@ -54,6 +55,33 @@ def read_list(root: str, list_file: str) -> List[Tuple[str, Optional[str]]]:
     return items
 
 
+def check_items(items: List[Tuple[str, Optional[str]]], source: str) -> List[Tuple[str, Optional[str]]]:
+    """Fail early, naming the file, when `items` is empty, an image or its label is missing, or a
+    label's size differs from its image's (read from the file headers only, so cheap)."""
+    if not items:
+        raise SetupError(f"{source}: no samples found")
+    for img, lbl in items:
+        if not os.path.isfile(img):
+            raise SetupError(f"{source}: image {img} not found")
+        if lbl is None:
+            continue
+        if not os.path.isfile(lbl):
+            raise SetupError(f"{source}: image {img} has no label (expected {lbl})")
+        try:
+            with Image.open(img) as a, Image.open(lbl) as b:
+                sa, sb = a.size, b.size
+        except OSError as e:
+            raise SetupError(f"{source}: cannot read {img} or its label {lbl}: {e}") from None
+        if sa != sb:
+            raise SetupError(f"label {lbl} is {sb[0]}x{sb[1]} but its image {img} is {sa[0]}x{sa[1]}")
+    return items
+
+
+def split_list(data_cfg, split: str) -> str:
+    """The list file configured for `split` ('' = none, scan the folder layout)."""
+    return {"train": data_cfg.train_list, "val": data_cfg.val_list, "test": data_cfg.test_list}[split]
+
+
 class SegDataset(Dataset):
     """(image, label) pairs; yields {"image": [3,H,W] float in [0,1], "label": [H,W] long, "index": i}.
 
@@ -65,27 +93,6 @@ class SegDataset(Dataset):
                  transform: Optional[Callable] = None, seed: int = 0, label_map: Optional[Callable] = None):
         self.items, self.classes, self.ignore_label = items, classes, ignore_label
         self.transform, self.seed, self.epoch, self.label_map = transform, seed, 0, label_map
-
-    def check_files(self) -> "SegDataset":
-        """Fail early, naming the file: every image/label exists and each label matches its image's size.
-
-        Reads only the PNG/JPEG headers, so it is cheap even for thousands of files.
-        """
-        for img_path, lbl_path in self.items:
-            if not os.path.isfile(img_path):
-                raise SetupError(f"image not found: {img_path}")
-            if lbl_path is None:
-                continue
-            if not os.path.isfile(lbl_path):
-                raise SetupError(f"label not found: {lbl_path} (for image {img_path})")
-            try:
-                with Image.open(img_path) as a, Image.open(lbl_path) as b:
-                    sa, sb = a.size, b.size
-            except OSError as e:
-                raise SetupError(f"cannot read {img_path} or {lbl_path}: {e}") from None
-            if sa != sb:
-                raise SetupError(f"label {lbl_path} is {sb[0]}x{sb[1]} but its image {img_path} is {sa[0]}x{sa[1]}")
-        return self
 
     def __len__(self) -> int:
         return len(self.items)

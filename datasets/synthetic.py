@@ -18,9 +18,9 @@ import numpy as np
 
 from utils.errors import SetupError
 
-from .list_dataset import SegDataset, read_list
+from .list_dataset import SegDataset, check_items, read_list
 from .registry import register_dataset
-from .transforms import build_train_transform
+from .transforms import build_transform
 
 SPLIT_OFFSET = {"train": 0, "val": 1}
 
@@ -127,5 +127,6 @@ def build_synthetic(cfg, split: str) -> SegDataset:
         raise SetupError(f"data.classes must be 6 for the synthetic dataset, got {d.classes}")
     ensure_synthetic(d.root, s.num_train, s.num_val, s.size, s.seed)
     list_file = {"train": d.train_list, "val": d.val_list, "test": d.test_list}[split]
-    transform = build_train_transform(d) if split == "train" else None
-    return SegDataset(read_list(d.root, list_file), d.classes, d.ignore_label, transform, cfg.seed).check_files()
+    transform = build_transform(d, split)
+    items = check_items(read_list(d.root, list_file), os.path.join(d.root, list_file))
+    return SegDataset(items, d.classes, d.ignore_label, transform, cfg.seed)

@@ -1,0 +1,325 @@
+"""Dataset loaders on tiny fixtures in the official layouts, checked value by value."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data_fixtures as fx
+from datasets import build_dataset
+from datasets.palettes import class_names, palette
+from datasets.transforms import build_train_transform, pirat_train, sea_eval, semseg_eval
+from utils.config import Config, load_config
+from utils.errors import SetupError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = os.path.join(ROOT, "config", "_base_", "default.yaml")
+
+
+def cfg_for(fragment: str, root: str, *overrides: str) -> Config:
+    return load_config(os.path.join(ROOT, "config", "_base_", "datasets", fragment + ".yaml"),
+                       [f"data.root={root}", *overrides])
+
+
+def one_line(e: pytest.ExceptionInfo, *words: str) -> None:
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+# ---------------------------------------------------------------- cityscapes
+def test_cityscapes_label_ids_converted(tmp_path):
+    imgs = fx.make_cityscapes(str(tmp_path))
+    ds = build_dataset(cfg_for("cityscapes", str(tmp_path), "data.eval_transform=none"), "val")
+    assert len(ds) == 1 and ds.classes == 19 and ds.name(0) == "frankfurt_000000_000294_leftImg8bit"
+    s = ds[0]
+    assert s["image"].shape == (3, fx.H, fx.W) and s["image"].dtype == torch.float32
+    assert torch.allclose(s["image"], torch.from_numpy(imgs[("val", 0)]).permute(2, 0, 1).float() / 255)
+    expect = np.vectorize(fx.CS_TRAIN_IDS.get)(fx.cs_label_ids(0))
+    assert s["label"].dtype == torch.long and (s["label"].numpy() == expect).all()
+    assert s["label"][5, 2] == 0 and s["label"][5, 10] == 13 and s["label"][5, 20] == 255
+    assert s["label"][0, 3] == 18 and s["label"][1, 1] == 255
+
+
+def test_cityscapes_train_ids_preferred_and_sorted(tmp_path):
+    fx.make_cityscapes(str(tmp_path), train_ids=True)
+    # make the labelIds files wrong: the trainIds files must be the ones read
+    for p in glob.glob(str(tmp_path / "gtFine" / "train" / "*" / "*_labelIds.png")):
+        fx.write_gray(p, np.full((fx.H, fx.W), 99, np.uint8))
+    ds = build_dataset(cfg_for("cityscapes", str(tmp_path), "data.transform=none"), "train")
+    assert [ds.name(i) for i in range(2)] == ["aachen_000000_000019_leftImg8bit", "bonn_000001_000019_leftImg8bit"]
+    assert ds[1]["label"][5, 10] == 13
+
+
+def test_cityscapes_list_file(tmp_path):
+    fx.make_cityscapes(str(tmp_path))
+    os.makedirs(tmp_path / "list")
+    (tmp_path / "list" / "fine_val.txt").write_text(
+        "leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png "
+        "gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelIds.png\n")
+    ds = build_dataset(cfg_for("cityscapes", str(tmp_path), "data.val_list=list/fine_val.txt",
+                               "data.eval_transform=none"), "val")
+    assert ds[0]["label"][5, 10] == 13 and ds[0]["label"][5, 20] == 255
+
+
+def test_cityscapes_disparity_multitask(tmp_path):
+    fx.make_cityscapes(str(tmp_path))
+    cfg = cfg_for("cityscapes", str(tmp_path), "data.tasks=[segmentsemantic,depth_zbuffer]",
+                  "data.eval_transform=none")
+    s = build_dataset(cfg, "val")[0]
+    d, m = s["targets"]["depth_zbuffer"], s["masks"]["depth_zbuffer"]
+    assert d.shape == (1, fx.H, fx.W) and m.shape == (1, fx.H, fx.W)
+    assert d[0, 10, 2] == 10.0 and d[0, 10, 20] == 4.0            # (p - 1) / 256
+    assert (m[0, :6, :6] == 0).all() and (d[0, :6, :6] == 0).all() and m[0, 10, 2] == 1
+    assert m.sum() == fx.H * fx.W - 36
+    assert torch.equal(s["targets"]["segmentsemantic"], s["label"]) and s["label"][5, 10] == 13
+    assert torch.equal(s["masks"]["segmentsemantic"][0], (s["label"] != 255).float())
+    # crop_flip pads dense targets as invalid and labels as ignore, identically for all maps
+    cfg = cfg_for("cityscapes", str(tmp_path), "data.tasks=[segmentsemantic,depth_zbuffer,autoencoder]",
+                  "data.transform=crop_flip", "data.crop_size=[20,30]")
+    s = build_dataset(cfg, "train")[0]
+    assert s["image"].shape == (3, 20, 30) and s["label"].shape == (20, 30)
+    pad = s["label"] == 255
+    assert (s["masks"]["depth_zbuffer"][0][s["image"].sum(0) == 0] == 0).all()
+    assert pad[:2].all() and pad[-2:].all()          # 4 rows of padding, split 2 / 2
+    assert torch.equal(s["targets"]["autoencoder"], s["image"])
+
+
+# ---------------------------------------------------------------- voc2012
+def test_voc_palette_png_gives_class_ids(tmp_path):
+    imgs = fx.make_voc(str(tmp_path))
+    ds = build_dataset(cfg_for("voc2012", str(tmp_path), "data.transform=none"), "train")
+    assert len(ds) == 2 and ds.classes == 21
+    with Image.open(tmp_path / "SegmentationClassAug" / "2007_000032.png") as im:
+        assert im.mode == "P"
+    s = ds[0]
+    assert (s["label"].numpy() == fx.voc_label(0)).all()
+    assert s["label"][5, 5] == 15 and s["label"][3, 5] == 255 and s["label"][0, 0] == 0
+    assert (s["image"] - torch.from_numpy(imgs["2007_000032"]).permute(2, 0, 1) / 255).abs().max() < 0.02
+    val = build_dataset(cfg_for("voc2012", str(tmp_path), "data.eval_transform=none"), "val")
+    assert len(val) == 1 and val.name(0) == "2008_000001" and val[0]["label"][5, 5] == 20
+
+
+def test_voc_boundary_as_background(tmp_path):
+    fx.make_voc(str(tmp_path))
+    ds = build_dataset(cfg_for("voc2012", str(tmp_path), "data.eval_transform=none",
+                               "data.boundary_as_background=true"), "val")
+    lbl = ds[0]["label"].numpy()
+    expect = fx.voc_label(2)
+    expect[expect == 255] = 0
+    assert (lbl == expect).all() and 255 not in lbl
+
+
+# ---------------------------------------------------------------- ade20k
+def test_ade20k_reduce_zero_label_and_sorted(tmp_path):
+    fx.make_ade20k(str(tmp_path))
+    ds = build_dataset(cfg_for("ade20k", str(tmp_path), "data.transform=none"), "train")
+    assert ds.classes == 150 and [ds.name(i) for i in range(2)] == ["ADE_train_00000001", "ADE_train_00000002"]
+    lbl = ds[0]["label"].numpy()
+    expect = np.where(fx.ade_label(1) == 0, 255, fx.ade_label(1).astype(np.int64) - 1)
+    assert (lbl == expect).all() and lbl[0, 0] == 255 and lbl[0, 10] == 0 and lbl[0, 22] == 149 and lbl[8, 8] == 3
+    cfg = cfg_for("ade20k", str(tmp_path), "data.transform=none", "data.reduce_zero_label=false", "data.classes=151")
+    lbl = build_dataset(cfg, "train")[1]["label"].numpy()
+    assert (lbl == fx.ade_label(2)).all() and lbl[0, 0] == 0 and lbl[0, 22] == 150
+    # wrong class count for the chosen convention
+    with pytest.raises(SetupError) as e:
+        build_dataset(cfg_for("ade20k", str(tmp_path), "data.reduce_zero_label=false"), "train")
+    one_line(e, "data.classes", "151")
+
+
+def test_ade20k_sea_eval_protocol(tmp_path):
+    fx.make_ade20k(str(tmp_path))
+    cfg = cfg_for("ade20k", str(tmp_path), "data.eval_crop=[8,8]")
+    s = build_dataset(cfg, "val")[0]
+    # 16x24 -> short side 8: 8x12 -> centre crop columns 2..9; nearest labels only
+    assert s["image"].shape == (3, 8, 8) and s["label"].shape == (8, 8)
+    assert set(np.unique(s["label"].numpy())) <= {255, 0, 149, 3}
+
+
+# ---------------------------------------------------------------- taskonomy
+@pytest.mark.parametrize("seg_folder", ["segment_semantic", "segmentsemantic"])
+def test_taskonomy_targets(tmp_path, seg_folder):
+    fx.make_taskonomy(str(tmp_path), seg_folder)
+    cfg = cfg_for("taskonomy", str(tmp_path), "data.taskonomy.size=16",
+                  "data.tasks=[segmentsemantic,depth_zbuffer,principal_curvature,edge_texture,autoencoder]")
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    assert len(train) == 2 and len(val) == 1 and val.name(0) == "point_1300_view_0_domain_rgb"
+    s = train[0]
+    seg = s["label"].numpy()
+    assert (seg[:2] == 255).all() and seg[5, 2] == 0 and seg[10, 10] == 16 and set(np.unique(seg)) == {0, 16, 255}
+    assert torch.equal(s["masks"]["segmentsemantic"][0], (s["label"] != 255).float())
+    d, m = s["targets"]["depth_zbuffer"][0], s["masks"]["depth_zbuffer"][0]
+    assert abs(float(d[10, 2]) - np.log1p(1000) / np.log(2 ** 16)) < 1e-5
+    assert abs(float(d[10, 12]) - np.log1p(30000) / np.log(2 ** 16)) < 1e-5
+    assert (m[:4, :4] == 0).all() and (d[:4, :4] == 0).all() and m.sum() == 16 * 16 - 16
+    c = s["targets"]["principal_curvature"]
+    assert c.shape == (2, 16, 16)                                  # colour: R and G channels
+    assert abs(float(c[0, 0, 0]) - (130 - 123.572) / 31.922) < 1e-5
+    assert abs(float(c[1, 0, 0]) - (100 - 120.1) / 21.658) < 1e-5
+    assert torch.equal(s["masks"]["principal_curvature"], s["masks"]["depth_zbuffer"])
+    e = s["targets"]["edge_texture"]
+    assert abs(float(e[0, 0, 0]) - (min(2000 / 65535, 0.08) / 0.08 * 2 - 1)) < 1e-5
+    assert (s["masks"]["edge_texture"] == 1).all()
+    assert torch.equal(s["targets"]["autoencoder"], s["image"])
+
+
+def test_taskonomy_resize_nearest_and_split(tmp_path):
+    fx.make_taskonomy(str(tmp_path))
+    cfg = cfg_for("taskonomy", str(tmp_path), "data.taskonomy.size=8", "data.taskonomy.split_point=3",
+                  "data.tasks=[segmentsemantic,depth_zbuffer]")
+    train = build_dataset(cfg, "train")
+    assert len(train) == 1 and train.name(0) == "point_1_view_0_domain_rgb"
+    s = train[0]
+    assert s["image"].shape == (3, 8, 8) and set(np.unique(s["label"].numpy())) <= {0, 16, 255}
+    m = s["masks"]["depth_zbuffer"][0]
+    assert (m[:2, :2] == 0).all() and m.sum() == 64 - 4      # 2x2 blocks: fully invalid or fully valid
+
+
+# ---------------------------------------------------------------- transforms
+def test_pirat_transform_pads_label_with_ignore():
+    cfg = load_config(DEFAULT, ["data.base_size=10", "data.crop_size=[30,30]", "data.scale_range=[1.0,1.0]"])
+    t = pirat_train(cfg.data)
+    img = np.full((10, 20, 3), 0.5, np.float32)
+    lbl = np.tile(np.arange(20) % 5, (10, 1)).astype(np.int64)
+    out_i, out_l = t(img, lbl, np.random.default_rng(0))
+    assert out_i.shape == (30, 30, 3) and out_l.shape == (30, 30)
+    assert (out_l[10:] == 255).all() and (out_i[10:] == 0).all()   # short side 10: rows 10.. are padding
+    assert (out_l[:, 20:] == 255).all() and set(np.unique(out_l[:10, :20])) == set(range(5))
+    a = t(img, lbl, np.random.default_rng(3))
+    b = t(img, lbl, np.random.default_rng(3))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    cfg = load_config(DEFAULT, ["data.transform=pirat", "data.base_size=16", "data.crop_size=[9,9]"])
+    tt = build_train_transform(cfg.data)
+    for seed in range(5):
+        oi, ol = tt(np.random.rand(16, 16, 3).astype(np.float32), lbl[:, :16].repeat(2, 0)[:16], np.random.default_rng(seed))
+        assert oi.shape == (9, 9, 3) and set(np.unique(ol)) <= set(range(5)) | {255}
+
+
+def test_eval_transforms():
+    lbl = np.tile(np.arange(40), (20, 1)).astype(np.int64)
+    img = np.random.rand(20, 40, 3).astype(np.float32)
+    i, l = semseg_eval(img, lbl, 10)
+    assert i.shape == (5, 10, 3) and l.shape == (5, 10) and set(np.unique(l)) <= set(range(40))
+    i, l = sea_eval(img, lbl, (10, 10))                # short side 20 -> 10: 10x20, centre columns 5..14
+    assert i.shape == (10, 10, 3) and (l[0] == lbl[0, 10:30:2]).all()
+
+
+def test_palettes_and_names():
+    assert class_names("cityscapes", 19)[13] == "car" and class_names("voc2012", 21)[15] == "person"
+    assert class_names("ade20k", 150)[0] == "wall" and class_names("ade20k", 151)[0] == "other"
+    assert class_names("taskonomy", 17)[2] == "chair"
+    assert tuple(palette("cityscapes")[0]) == (128, 64, 128) and tuple(palette("voc2012")[1]) == (128, 0, 0)
+    assert len({tuple(c) for c in palette("ade20k", 150)[:150]}) == 150
+    assert tuple(palette("ade20k", 151)[1]) == tuple(palette("ade20k", 150)[0])
+
+
+# ---------------------------------------------------------------- bad input
+def test_missing_split_folder(tmp_path):
+    fx.make_cityscapes(str(tmp_path))
+    with pytest.raises(SetupError) as e:
+        build_dataset(cfg_for("cityscapes", str(tmp_path)), "test")
+    one_line(e, os.path.join("leftImg8bit", "test"), "not found")
+
+
+def test_empty_list(tmp_path):
+    fx.make_voc(str(tmp_path))
+    (tmp_path / "list" / "val.txt").write_text("\n")
+    with pytest.raises(SetupError) as e:
+        build_dataset(cfg_for("voc2012", str(tmp_path)), "val")
+    one_line(e, "val.txt", "empty")
+
+
+def test_image_without_label(tmp_path):
+    fx.make_ade20k(str(tmp_path))
+    os.remove(tmp_path / "ADEChallengeData2016" / "annotations" / "training" / "ADE_train_00000002.png")
+    with pytest.raises(SetupError) as e:
+        build_dataset(cfg_for("ade20k", str(tmp_path)), "train")
+    one_line(e, "ADE_train_00000002.jpg", "no label")
+    fx.make_taskonomy(str(tmp_path / "tk"))
+    os.remove(tmp_path / "tk" / "segment_semantic" / "point_5_view_0_domain_segment_semantic.png")
+    with pytest.raises(SetupError) as e:
+        build_dataset(cfg_for("taskonomy", str(tmp_path / "tk")), "train")
+    one_line(e, "point_5_view_0_domain_rgb.png", "segmentsemantic")
+
+
+def test_label_value_out_of_range(tmp_path):
+    fx.make_voc(str(tmp_path))
+    bad = fx.voc_label(2)
+    bad[0, 0] = 30
+    fx.write_gray(str(tmp_path / "SegmentationClassAug" / "2008_000001.png"), bad)
+    ds = build_dataset(cfg_for("voc2012", str(tmp_path)), "val")
+    with pytest.raises(SetupError) as e:
+        ds[0]
+    one_line(e, "2008_000001.png", "[30]")
+    fx.make_cityscapes(str(tmp_path / "cs"), train_ids=True)
+    p = glob.glob(str(tmp_path / "cs" / "gtFine" / "val" / "*" / "*_labelTrainIds.png"))[0]
+    fx.write_gray(p, np.full((fx.H, fx.W), 19, np.uint8))
+    with pytest.raises(SetupError) as e:
+        build_dataset(cfg_for("cityscapes", str(tmp_path / "cs"), "data.tasks=[segmentsemantic]",
+                                   "data.eval_transform=none"), "val")[0]
+    one_line(e, os.path.basename(p), "[19]")
+
+
+def test_unreadable_image(tmp_path):
+    fx.make_voc(str(tmp_path))
+    (tmp_path / "JPEGImages" / "2008_000001.jpg").write_bytes(b"not a jpeg")
+    ds = build_dataset(cfg_for("voc2012", str(tmp_path)), "val")
+    with pytest.raises(SetupError) as e:
+        ds[0]
+    one_line(e, "2008_000001.jpg", "not a readable image")
+    fx.make_taskonomy(str(tmp_path / "tk"))
+    (tmp_path / "tk" / "depth_zbuffer" / "point_1_view_0_domain_depth_zbuffer.png").write_bytes(b"xx")
+    ds = build_dataset(cfg_for("taskonomy", str(tmp_path / "tk"), "data.tasks=[depth_zbuffer]"), "train")
+    with pytest.raises(SetupError) as e:
+        ds[0]
+    one_line(e, "point_1_view_0_domain_depth_zbuffer.png", "not a readable image")
+
+
+def test_unknown_task(tmp_path):
+    fx.make_cityscapes(str(tmp_path))
+    with pytest.raises(SetupError) as e:
+        build_dataset(cfg_for("cityscapes", str(tmp_path), "data.tasks=[normal]"), "val")
+    one_line(e, "data.tasks", "normal")
+
+
+# ---------------------------------------------------------------- experiment configs
+FIXTURES = {"cityscapes": fx.make_cityscapes, "voc2012": fx.make_voc, "ade20k": fx.make_ade20k,
+            "taskonomy": fx.make_taskonomy}
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "config", "*", "*_none.yaml")))
+
+
+def test_every_dataset_has_a_config():
+    assert {os.path.basename(os.path.dirname(p)) for p in CONFIGS} >= set(FIXTURES)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_experiment_config_builds_dataset_and_trains(path, tmp_path):
+    name = os.path.basename(os.path.dirname(path))
+    FIXTURES[name](str(tmp_path))
+    small = ["data.crop_size=[17,17]", "data.base_size=16", "data.eval_crop=[16,16]", "data.taskonomy.size=16"]
+    cfg = load_config(path, [f"data.root={tmp_path}", *small])
+    assert cfg.data.name == name
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    batch = torch.utils.data.default_collate([train[i] for i in range(len(train))])
+    assert batch["image"].shape[1] == 3 and batch["label"].dtype == torch.long
+    lbl = batch["label"]
+    assert ((lbl >= 0) & (lbl < cfg.data.classes) | (lbl == 255)).all()
+    assert val[0]["image"].shape[-2:] == val[0]["label"].shape
+    train.set_epoch(1)
+
+    from models import MODELS, build_model
+    if cfg.model.name not in MODELS:
+        pytest.skip(f"model '{cfg.model.name}' is not registered on this branch yet")
+    model = build_model(cfg).train()
+    out = model(batch["image"])
+    logits = out["out"] if isinstance(out, dict) and "out" in out else out
+    if isinstance(logits, dict):
+        logits = logits.get("segmentsemantic", next(iter(logits.values())))
+    loss = torch.nn.functional.cross_entropy(logits, lbl, ignore_index=255)
+    loss.backward()
+    assert torch.isfinite(loss)

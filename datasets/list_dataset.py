@@ -55,9 +55,18 @@ def read_list(root: str, list_file: str) -> List[Tuple[str, Optional[str]]]:
     return items
 
 
+def header_size(path: str):
+    """(width, height) from the file header; SetupError naming the file if it is not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError:
+        raise SetupError(f"cannot read image {path}: not a readable image") from None
+
+
 def check_items(items: List[Tuple[str, Optional[str]]], source: str) -> List[Tuple[str, Optional[str]]]:
-    """Fail early, naming the file, when `items` is empty, an image or its label is missing, or a
-    label's size differs from its image's (read from the file headers only, so cheap)."""
+    """Fail early, naming the file, when `items` is empty, an image or its label is missing or not an
+    image, or a label's size differs from its image's (read from the file headers only, so cheap)."""
     if not items:
         raise SetupError(f"{source}: no samples found")
     for img, lbl in items:
@@ -67,11 +76,7 @@ def check_items(items: List[Tuple[str, Optional[str]]], source: str) -> List[Tup
             continue
         if not os.path.isfile(lbl):
             raise SetupError(f"{source}: image {img} has no label (expected {lbl})")
-        try:
-            with Image.open(img) as a, Image.open(lbl) as b:
-                sa, sb = a.size, b.size
-        except OSError as e:
-            raise SetupError(f"{source}: cannot read {img} or its label {lbl}: {e}") from None
+        sa, sb = header_size(img), header_size(lbl)
         if sa != sb:
             raise SetupError(f"label {lbl} is {sb[0]}x{sb[1]} but its image {img} is {sa[0]}x{sa[1]}")
     return items

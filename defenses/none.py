@@ -6,4 +6,4 @@ from .registry import register_defense
 @register_defense("none")
 class NoDefense(Defense):
     def loss(self, model, batch):
-        return self.seg_loss(model(batch["image"]), batch["label"])
+        return self.task_loss(model(batch["image"]), batch)

@@ -11,7 +11,7 @@ from torch import nn
 
 from datasets import build_dataset
 from defenses import build_defense
-from models import build_model
+from models import build_model, load_pretrained
 from models.weights import load_model_weights
 from utils import dist
 from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -79,6 +79,8 @@ class Trainer:
             raise SetupError(f"train.batch_size={t.batch_size} exceeds the {len(self.train_set)} training images")
         self.max_iters = t.epochs * self.iters_per_epoch
         model = build_model(cfg)
+        if cfg.model.pretrained and not cfg.model.weights:
+            load_pretrained(model, cfg.model.pretrained)
         if cfg.model.weights:
             load_model_weights(model, cfg.model.weights)
         self.model = model.to(self.device)

@@ -11,9 +11,19 @@ from . import drn_seg, taskonomy, fpd_seg  # noqa: F401  (registers)
 from . import weight_formats_mtl  # noqa: F401  (registers converters)
 
 
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """ImageNet (or robust ImageNet) weights into the model's backbone; strict but for the classifier."""
+    from .backbones.drn import DRN
+    if any(isinstance(m, DRN) for m in model.modules()):
+        from .weight_formats_mtl import load_drn_imagenet
+        load_drn_imagenet(model, path)
+    else:
+        load_backbone_weights(model.backbone, path)
+
+
 def build_model(config) -> nn.Module:
     """Build the model named by ``config.model.name`` (weights are loaded by the caller)."""
     return MODELS.get(config.model.name)(config)
 
 
-__all__ = ["build_model", "register_model", "MODELS"]
+__all__ = ["build_model", "load_pretrained", "register_model", "MODELS"]

@@ -11,7 +11,7 @@ Image-averaged versions (``*_img``) average per-image values over images where t
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch

@@ -1,7 +1,9 @@
 """Attacks on segmentation models. Add one: a module with an ``@register_attack`` function, imported below."""
 from .base import Attack, PassCounter, attack_mode
 from .registry import ATTACKS, register_attack
-from . import pgd  # noqa: F401  (registers)
+from . import pgd, apgd, multitask, transfer  # noqa: F401  (registers)
+from .ensemble import ENSEMBLES, AttackGroup, ensemble_members, expand_attacks, needs_class_weights
+from .losses import LOSSES, class_weights_from_counts
 
 
 def build_attack(name: str, **options) -> Attack:
@@ -9,4 +11,6 @@ def build_attack(name: str, **options) -> Attack:
     return Attack(name, ATTACKS.get(name), **options)
 
 
-__all__ = ["build_attack", "register_attack", "ATTACKS", "Attack", "PassCounter", "attack_mode"]
+__all__ = ["build_attack", "register_attack", "ATTACKS", "Attack", "PassCounter", "attack_mode", "LOSSES",
+           "class_weights_from_counts", "ENSEMBLES", "AttackGroup", "ensemble_members", "expand_attacks",
+           "needs_class_weights"]

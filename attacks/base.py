@@ -18,6 +18,8 @@ from torch import nn
 from utils.errors import SetupError
 from utils.registry import closest
 
+from .losses import get_loss
+
 PIXEL_OPTIONS = ("eps", "alpha")  # given in 1/255 in configs
 
 
@@ -86,18 +88,27 @@ class Attack:
                 raise SetupError(f"attack '{name}' has no option '{k}'{closest(k, valid)}; valid: {', '.join(valid)}")
         if "eps" in options and not options["eps"] > 0:
             raise SetupError(f"attack '{name}': eps must be > 0, got {options['eps']}")
-        if "steps" in options and not (isinstance(options["steps"], int) and options["steps"] >= 1):
+        if "alpha" in options and options["alpha"] is not None and not options["alpha"] > 0:
+            raise SetupError(f"attack '{name}': alpha must be > 0, got {options['alpha']}")
+        if "steps" in options and options["steps"] is not None and not (
+                isinstance(options["steps"], int) and not isinstance(options["steps"], bool) and options["steps"] >= 1):
             raise SetupError(f"attack '{name}': steps must be an integer >= 1, got {options['steps']}")
+        if "loss" in options:
+            get_loss(options["loss"])  # validates the name, listing the valid ones
         missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty
                    and k not in ("forward", "x", "y") and k not in options]
         if missing:
             raise SetupError(f"attack '{name}' needs option(s) {', '.join(missing)}")
+        check = getattr(fn, "check_options", None)
+        if check is not None:  # attack-specific validation at build time
+            check(name, dict(options))
         self.name, self.fn, self.options = name, fn, dict(options)
-        self.kwargs = {k: (v / 255.0 if k in PIXEL_OPTIONS else v) for k, v in options.items()}
+        self.kwargs = {k: (v / 255.0 if k in PIXEL_OPTIONS and v is not None else v) for k, v in options.items()}
         self.counter = PassCounter()
 
     def __call__(self, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.fn(forward, x, y, counter=self.counter, **self.kwargs)
 
     def __repr__(self) -> str:
-        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.options.items())})"
+        shown = {k: v for k, v in self.options.items() if not callable(v) and k != "class_weights"}
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in shown.items())})"

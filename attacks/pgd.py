@@ -1,34 +1,58 @@
-"""FGSM and BIM/PGD under L-inf (ddcat.md §2, §5): sign steps on the per-pixel CE, ignore label masked."""
+"""Sign-gradient L-inf attacks: FGSM, BIM/PGD (ddcat.md §2, §5), SegPGD, CosPGD (field.md §1.2-1.3)
+and MIM (mtl_fpd.md §A3.3). All share one loop: per-pixel loss (ignore label masked), per-image mean
+over H*W pixels, summed over the batch, gradient w.r.t. the input only, step, project.
+"""
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
 
-from .base import PassCounter, counted, input_grad, pixel_ce, project
+from .base import PassCounter, counted, input_grad, project
+from .losses import get_loss, image_loss
 from .registry import register_attack
 
 
-@register_attack("pgd")
-def pgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
-        random_start: bool = True, ignore_index: int = 255,
-        counter: Optional[PassCounter] = None) -> torch.Tensor:
-    """L-inf PGD maximising the mean CE over valid pixels; BIM when ``random_start=False``.
+def sign_attack(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+                loss: str = "ce", random_start: bool = True, decay: Optional[float] = None,
+                normalize_grad: bool = True, ignore_index: int = 255, class_weights=None,
+                counter: Optional[PassCounter] = None) -> torch.Tensor:
+    """Iterated signed-gradient ascent on ``loss`` inside the eps ball and [0,1].
 
-    The DDC-AT test attack is BIM with eps 0.03, alpha 0.01, 2 steps (config units 7.65, 2.55).
+    With ``decay`` set, steps follow sign(m_t), m_t = decay*m_{t-1} + g_t (g_t divided by its per-image
+    L1 norm when ``normalize_grad``): MI-FGSM with decay 1.0, MTRobust's variant with 0.5 and no norm.
     """
+    loss_fn = get_loss(loss)
     fwd = counted(forward, counter)
     x = x.detach()
     x_adv = x.clone()
     if random_start:
         x_adv = project(x_adv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
-    valid = (y != ignore_index).sum().clamp_min(1)
-    for _ in range(steps):
+    m = torch.zeros_like(x) if decay is not None else None
+    for t in range(steps):
         x_adv.requires_grad_(True)
-        loss = pixel_ce(fwd(x_adv), y, ignore_index).sum() / valid
-        g = input_grad(loss, x_adv, counter)
-        x_adv = project(x_adv.detach() + alpha * g.sign(), x, eps)
+        per_pixel = loss_fn(fwd(x_adv), y, ignore_index=ignore_index, weights=class_weights, step=t, steps=steps)
+        g = input_grad(image_loss(per_pixel).sum(), x_adv, counter)
+        if m is not None:
+            if normalize_grad:
+                g = g / g.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
+            m = decay * m + g
+            g = m
+        with torch.no_grad():
+            x_adv = project(x_adv.detach() + alpha * g.sign(), x, eps)
     return x_adv.detach()
+
+
+@register_attack("pgd")
+def pgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+        random_start: bool = True, loss: str = "ce", ignore_index: int = 255, class_weights=None,
+        counter: Optional[PassCounter] = None) -> torch.Tensor:
+    """L-inf PGD maximising the per-pixel ``loss`` (default CE); BIM when ``random_start=False``.
+
+    The DDC-AT test attack is BIM with eps 0.03, alpha 0.01, 2 steps (config units 7.65, 2.55).
+    """
+    return sign_attack(forward, x, y, eps=eps, alpha=alpha, steps=steps, loss=loss, random_start=random_start,
+                       ignore_index=ignore_index, class_weights=class_weights, counter=counter)
 
 
 @register_attack("fgsm")
@@ -37,3 +61,33 @@ def fgsm(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, ign
     """One signed-gradient step of size eps."""
     return pgd(forward, x, y, eps=eps, alpha=eps, steps=1, random_start=False, ignore_index=ignore_index,
                counter=counter)
+
+
+@register_attack("segpgd")
+def segpgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+           random_start: bool = True, ignore_index: int = 255,
+           counter: Optional[PassCounter] = None) -> torch.Tensor:
+    """SegPGD: PGD on the SegPGD loss, lambda_t = t/(2T) with t = 0..T-1."""
+    return sign_attack(forward, x, y, eps=eps, alpha=alpha, steps=steps, loss="segpgd", random_start=random_start,
+                       ignore_index=ignore_index, counter=counter)
+
+
+@register_attack("cospgd")
+def cospgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+           random_start: bool = True, ignore_index: int = 255,
+           counter: Optional[PassCounter] = None) -> torch.Tensor:
+    """CosPGD: PGD on CE scaled by the detached cosine(softmax, onehot)."""
+    return sign_attack(forward, x, y, eps=eps, alpha=alpha, steps=steps, loss="cospgd", random_start=random_start,
+                       ignore_index=ignore_index, counter=counter)
+
+
+@register_attack("mim")
+def mim(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+        decay: float = 1.0, normalize_grad: bool = True, random_start: bool = False, loss: str = "ce",
+        ignore_index: int = 255, counter: Optional[PassCounter] = None) -> torch.Tensor:
+    """Momentum iterative attack. Defaults: MI-FGSM (decay 1, L1-normalised gradient, no random start).
+
+    MTRobust's variant (mtl_fpd.md §A3.3): ``decay=0.5, normalize_grad=False``.
+    """
+    return sign_attack(forward, x, y, eps=eps, alpha=alpha, steps=steps, loss=loss, random_start=random_start,
+                       decay=decay, normalize_grad=normalize_grad, ignore_index=ignore_index, counter=counter)

@@ -1,0 +1,139 @@
+"""Per-pixel attack losses for segmentation (sea.md §1.2, field.md §1.2-1.3, §1.5).
+
+Every loss maps logits [B,C,H,W] and labels [B,H,W] (``ignore_index`` = ignored) to a per-pixel
+value [B,H,W] that is exactly 0, in value and gradient, at ignored pixels. Masks that depend on the
+prediction (currently-correct pixels, SegPGD's weights, CosPGD's cosine) are recomputed from the
+logits given and detached. Per-image losses are the mean over all H*W pixels (``image_loss``), as in
+SEA: the divisor is neither the number of valid nor of correct pixels.
+
+Registered names (``LOSSES``):
+  ce                 plain cross-entropy (SEA's tracked ``ce-avg``)
+  mask-ce            CE on currently-correct pixels only (SEA ``mask-ce-avg``)
+  mask-ce-bal        mask-ce times a fixed per-class weight w[y] (SEA ``mask-ce-bal``); needs ``weights``
+  js                 Jensen-Shannon divergence JS(softmax(z) || onehot(y)), closed form
+  segpgd             ((1-l)*1[correct] + l*1[wrong]) * CE, l = step / (2*steps)   (SegPGD)
+  cospgd             cos(softmax(z), onehot(y)).detach() * CE                     (CosPGD)
+  mask-norm-corrlog  -(z_y / ||z||_2) on currently-correct pixels                (SEA 2023, sea+)
+
+Class weights for ``mask-ce-bal``: ``class_weights_from_counts(counts)`` with counts = pixel counts per
+class over the *training* split (``utils.metrics.label_counts`` accumulates them from label maps).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.errors import SetupError
+from utils.registry import Registry
+
+LOSSES = Registry("loss")
+LOG2 = math.log(2.0)
+
+
+def _prepare(logits: torch.Tensor, y: torch.Tensor, ignore_index: int):
+    """(valid mask [B,H,W] bool, labels with ignored pixels set to 0 for gathering)."""
+    valid = y != ignore_index
+    return valid, torch.where(valid, y, torch.zeros_like(y))
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Detached float mask of pixels whose argmax equals the label."""
+    return (logits.detach().argmax(1) == y).to(logits.dtype)
+
+
+@LOSSES.register("ce")
+def ce_loss(logits, y, *, ignore_index=255, **_) -> torch.Tensor:
+    """Cross-entropy per pixel; 0 at ignored pixels."""
+    return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")
+
+
+@LOSSES.register("mask-ce")
+def masked_ce_loss(logits, y, *, ignore_index=255, **_) -> torch.Tensor:
+    """CE on pixels that are currently classified correctly; exactly 0 elsewhere."""
+    return _correct(logits, y) * ce_loss(logits, y, ignore_index=ignore_index)
+
+
+@LOSSES.register("mask-ce-bal")
+def masked_balanced_ce_loss(logits, y, *, ignore_index=255, weights: Optional[torch.Tensor] = None,
+                            **_) -> torch.Tensor:
+    """w[y] * mask-ce, with w a fixed per-class vector (not renormalised; sign steps make scale moot)."""
+    if weights is None:
+        raise SetupError("loss 'mask-ce-bal' needs class weights (attack option 'class_weights'); "
+                         "get them with attacks.losses.class_weights_from_counts(training label counts)")
+    valid, yv = _prepare(logits, y, ignore_index)
+    w = torch.as_tensor(weights, dtype=logits.dtype, device=logits.device)
+    return w[yv] * masked_ce_loss(logits, y, ignore_index=ignore_index)
+
+
+@LOSSES.register("js")
+def js_loss(logits, y, *, ignore_index=255, **_) -> torch.Tensor:
+    """JS(p || e_y) = log 2 + 1/2 [p_y log p_y - (1+p_y) log(1+p_y)], p = softmax(logits).
+
+    Computed from log-softmax, so it stays finite where softmax underflows (the two-KL form of the
+    original code can give 0 * log 0 = NaN there; sea.md §9.1.2). Bounded in [0, log 2].
+    """
+    valid, yv = _prepare(logits, y, ignore_index)
+    logp_y = F.log_softmax(logits, 1).gather(1, yv.unsqueeze(1)).squeeze(1)
+    p_y = logp_y.exp()
+    js = LOG2 + 0.5 * (p_y * logp_y - (1 + p_y) * torch.log1p(p_y))
+    return torch.where(valid, js, torch.zeros_like(js))
+
+
+@LOSSES.register("segpgd")
+def segpgd_loss(logits, y, *, ignore_index=255, step: int = 0, steps: int = 1, **_) -> torch.Tensor:
+    """SegPGD: CE weighted (1-l) on correct and l on wrong pixels, l = step/(2*steps), step 0-based."""
+    lam = step / (2.0 * max(steps, 1))
+    c = _correct(logits, y)
+    return ((1 - lam) * c + lam * (1 - c)) * ce_loss(logits, y, ignore_index=ignore_index)
+
+
+@LOSSES.register("cospgd")
+def cospgd_loss(logits, y, *, ignore_index=255, **_) -> torch.Tensor:
+    """CosPGD: CE scaled by the detached cosine between softmax(z) and onehot(y), i.e. p_y / ||p||_2."""
+    valid, yv = _prepare(logits, y, ignore_index)
+    with torch.no_grad():
+        p = F.softmax(logits.detach(), 1)
+        cos = p.gather(1, yv.unsqueeze(1)).squeeze(1) / p.norm(dim=1).clamp_min(1e-12)
+    return cos * ce_loss(logits, y, ignore_index=ignore_index)
+
+
+@LOSSES.register("mask-norm-corrlog")
+def masked_norm_correct_logit_loss(logits, y, *, ignore_index=255, **_) -> torch.Tensor:
+    """-(z_y / ||z||_2) on currently-correct valid pixels (the loss is minimised w.r.t. the true logit)."""
+    valid, yv = _prepare(logits, y, ignore_index)
+    z_y = logits.gather(1, yv.unsqueeze(1)).squeeze(1) / logits.norm(dim=1).clamp_min(1e-12)
+    return -(valid.to(logits.dtype) * _correct(logits, y)) * z_y
+
+
+def get_loss(name: str) -> Callable[..., torch.Tensor]:
+    """The per-pixel loss registered as `name` (SetupError listing the valid names otherwise)."""
+    return LOSSES.get(name)
+
+
+def pixel_loss(name: str, logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255,
+               weights: Optional[torch.Tensor] = None, step: int = 0, steps: int = 1) -> torch.Tensor:
+    """Per-pixel loss [B,H,W] by name."""
+    return get_loss(name)(logits, y, ignore_index=ignore_index, weights=weights, step=step, steps=steps)
+
+
+def image_loss(per_pixel: torch.Tensor) -> torch.Tensor:
+    """Per-image loss [B]: mean over all H*W pixels (ignored pixels are already 0), sea.md §1.2."""
+    return per_pixel.flatten(1).mean(1)
+
+
+def class_weights_from_counts(counts: Union[Sequence[int], np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """Per-class weights ~ 1/N_c normalised to sum 1 (as SEA's VOC/ADE vectors).
+
+    `counts` are pixel counts per class over the training split. A class with no training pixels
+    gets the largest weight of the present classes (1/0 is undefined; rarest is the closest meaning).
+    """
+    c = torch.as_tensor(np.asarray(counts), dtype=torch.float64).flatten()
+    if c.numel() == 0 or (c < 0).any() or not (c > 0).any():
+        raise SetupError("class counts for 'mask-ce-bal' must be non-negative with at least one class > 0")
+    inv = torch.where(c > 0, 1.0 / c.clamp_min(1), torch.zeros_like(c))
+    inv = torch.where(c > 0, inv, inv.max())
+    return (inv / inv.sum()).float()

@@ -1,0 +1,54 @@
+"""Transfer (black-box) attack: craft on a source model, evaluate the target on the result (ddcat.md §5).
+
+The evaluator builds the source model from the entry's ``source_config`` / ``source_checkpoint``
+(they are accepted here as options only so that they validate and show in the attack's name), puts
+it in ``attack_mode`` and passes ``source_forward=<its forward>`` to ``build_attack``. The target's
+``forward`` is not touched: every counted pass is a source-model pass.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from utils.errors import SetupError
+
+from .base import Attack, PassCounter
+from .registry import ATTACKS, register_attack
+
+
+@register_attack("transfer")
+def transfer(forward: Callable, x: torch.Tensor, y, *, eps: float, source_forward: Callable, inner: str = "pgd",
+             alpha: Optional[float] = None, steps: Optional[int] = None, inner_options: Optional[dict] = None,
+             source_config: Optional[str] = None, source_checkpoint: Optional[str] = None,
+             counter: Optional[PassCounter] = None) -> torch.Tensor:
+    """``inner`` attack (e.g. pgd, apgd, mim) run on ``source_forward``; alpha/steps passed on when set.
+
+    ``inner_options`` holds the inner attack's other options (no pixel units: eps/alpha go top-level).
+    """
+    if not callable(source_forward):
+        raise SetupError("attack 'transfer' needs source_forward: the source model's forward, built by the "
+                         "evaluator from source_config / source_checkpoint")
+    opts = dict(inner_options or {})
+    if alpha is not None:
+        opts["alpha"] = alpha
+    if steps is not None:
+        opts["steps"] = steps
+    return ATTACKS.get(inner)(source_forward, x, y, eps=eps, counter=counter, **opts)
+
+
+def _check_transfer(name: str, options: dict) -> None:
+    """Validate the inner attack and its options at build time."""
+    inner = options.get("inner", "pgd")
+    if inner == "transfer":
+        raise SetupError("attack 'transfer': inner attack cannot be 'transfer'")
+    opts = dict(options.get("inner_options") or {})
+    for k in ("alpha", "steps"):
+        if options.get(k) is not None:
+            opts[k] = options[k]
+    if "eps" in opts:
+        raise SetupError("attack 'transfer': give 'eps' at the top level, not in inner_options")
+    Attack(inner, ATTACKS.get(inner), eps=options.get("eps", 1.0), **opts)
+
+
+transfer.check_options = _check_transfer

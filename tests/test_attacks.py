@@ -1,0 +1,365 @@
+"""Attack library: losses by hand and closed form, APGD schedule, exact robust accuracy of a linear
+per-pixel model, eps-ball / ignore-label / no-parameter-grad invariants, ensembles and build errors."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from attacks import (ATTACKS, LOSSES, PassCounter, attack_mode, build_attack,  # noqa: E402
+                     class_weights_from_counts, ensemble_members, expand_attacks, needs_class_weights)
+from attacks.apgd import EARLY_STOP_EVERY, apgd_checkpoints, prr_schedule  # noqa: E402
+from attacks.losses import js_loss, pixel_loss  # noqa: E402
+from utils.errors import SetupError  # noqa: E402
+
+IGN = 255
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _logits_labels(seed=0, B=2, C=4, H=5, W=6, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * scale
+    y = torch.randint(0, C, (B, H, W), generator=g)
+    half = torch.rand(B, H, W, generator=g) < 0.5
+    y = torch.where(half, z.argmax(1), y)          # about half the pixels correct
+    y[torch.rand(B, H, W, generator=g) < 0.25] = IGN
+    return z, y
+
+
+def test_js_closed_form_equals_definition():
+    z, y = _logits_labels()
+    y = torch.where(y == IGN, torch.zeros_like(y), y)
+    p = F.softmax(z, 1)
+    q = F.one_hot(y, z.shape[1]).permute(0, 3, 1, 2).to(z.dtype)
+    m = (p + q) / 2
+    kl_pm = (p * (p / m).log()).sum(1)
+    kl_qm = torch.where(q > 0, q * (q / m).log(), torch.zeros_like(q)).sum(1)
+    assert torch.allclose(js_loss(z, y), 0.5 * kl_pm + 0.5 * kl_qm, atol=1e-12)
+
+
+def test_js_bounds_and_no_nan_when_softmax_underflows():
+    z = torch.tensor([[[[1e4]], [[-1e4]]]], dtype=torch.float32, requires_grad=True)  # p_0 = 1, p_1 = 0
+    v0 = js_loss(z, torch.tensor([[[0]]]))
+    v1 = js_loss(z, torch.tensor([[[1]]]))
+    assert v0.item() == pytest.approx(0.0, abs=1e-6) and v1.item() == pytest.approx(math.log(2), abs=1e-6)
+    (g,) = torch.autograd.grad(v1.sum() + v0.sum(), z)
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES.names()))
+def test_loss_zero_value_and_gradient_at_ignored_pixels(name):
+    z, y = _logits_labels(seed=1)
+    z.requires_grad_(True)
+    v = pixel_loss(name, z, y, IGN, weights=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=z.dtype), step=3, steps=10)
+    assert v.shape == y.shape
+    ign = y == IGN
+    assert (v[ign] == 0).all()
+    (g,) = torch.autograd.grad(v.sum(), z)
+    assert (g.permute(0, 2, 3, 1)[ign] == 0).all()
+    assert g.permute(0, 2, 3, 1)[~ign].abs().sum() > 0  # the loss does depend on valid pixels
+
+
+def test_losses_by_hand():
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]], dtype=torch.float64).T.reshape(1, 3, 1, 2)
+    y = torch.tensor([[[0, 1]]])                   # pixel 0 correct (argmax 0), pixel 1 wrong (argmax 2)
+    ce = F.cross_entropy(z, y, reduction="none")
+    corr = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
+    assert torch.allclose(pixel_loss("ce", z, y), ce)
+    assert torch.allclose(pixel_loss("mask-ce", z, y), ce * corr)
+    w = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(pixel_loss("mask-ce-bal", z, y, weights=w), ce * corr * torch.tensor([0.5, 2.0]))
+    assert torch.allclose(pixel_loss("segpgd", z, y, step=0, steps=10), ce * corr)
+    assert torch.allclose(pixel_loss("segpgd", z, y, step=4, steps=10), ce * (0.8 * corr + 0.2 * (1 - corr)))
+    p = F.softmax(z, 1)
+    cos = p.gather(1, y[:, None])[:, 0] / p.norm(dim=1)
+    assert torch.allclose(pixel_loss("cospgd", z, y), cos * ce)
+    zy = z.gather(1, y[:, None])[:, 0] / z.norm(dim=1)
+    assert torch.allclose(pixel_loss("mask-norm-corrlog", z, y), -zy * corr)
+
+
+def test_class_weights_from_counts():
+    w = class_weights_from_counts([1, 3, 0])     # 1/N = [1, 1/3, (absent -> max) 1], normalised
+    assert torch.allclose(w, torch.tensor([3 / 7, 1 / 7, 3 / 7]))
+    with pytest.raises(SetupError):
+        class_weights_from_counts([0, 0])
+    with pytest.raises(SetupError, match="class weights"):
+        pixel_loss("mask-ce-bal", *_logits_labels()[:2])
+
+
+# ----------------------------------------------------------------------------- APGD schedule
+
+def test_apgd_checkpoints():
+    assert apgd_checkpoints(90) == [18, 35, 50, 63, 74, 83]
+    assert apgd_checkpoints(120) == [25, 48, 68, 85, 99, 110, 118]
+    assert apgd_checkpoints(100) == [21, 40, 56, 69, 79, 86, 92, 98]  # AutoAttack's standard run
+
+
+def test_prr_schedule():
+    e = 8 / 255
+    assert prr_schedule(300, e) == [(90, 2 * e), (90, 1.5 * e), (120, e)]
+    assert prr_schedule(300, e, prr=False) == [(300, e)]
+    assert prr_schedule(3, e) == [(3, e)]
+
+
+# ----------------------------------------------------------------------------- exact robust accuracy
+
+class PixelLinear(nn.Module):
+    """z_c(x) = w_c . x_pixel + b_c at every pixel: L-inf robust iff (z_y - z_c) > eps ||w_y - w_c||_1 for all c."""
+
+    def __init__(self, classes=3, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(classes, 3, generator=g) * 3)
+        self.b = nn.Parameter(torch.randn(classes, generator=g) * 0.02)
+
+    def forward(self, x):
+        return torch.einsum("ck,bkhw->bchw", self.w, x) + self.b.view(1, -1, 1, 1)
+
+    def robust(self, x, y, eps):
+        z = self(x)
+        valid = y != IGN
+        yv = torch.where(valid, y, torch.zeros_like(y))
+        zy = z.gather(1, yv[:, None])[:, 0]
+        ok = valid.clone()
+        for c in range(z.shape[1]):
+            dist = (self.w[yv] - self.w[c]).abs().sum(-1)
+            ok &= (yv == c) | (zy - z[:, c] > eps * dist)
+        return ok.sum().item() / valid.sum().item()
+
+
+def _linear_case(eps):
+    g = torch.Generator().manual_seed(0)
+    model = PixelLinear()
+    x = torch.rand(8, 3, 16, 16, generator=g) * (1 - 2 * eps) + eps   # box never binds inside the eps ball
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[torch.rand(y.shape, generator=g) < 0.1] = IGN
+    return model, x, y
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("pgd", dict(alpha=2.0, steps=100)),
+    ("apgd", dict(steps=100)),
+    ("apgd", dict(steps=100, loss="mask-ce", prr=True)),
+    ("apgd", dict(steps=100, loss="js", prr=True, early_stop=True)),
+])
+def test_exact_robust_accuracy_of_linear_model(name, opts):
+    eps = 32.0
+    model, x, y = _linear_case(eps / 255)
+    with attack_mode(model):
+        exact = model.robust(x, y, eps / 255)
+        assert 0.3 < exact < 0.9                                   # a non-trivial case
+        x_adv = build_attack(name, eps=eps, **opts)(model, x, y)
+        valid = y != IGN
+        acc = ((model(x_adv).argmax(1) == y) & valid).sum().item() / valid.sum().item()
+    assert exact - 1e-9 <= acc <= exact + 0.01
+
+
+# ----------------------------------------------------------------------------- invariants
+
+class TinyConv(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, classes, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _batch(seed=0, B=2, H=9, W=9):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 3, H, W, generator=g)
+    x[:, :, :2] = 0.0                                            # pixels at the box edges
+    x[:, :, -2:] = 1.0
+    y = torch.randint(0, 4, (B, H, W), generator=g)
+    y[:, 0] = IGN
+    return x, y
+
+
+SINGLE = [
+    ("fgsm", {}), ("pgd", dict(alpha=2.0, steps=3)), ("segpgd", dict(alpha=2.0, steps=3)),
+    ("cospgd", dict(alpha=2.0, steps=3)), ("mim", dict(alpha=2.0, steps=3)),
+    ("mim", dict(alpha=2.0, steps=3, decay=0.5, normalize_grad=False)),
+    ("apgd", dict(steps=5)), ("apgd", dict(steps=10, prr=True, loss="js")),
+    ("apgd", dict(steps=10, prr=True, loss="mask-ce-bal", class_weights=[0.1, 0.2, 0.3, 0.4])),
+    ("apgd", dict(steps=4, loss="segpgd")), ("apgd", dict(steps=4, loss="mask-norm-corrlog")),
+]
+
+
+@pytest.mark.parametrize("name,opts", SINGLE)
+def test_attack_stays_in_ball_and_box_and_leaves_no_param_grad(name, opts):
+    torch.manual_seed(0)
+    model = TinyConv()                                             # parameters still require grad
+    x, y = _batch()
+    eps = 8.0
+    x_adv = build_attack(name, eps=eps, **opts)(model, x, y)
+    assert (x_adv - x).abs().max().item() <= eps / 255 + 1e-6
+    assert x_adv.min().item() >= 0 and x_adv.max().item() <= 1
+    assert not x_adv.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    assert (x_adv != x).any()
+
+
+def test_every_registered_attack_is_covered():
+    covered = {n for n, _ in SINGLE} | {"multitask", "transfer"}
+    assert covered == set(ATTACKS.names())
+
+
+def test_apgd_pass_counts_and_early_stop():
+    model = TinyConv()
+    x, y = _batch()
+    B = x.shape[0]
+    a = build_attack("apgd", eps=8.0, steps=10)
+    a(model, x, y)
+    assert (a.counter.forward, a.counter.backward) == (11 * B, 10 * B)   # last backward skipped
+    a = build_attack("apgd", eps=8.0, steps=10, prr=True)                # stages 3, 3, 4
+    a(model, x, y)
+    assert (a.counter.forward, a.counter.backward) == (13 * B, 10 * B)
+    with torch.no_grad():
+        wrong = (model(x).argmax(1) + 1) % 4                            # every pixel already wrong
+    a = build_attack("apgd", eps=8.0, steps=50, early_stop=True)
+    a(model, x, wrong)
+    assert a.counter.forward == (1 + EARLY_STOP_EVERY) * B
+
+
+def test_mim_matches_plain_momentum_loop():
+    model, x, y = _linear_case(32 / 255)
+    eps, alpha, steps = 8 / 255, 2 / 255, 4
+    x_adv = build_attack("mim", eps=8.0, alpha=2.0, steps=steps, decay=0.5, normalize_grad=False)(model, x, y)
+    xa, m = x.clone(), torch.zeros_like(x)
+    n_pix = y[0].numel()
+    for _ in range(steps):                                         # MTRobust: m = 0.5 m + g, step sign(m)
+        xa.requires_grad_(True)
+        loss = F.cross_entropy(model(xa), y, ignore_index=IGN, reduction="sum") / n_pix
+        (g,) = torch.autograd.grad(loss, xa)
+        m = 0.5 * m + g
+        xa = torch.min(torch.max(xa.detach() + alpha * m.sign(), x - eps), x + eps).clamp(0, 1)
+    assert torch.allclose(x_adv, xa, atol=1e-7)
+
+
+class TwoTask(nn.Module):
+    """Segmentation reads channel 0 only, depth reads channel 1 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.seg = nn.Conv2d(1, 3, 3, padding=1)
+        self.depth = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return {"seg": self.seg(x[:, :1]), "depth": self.depth(x[:, 1:2])}
+
+
+def test_multitask_attacks_only_the_chosen_tasks():
+    torch.manual_seed(0)
+    model = TwoTask()
+    x = torch.rand(2, 3, 8, 8) * 0.5 + 0.25
+    y = {"seg": torch.randint(0, 3, (2, 8, 8)), "depth": torch.rand(2, 1, 8, 8)}
+    d = build_attack("multitask", eps=8.0, alpha=2.0, steps=2, tasks=["seg"], random_start=False)(model, x, y) - x
+    assert d[:, 0].abs().sum() > 0 and (d[:, 1:] == 0).all()
+    d = build_attack("multitask", eps=8.0, alpha=2.0, steps=2, tasks=["depth"], random_start=False)(model, x, y) - x
+    assert d[:, 1].abs().sum() > 0 and (d[:, [0, 2]] == 0).all()
+    a = build_attack("multitask", eps=8.0, alpha=2.0, steps=2, random_start=False, decay=0.5, normalize_grad=False)
+    d = a(model, x, dict(y, depth_mask=torch.zeros(2, 1, 8, 8)))   # depth fully masked: no depth gradient
+    assert d.sub(x)[:, 1].abs().sum() == 0 and d.sub(x)[:, 0].abs().sum() > 0
+    assert a.counter.forward == 4 and all(p.grad is None for p in model.parameters())
+    with pytest.raises(SetupError, match="task 'normal'"):
+        build_attack("multitask", eps=8.0, alpha=2.0, steps=1, tasks=["normal"])(model, x, y)
+
+
+def test_transfer_crafts_on_the_source_only():
+    source = TinyConv()
+    x, y = _batch()
+
+    def target(_):
+        raise AssertionError("the target must not be queried while crafting")
+
+    a = build_attack("transfer", eps=8.0, source_forward=source, inner="pgd", alpha=2.0, steps=3,
+                     source_config="cfg.yaml")
+    x_adv = a(target, x, y)
+    torch.manual_seed(0)
+    assert (x_adv - x).abs().max().item() <= 8 / 255 + 1e-6
+    assert (a.counter.forward, a.counter.backward) == (3 * x.shape[0], 3 * x.shape[0])
+    assert "source_forward" not in repr(a) and "cfg.yaml" in repr(a)
+    with pytest.raises(SetupError, match="source_forward"):
+        build_attack("transfer", eps=8.0)
+    with pytest.raises(SetupError, match="valid: .*apgd"):
+        build_attack("transfer", eps=8.0, source_forward=source, inner="pgdd")
+    with pytest.raises(SetupError, match="no option 'loss'"):
+        build_attack("transfer", eps=8.0, source_forward=source, inner="fgsm", inner_options={"loss": "js"})
+
+
+# ----------------------------------------------------------------------------- build errors
+
+def test_build_errors_name_the_valid_choices():
+    with pytest.raises(SetupError, match="valid: apgd, cospgd"):
+        build_attack("apdg", eps=8.0)
+    with pytest.raises(SetupError, match="unknown loss 'jsd'.*valid: ce, cospgd, js"):
+        build_attack("apgd", eps=8.0, loss="jsd")
+    for bad in (0.0, -1.0):
+        with pytest.raises(SetupError, match="eps must be > 0"):
+            build_attack("apgd", eps=bad)
+    for bad in (0, 1.5, True):
+        with pytest.raises(SetupError, match="steps must be an integer"):
+            build_attack("pgd", eps=8.0, alpha=1.0, steps=bad)
+    with pytest.raises(SetupError, match="no option 'stepz'"):
+        build_attack("apgd", eps=8.0, stepz=3)
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+def test_ensemble_members():
+    sea = ensemble_members("sea")
+    assert [m[2]["loss"] for m in sea] == ["mask-ce-bal", "mask-ce", "js"]
+    assert all(m[1] == "apgd" and m[2]["steps"] == 300 and m[2]["prr"] and m[2]["random_start"] for m in sea)
+    plus = ensemble_members("sea+")
+    assert [m[2]["loss"] for m in plus] == ["mask-ce-bal", "mask-ce", "js", "segpgd", "mask-norm-corrlog"]
+    sea[0][2]["steps"] = 1
+    assert ensemble_members("sea")[0][2]["steps"] == 300                  # copies
+    with pytest.raises(SetupError, match="valid: sea, sea\\+"):
+        ensemble_members("sae")
+
+
+def test_expand_attacks():
+    groups = expand_attacks([
+        {"name": "sea", "steps": 20},
+        {"name": "pgd", "alpha": 2.0, "steps": 5, "label": "pgd5"},
+        {"name": "ensemble", "label": "mine", "members": ["fgsm", {"name": "apgd", "loss": "js", "label": "aj"}]},
+    ])
+    assert [g.label for g in groups] == ["sea", "pgd5", "mine"]
+    assert [g.is_ensemble for g in groups] == [True, False, True]
+    assert all(m[2]["steps"] == 20 for m in groups[0].members)
+    assert groups[1].members == [("pgd5", "pgd", {"alpha": 2.0, "steps": 5})]
+    assert groups[2].members == [("fgsm", "fgsm", {}), ("aj", "apgd", {"loss": "js"})]
+    assert [needs_class_weights(m[2]) for m in groups[0].members] == [True, False, False]
+    for label, name, opts in groups[0].members + groups[2].members:   # every member builds
+        build_attack(name, eps=8.0, **dict(opts, **({"class_weights": [1.0] * 4} if needs_class_weights(opts) else {})))
+    with pytest.raises(SetupError, match="repeated labels"):
+        expand_attacks(["fgsm", "fgsm"])
+    with pytest.raises(SetupError, match="unknown attack 'pgx'"):
+        expand_attacks([{"name": "ensemble", "members": ["pgx"]}])
+    with pytest.raises(SetupError, match="cannot be a member"):
+        expand_attacks([{"name": "ensemble", "members": ["sea"]}])
+
+
+def test_sea_members_run_and_count():
+    model = TinyConv()
+    x, y = _batch()
+    counter = PassCounter()
+    for label, name, opts in ensemble_members("sea"):
+        opts = dict(opts, steps=4, early_stop=False)
+        if needs_class_weights(opts):
+            opts["class_weights"] = class_weights_from_counts([5, 1, 2, 3]).tolist()
+        a = build_attack(name, eps=4.0, **opts)
+        x_adv = a(model, x, y)
+        assert (x_adv - x).abs().max().item() <= 4 / 255 + 1e-6
+        counter.forward += a.counter.forward
+    assert counter.forward == 3 * (2 + 2 + 3) * x.shape[0]             # PRR stages of 1, 1, 2 iterations

@@ -26,6 +26,7 @@ from utils.errors import SetupError
 from utils.logger import get_logger
 from utils.metrics import confusion_counts, summarize
 
+from . import eval_resume
 from .common import make_loader, per_process_batch, setup_runtime, to_device
 from .visualize import save_color
 
@@ -82,11 +83,13 @@ def _sync(device: torch.device) -> None:
 
 def evaluate(model: nn.Module, loader, classes: int, ignore: int, attacks: List[Tuple[str, Attack]] = (),
              forward: Optional[Callable] = None, on_pred: Optional[Callable] = None,
-             device: torch.device = torch.device("cpu"), progress: bool = False) -> Dict[str, RunStats]:
+             device: torch.device = torch.device("cpu"), progress: bool = False,
+             on_batch: Optional[Callable[[Dict[str, RunStats]], None]] = None) -> Dict[str, RunStats]:
     """Run clean inference and every attack on each batch; returns per-run stats (not yet gathered).
 
     `forward` defaults to the model itself (whole-image protocol); `on_pred(run, index, pred)` is
-    called with each batch's predictions (e.g. to write colour PNGs).
+    called with each batch's predictions (e.g. to write colour PNGs); `on_batch(stats)` after each
+    batch (e.g. to save progress).
     """
     from tqdm import tqdm
     forward = forward or model
@@ -114,6 +117,8 @@ def evaluate(model: nn.Module, loader, classes: int, ignore: int, attacks: List[
             stats[name].add(idx, pred, y, classes, ignore)
             if on_pred:
                 on_pred(name, idx, pred)
+        if on_batch:
+            on_batch(stats)
     return stats
 
 
@@ -144,16 +149,19 @@ def pct(v: Optional[float]) -> str:
 
 def run_test(cfg) -> dict:
     """test.py: evaluate the checkpoint clean and under every configured attack; write results."""
+    if eval_resume.is_checkpoint_dir(cfg):  # a folder: each checkpoint in turn
+        return eval_resume.run_directory(cfg, run_test)
     log = get_logger()
     device = setup_runtime(cfg)
     model, ckpt = load_for_test(cfg, device)
     attacks = build_attack_runs(cfg)
     dataset = build_dataset(cfg, cfg.test.split)
     n = len(dataset) if cfg.test.num_images is None else min(cfg.test.num_images, len(dataset))
-    shard = Subset(dataset, list(range(dist.rank(), n, dist.world_size())))
+    tracker = eval_resume.EvalProgress(cfg, ckpt, n, attacks)  # images done by an interrupted run are skipped
+    shard = Subset(dataset, tracker.todo)
     loader = make_loader(shard, per_process_batch(cfg.test.batch_size, "test.batch_size"), cfg.data.workers, cfg.seed)
     classes, names = cfg.data.classes, class_names(cfg.data.name, cfg.data.classes)
-    result_dir = os.path.join(cfg.exp_dir, "result")
+    result_dir = eval_resume.result_dir(cfg)
     pal = palette(cfg.data.name)
 
     def on_pred(run: str, idx: torch.Tensor, pred: torch.Tensor) -> None:
@@ -164,7 +172,8 @@ def run_test(cfg) -> dict:
     log.info(f"evaluating {ckpt} on {n} {cfg.test.split} images; attacks: "
              f"{', '.join(f'{k} {a}' for k, a in attacks) or 'none'}")
     stats = evaluate(model, loader, classes, cfg.data.ignore_label, attacks, on_pred=on_pred, device=device,
-                     progress=dist.is_main())
+                     progress=dist.is_main(), on_batch=tracker.on_batch)
+    tracker.finish(stats)
     gathered = {k: s.gathered() for k, s in stats.items()}
     counters = {k: a.counter for k, a in attacks}
     seconds = {k: float(dist.all_reduce_sum(torch.tensor(s.seconds, dtype=torch.float64)).item()) / dist.world_size()
@@ -188,7 +197,7 @@ def run_test(cfg) -> dict:
 
 def write_results(cfg, metrics: dict, log) -> None:
     """metrics.json (atomically), printed tables, tensorboard scalars."""
-    result_dir = os.path.join(cfg.exp_dir, "result")
+    result_dir = eval_resume.result_dir(cfg)
     os.makedirs(result_dir, exist_ok=True)
     tmp = os.path.join(result_dir, "metrics.json.tmp")
     with open(tmp, "w") as f:

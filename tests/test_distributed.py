@@ -125,3 +125,11 @@ def test_several_processes_without_gpu_need_device_cpu(monkeypatch):
     with pytest.raises(SetupError, match="set device=cpu"):
         dist.select_device("auto")
     assert dist.select_device("cpu").type == "cpu"
+
+
+def test_legacy_local_rank_argument_is_accepted(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"})
+    seen = {}
+    assert main("train", lambda cfg: seen.update(rank=os.environ.get("LOCAL_RANK")),
+                ["--local-rank=0", "--config", tiny_config(), f"exp_dir={tmp_path / 'x'}"]) == 0
+    assert seen["rank"] == "0"

@@ -1,7 +1,6 @@
 """Runtime pieces shared by training and evaluation: device, process group, loaders, batches."""
 from __future__ import annotations
 
-import os
 import random
 from typing import Optional
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, List, Optional
 
@@ -24,10 +25,14 @@ def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=f"{kind}.py", description=f"{kind} a segmentation model from a YAML config")
     parser.add_argument("--config", required=True, help="experiment YAML (see config/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.005 test.eps=[4,8]")
+    # the deprecated torch.distributed.launch passes --local-rank / --local_rank; torchrun sets LOCAL_RANK
+    parser.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_config(args.config, args.overrides)
-        log = setup_logger(cfg.exp_dir, kind, main_process=int(__import__("os").environ.get("RANK", 0)) == 0)
+        log = setup_logger(cfg.exp_dir, kind, main_process=int(os.environ.get("RANK", 0)) == 0)
         log.info(f"config {args.config}" + (f" with overrides {' '.join(args.overrides)}" if args.overrides else ""))
         run(cfg)
         return 0

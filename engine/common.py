@@ -1,7 +1,6 @@
 """Runtime pieces shared by training and evaluation: device, process group, loaders, batches."""
 from __future__ import annotations
 
-import os
 import random
 from typing import Optional
 
@@ -45,10 +44,40 @@ def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, samp
                       generator=g)
 
 
-def train_sampler(dataset: Dataset, seed: int) -> DistributedSampler:
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: ``skip(n)`` drops the first n indices of
+    this process's order for the current epoch only, so a run resumed mid-epoch sees exactly the
+    batches it had not yet trained on, without loading and discarding the others."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._skip = 0
+
+    def skip(self, n: int) -> None:
+        """Leave out the first `n` indices of the next iteration (call after ``set_epoch``)."""
+        self._skip = n
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self._skip:]
+        self._skip = 0  # one partial epoch only; later epochs are whole
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip
+
+
+def train_sampler(dataset: Dataset, seed: int) -> ResumableSampler:
     """Shuffled, sharded by rank (also with one process), reshuffled by ``set_epoch``."""
-    return DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
-                              seed=seed, drop_last=True)
+    return ResumableSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True,
+                            seed=seed, drop_last=True)
+
+
+def channels_last(batch: dict) -> dict:
+    """The batch with its 4-d image tensor in channels_last memory format."""
+    x = batch.get("image")
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        batch = dict(batch, image=x.contiguous(memory_format=torch.channels_last))
+    return batch
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -33,6 +33,7 @@ from utils.errors import SetupError
 from utils.logger import get_logger
 from utils.metrics import confusion_counts, label_counts, summarize, worst_case
 
+from . import eval_resume
 from .common import make_loader, per_process_batch, setup_runtime, to_device
 from .protocols import Protocol, build_protocol
 from .visualize import example_panel, save_color
@@ -141,11 +142,13 @@ def _sync(device: torch.device) -> None:
 
 def evaluate(model: nn.Module, loader, classes: int, ignore: int, runs: List[AttackRun] = (),
              protocol: Optional[Protocol] = None, on_pred: Optional[Callable] = None,
-             device: torch.device = torch.device("cpu"), progress: bool = False) -> Dict[str, RunStats]:
+             device: torch.device = torch.device("cpu"), progress: bool = False,
+             on_batch: Optional[Callable[[Dict[str, RunStats]], None]] = None) -> Dict[str, RunStats]:
     """Clean inference and every attack run on each batch; per-run stats (not yet gathered).
 
     `protocol` defaults to whole-image inference with the model; `on_pred(run, batch, pred, x_adv)`
-    sees each batch's predictions (colour PNGs, examples).
+    sees each batch's predictions (colour PNGs, examples); `on_batch(stats)` runs after each batch
+    (e.g. to save progress).
     """
     from tqdm import tqdm
     protocol = protocol or Protocol(model, model)
@@ -172,6 +175,8 @@ def evaluate(model: nn.Module, loader, classes: int, ignore: int, runs: List[Att
             stats[run.key].add(idx, pred, y, classes, ignore)
             if on_pred:
                 on_pred(run.key, batch, pred, x_adv)
+        if on_batch:
+            on_batch(stats)
     return stats
 
 
@@ -231,6 +236,8 @@ def aggregate(gathered: Dict[str, Counts], runs: List[AttackRun], seconds: Dict[
 
 def run_test(cfg) -> dict:
     """test.py: evaluate the checkpoint clean and under every configured attack; write results."""
+    if eval_resume.is_checkpoint_dir(cfg):  # a folder: each checkpoint in turn
+        return eval_resume.run_directory(cfg, run_test)
     log = get_logger()
     device = setup_runtime(cfg)
     model, ckpt = load_for_test(cfg, device)
@@ -238,10 +245,12 @@ def run_test(cfg) -> dict:
     runs = build_attack_runs(cfg, device)
     dataset = build_dataset(cfg, cfg.test.split)
     n = len(dataset) if cfg.test.num_images is None else min(cfg.test.num_images, len(dataset))
-    shard = Subset(dataset, list(range(dist.rank(), n, dist.world_size())))
+    # images done by an interrupted run are skipped; their saved counts are merged back in `finish`
+    tracker = eval_resume.EvalProgress(cfg, ckpt, n, [(r.key, r.attack) for r in runs])
+    shard = Subset(dataset, tracker.todo)
     loader = make_loader(shard, per_process_batch(cfg.test.batch_size, "test.batch_size"), cfg.data.workers, cfg.seed)
     classes, names = cfg.data.classes, class_names(cfg.data.name, cfg.data.classes)
-    result_dir = os.path.join(cfg.exp_dir, "result")
+    result_dir = eval_resume.result_dir(cfg)
     pal = palette(cfg.data.name)
     examples: Dict[str, list] = {}
     clean_preds: Dict[int, np.ndarray] = {}
@@ -267,7 +276,8 @@ def run_test(cfg) -> dict:
     log.info(f"evaluating {ckpt} on {n} {cfg.test.split} images, protocol {cfg.test.protocol}; attacks: "
              f"{', '.join(f'{r.key} {r.attack}' for r in runs) or 'none'}")
     stats = evaluate(model, loader, classes, cfg.data.ignore_label, runs, protocol, on_pred=on_pred, device=device,
-                     progress=dist.is_main())
+                     progress=dist.is_main(), on_batch=tracker.on_batch)
+    tracker.finish(stats)
     gathered = {k: s.gathered() for k, s in stats.items()}
     seconds = {k: float(dist.all_reduce_sum(torch.tensor(s.seconds, dtype=torch.float64)).item()) / dist.world_size()
                for k, s in stats.items()}
@@ -300,7 +310,7 @@ def write_results(cfg, metrics: dict, examples: Dict[str, list], log) -> None:
     from tensorboardX import SummaryWriter
 
     from utils.config import save_config
-    result_dir = os.path.join(cfg.exp_dir, "result")
+    result_dir = eval_resume.result_dir(cfg)
     os.makedirs(result_dir, exist_ok=True)
     tmp = os.path.join(result_dir, "metrics.json.tmp")
     with open(tmp, "w") as f:

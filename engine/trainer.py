@@ -1,10 +1,11 @@
 """The one training loop: defense loss -> backward -> step -> poly lr; logs, validation, checkpoints."""
 from __future__ import annotations
 
-import math
+import contextlib
 import os
+import signal
 import time
-from typing import Dict, List
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -14,15 +15,33 @@ from defenses import build_defense
 from models import build_model, load_pretrained
 from models.weights import load_model_weights
 from utils import dist
-from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from utils.checkpoint import list_checkpoints, remove_stale_temporaries, resolve_resume, save_checkpoint
 from utils.config import save_config
 from utils.errors import SetupError
 from utils.logger import get_logger
 from utils.metrics import summarize
 from utils.rng import get_rng_state, seed_all, set_rng_state
 
-from .common import make_loader, per_process_batch, setup_runtime, to_device, train_sampler
+from .common import channels_last, make_loader, per_process_batch, setup_runtime, to_device, train_sampler
 from .evaluator import evaluate
+
+# Test hook (fault-injection tests only): SIGKILL the process at the end of this (1-based) iteration.
+KILL_AT_ITER_ENV = "SEGROBUST_TEST_KILL_AT_ITER"
+KEEP_ITER_CHECKPOINTS = 2
+
+
+def amp_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
+    """`train.amp` -> autocast dtype (None = fp32). fp16 needs a GPU (and gets a GradScaler)."""
+    amp = cfg.train.amp
+    if amp in (None, False, "off", "none", "fp32"):
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise SetupError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
+        return torch.float16
+    raise SetupError(f"train.amp '{amp}' unknown; valid: bf16, fp16, off")
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
@@ -84,47 +103,117 @@ class Trainer:
         if cfg.model.weights:
             load_model_weights(model, cfg.model.weights)
         self.model = model.to(self.device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.max_iters)
+        self.amp_dtype = amp_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.defense = build_defense(cfg)
-        self.epoch, self.iteration = 0, 0
-        resume = resolve_resume(t.resume, cfg.exp_dir)
+        self.epoch, self.iteration, self.skipped = 0, 0, 0
+        self.model_dir = os.path.join(cfg.exp_dir, "model")
+        if t.resume == "auto" and dist.is_main():
+            remove_stale_temporaries(self.model_dir)
+        resume = resolve_resume(t.resume, cfg.exp_dir, self.iters_per_epoch, self.log)
         if resume:
-            self._restore(resume)
+            self._restore(*resume)
         if dist.world_size() > 1:
             if self.device.type == "cuda" and t.sync_bn:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            # a method whose loss leaves some parameters unused says so; the search costs time otherwise
             self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(getattr(self.defense, "find_unused_parameters", False)))
+        if t.compile:
+            self.model = torch.compile(self.model)
         self.writer = None
         if dist.is_main():  # everything above validated: now it is safe to write into exp_dir
             from tensorboardX import SummaryWriter
             save_config(cfg, os.path.join(cfg.exp_dir, "config.yaml"))
             self.writer = SummaryWriter(os.path.join(cfg.exp_dir, "events"))
 
-    def _restore(self, path: str) -> None:
-        ckpt = load_checkpoint(path)
+    def _restore(self, path: str, ckpt: dict) -> None:
         from models.weights import load_strict
         load_strict(self.model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+        self.skipped = int(ckpt.get("skipped", 0))
+        done = self.iteration - self.epoch * self.iters_per_epoch
+        if not 0 <= done < self.iters_per_epoch:
+            raise SetupError(f"{path}: iteration {self.iteration} does not fall in epoch {self.epoch + 1} at "
+                             f"{self.iters_per_epoch} iterations per epoch (train.batch_size or data changed?)")
         set_rng_state(ckpt["rng"])
-        self.log.info(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}")
+        self.log.info(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}"
+                      + (f" ({done} iterations into epoch {self.epoch + 1})" if done else ""))
 
     def state(self) -> dict:
-        return {"model": dist.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
-                "rng": get_rng_state(), "config": self.cfg.to_dict()}
+        state = {"model": dist.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
+                 "skipped": self.skipped, "rng": get_rng_state(), "config": self.cfg.to_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def save(self) -> None:
+        """Epoch end: epoch_<E>.pth every save_freq epochs (and the last), always last.pth."""
         if not dist.is_main():
             return
         state = self.state()
-        model_dir = os.path.join(self.cfg.exp_dir, "model")
         if self.epoch % self.cfg.train.save_freq == 0 or self.epoch == self.cfg.train.epochs:
-            save_checkpoint(state, os.path.join(model_dir, f"epoch_{self.epoch}.pth"))
-        save_checkpoint(state, os.path.join(model_dir, "last.pth"))
+            save_checkpoint(state, os.path.join(self.model_dir, f"epoch_{self.epoch}.pth"))
+        save_checkpoint(state, os.path.join(self.model_dir, "last.pth"))
+
+    def save_iter(self) -> None:
+        """Mid-epoch: iter_<I>.pth and last.pth; older iter_ files beyond the newest two are removed."""
+        if not dist.is_main():
+            return
+        state = self.state()
+        save_checkpoint(state, os.path.join(self.model_dir, f"iter_{self.iteration}.pth"))
+        save_checkpoint(state, os.path.join(self.model_dir, "last.pth"))
+        iters = [p for p in list_checkpoints(self.model_dir) if os.path.basename(p).startswith("iter_")]
+        for p in iters[KEEP_ITER_CHECKPOINTS:]:
+            os.remove(p)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batch: dict) -> Optional[Dict[str, torch.Tensor]]:
+        """One optimisation step; returns the detached logs, or None when a non-finite loss was skipped.
+
+        Finiteness is tested on the device every iteration (agreed by all processes through a tiny
+        all-reduce); the one host sync reads it after the backward has been queued.
+        """
+        t = self.cfg.train
+        if t.channels_last:
+            batch = channels_last(batch)
+        with self._autocast():
+            loss, logs = self.defense.loss(self.model, batch)
+        if t.debug_nan_at_iter is not None and self.iteration + 1 == int(t.debug_nan_at_iter):
+            loss = loss * float("nan")  # test hook
+        bad = dist.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+        self.optimizer.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if bool(bad.item()):
+            self.optimizer.zero_grad(set_to_none=True)
+            if not t.skip_nonfinite:
+                raise FloatingPointError(
+                    f"non-finite loss ({float(loss.detach()):g}) at iteration {self.iteration + 1} (epoch "
+                    f"{self.epoch + 1}); set train.skip_nonfinite=true to skip such steps")
+            self.skipped += 1
+            self.log.warning(f"non-finite loss at iteration {self.iteration + 1}: step skipped "
+                             f"({self.skipped} skipped so far)")
+            return None
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return dict(logs, loss=loss.detach())
 
     def _log_scalars(self, sums: Dict[str, torch.Tensor], count: int, prefix: str) -> Dict[str, float]:
         keys = sorted(sums)
@@ -137,39 +226,48 @@ class Trainer:
 
     def train_epoch(self) -> Dict[str, float]:
         from tqdm import tqdm
-        cfg = self.cfg
+        cfg, t = self.cfg, self.cfg.train
         self.sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
+        done = self.iteration - self.epoch * self.iters_per_epoch  # > 0 when resumed mid-epoch
+        self.sampler.skip(done * self.batch)
         self.model.train()
+        if t.freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         window: Dict[str, torch.Tensor] = {}
         total: Dict[str, torch.Tensor] = {}
         n_window = n_total = 0
-        bar = tqdm(self.loader, disable=not dist.is_main(), desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
-                   leave=False)
+        kill_at = int(os.environ.get(KILL_AT_ITER_ENV, 0) or 0)
+        bar = tqdm(self.loader, disable=not dist.is_main(), desc=f"epoch {self.epoch + 1}/{t.epochs}",
+                   leave=False, initial=done, total=self.iters_per_epoch)
         for batch in bar:
-            batch = to_device(batch, self.device)
-            loss, logs = self.defense.loss(self.model, batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
+            logs = self.train_step(to_device(batch, self.device))
+            self.scheduler.step()  # also after a skipped step: the schedule follows the iteration count
             self.iteration += 1
-            logs = dict(logs, loss=loss.detach())
-            for k, v in logs.items():
-                window[k] = window.get(k, 0.0) + v.float()
-                total[k] = total.get(k, 0.0) + v.float()
-            n_window += 1
-            n_total += 1
-            if self.iteration % cfg.train.print_freq == 0:
+            if logs is not None:
+                for k, v in logs.items():
+                    window[k] = window.get(k, 0.0) + v.float()
+                    total[k] = total.get(k, 0.0) + v.float()
+                n_window += 1
+                n_total += 1
+            if self.iteration % t.print_freq == 0 and window:
                 vals = self._log_scalars(window, n_window * dist.world_size(), "train")
                 lr = self.optimizer.param_groups[0]["lr"]
                 if self.writer:
                     self.writer.add_scalar("train/lr", lr, self.iteration)
-                if not all(math.isfinite(v) for v in vals.values()):
-                    raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {vals}")
                 self.log.info(f"epoch {self.epoch + 1} iter {self.iteration}/{self.max_iters} lr {lr:.5f} "
-                              + " ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+                              + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+                              + (f" skipped {self.skipped}" if self.skipped else ""))
                 window, n_window = {}, 0
+            if t.save_iter_freq and self.iteration % t.save_iter_freq == 0 \
+                    and self.iteration % self.iters_per_epoch:
+                self.save_iter()
+            if kill_at == self.iteration:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook
+        if not total:
+            return {}
         return {k: float(v) for k, v in self._log_scalars(total, n_total * dist.world_size(), "train_epoch").items()}
 
     def validate(self) -> dict:
@@ -200,6 +298,8 @@ class Trainer:
             if t.eval_freq and self.epoch % t.eval_freq == 0:
                 m = self.validate()
                 msg += f" | val mIoU {m['mIoU']:.4f} mAcc {m['mAcc']:.4f} aAcc {m['aAcc']:.4f}"
+            if self.skipped:
+                msg += f" | {self.skipped} non-finite step(s) skipped so far"
             self.log.info(msg)
             self.save()
         if self.writer:

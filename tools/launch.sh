@@ -1,10 +1,19 @@
 #!/bin/sh
 # Shared launcher, sourced by every script in tool_train/ and tool_test/.
 #   launch train|test CONFIG [section.key=value ...]
-# Environment: NGPU (processes per node, default 1), NNODES (1), NODE_RANK (0), MASTER_ADDR
-# (127.0.0.1), MASTER_PORT (a free port on single-node runs), PYTHON (python3).
-# Runs from the repository root whatever the caller's working directory, and tees the console
-# into <exp_dir>/<kind>-<timestamp>.log.
+# Environment:
+#   NGPU         processes per node (default 1): one per GPU; on a CPU-only node, NGPU>1 starts
+#                that many CPU (gloo) processes only with the override device=cpu
+#   NNODES       number of machines (default 1); run the same command on each with its NODE_RANK
+#   NODE_RANK    this machine's rank, 0..NNODES-1 (default 0)
+#   MASTER_ADDR  address of the NODE_RANK=0 machine (required when NNODES>1)
+#   MASTER_PORT  port on MASTER_ADDR (NNODES>1: default 29500; single node: a free port is chosen)
+#   PYTHON       interpreter (default python3)
+# Several processes or nodes go through torchrun (env:// rendezvous; NCCL on GPUs, gloo on CPU).
+# The launch is checked first (tools/preflight.py): NGPU against the visible GPUs, batch sizes
+# against the number of processes, the resume path. Runs from the repository root whatever the
+# caller's working directory; on the first node the console is teed into
+# <exp_dir>/<kind>-<timestamp>.log (nothing else is copied into exp_dir).
 
 launch() {
     kind=$1
@@ -16,17 +25,27 @@ launch() {
     NGPU=${NGPU:-1}
     NNODES=${NNODES:-1}
     NODE_RANK=${NODE_RANK:-0}
-    MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-    exp_dir=$("$PYTHON" -m utils.config "$config" --get exp_dir "$@") || exit 2
-    mkdir -p "$exp_dir"
-    log="$exp_dir/$kind-$(date +%Y%m%d_%H%M%S).log"
+    if [ "$NNODES" -gt 1 ] 2>/dev/null && [ -z "${MASTER_ADDR:-}" ]; then
+        echo "error: NNODES=$NNODES needs MASTER_ADDR (the address of the NODE_RANK=0 machine)" >&2
+        return 2
+    fi
+    exp_dir=$("$PYTHON" tools/preflight.py "$kind" "$config" "$NGPU" "$NNODES" "$@") || return 2
+    if [ "$NODE_RANK" -ne 0 ]; then
+        log=/dev/null  # only the first node writes into exp_dir
+    else
+        mkdir -p "$exp_dir"
+        log="$exp_dir/$kind-$(date +%Y%m%d_%H%M%S).log"
+    fi
     rcfile=$(mktemp)
-    if [ "$NGPU" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
-        if [ -z "${MASTER_PORT:-}" ]; then
-            MASTER_PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
-        fi
+    if [ "$NNODES" -gt 1 ]; then
         set -- -m torch.distributed.run --nproc_per_node="$NGPU" --nnodes="$NNODES" --node_rank="$NODE_RANK" \
-            --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$kind.py" --config "$config" "$@"
+            --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}" "$kind.py" --config "$config" "$@"
+    elif [ "$NGPU" -gt 1 ] && [ -n "${MASTER_PORT:-}" ]; then
+        set -- -m torch.distributed.run --nproc_per_node="$NGPU" --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+            --master_port="$MASTER_PORT" "$kind.py" --config "$config" "$@"
+    elif [ "$NGPU" -gt 1 ]; then
+        # --standalone: torchrun binds a free local port itself, so concurrent jobs never collide
+        set -- -m torch.distributed.run --standalone --nproc_per_node="$NGPU" "$kind.py" --config "$config" "$@"
     else
         set -- "$kind.py" --config "$config" "$@"
     fi

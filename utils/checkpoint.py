@@ -1,26 +1,71 @@
-"""Training checkpoints: written atomically, read with weights_only=True.
+"""Training checkpoints: written atomically, read with weights_only=True, newest valid one found on resume.
 
-A checkpoint holds: model, optimizer, scheduler, epoch (completed), iteration, rng, config.
+A checkpoint holds: model, optimizer, scheduler, epoch (completed), iteration, rng, config
+(and `scaler` with fp16 mixed precision). Files in ``<exp_dir>/model``: ``last.pth`` (newest),
+``epoch_<E>.pth`` (every ``train.save_freq`` epochs) and ``iter_<I>.pth`` (every
+``train.save_iter_freq`` iterations; only the newest two are kept).
 """
 from __future__ import annotations
 
+import glob
 import os
 import pickle
-from typing import Optional
+import re
+import signal
+from typing import List, Optional, Tuple
 
 import torch
 
 from .errors import SetupError
 
 REQUIRED = ("model", "optimizer", "scheduler", "epoch", "iteration", "rng", "config")
+# Test hook (fault-injection tests only): SIGKILL this process inside its N-th save_checkpoint
+# call, after part of the temporary file has been written.
+KILL_IN_SAVE_ENV = "SEGROBUST_TEST_KILL_IN_SAVE"
+_saves = 0
+
+
+class _KillAfter:
+    """File wrapper that SIGKILLs the process once `limit` bytes have gone to disk (test hook)."""
+
+    def __init__(self, f, limit: int):
+        self.f, self.limit, self.n = f, limit, 0
+
+    def write(self, data) -> int:
+        n = self.f.write(data)
+        self.n += n
+        if self.n >= self.limit:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file and rename, so a kill never leaves a truncated checkpoint."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Write to a temporary file, fsync, then rename: a kill or crash at any moment leaves either
+    the previous file or the complete new one under `path`, never a truncated one."""
+    global _saves
+    _saves += 1
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
+    kill_at = int(os.environ.get(KILL_IN_SAVE_ENV, 0) or 0)
+    with open(tmp, "wb") as f:
+        torch.save(state, _KillAfter(f, 4096) if kill_at == _saves else f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def load_checkpoint(path: str) -> dict:
@@ -29,7 +74,7 @@ def load_checkpoint(path: str) -> dict:
         raise SetupError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as e:
         raise SetupError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -37,13 +82,64 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def resolve_resume(resume: Optional[str], exp_dir: str) -> Optional[str]:
-    """`train.resume`: null -> None; 'auto' -> model/last.pth if present; else the path (must exist)."""
+_NAME = re.compile(r"^(epoch|iter)_(\d+)\.pth$")
+
+
+def checkpoint_progress(path: str, iters_per_epoch: int) -> Optional[int]:
+    """The training iteration a file name stands for (epoch_E -> E * iters_per_epoch, iter_I -> I);
+    None for other names (e.g. last.pth)."""
+    m = _NAME.match(os.path.basename(path))
+    if not m:
+        return None
+    n = int(m.group(2))
+    return n * iters_per_epoch if m.group(1) == "epoch" else n
+
+
+def list_checkpoints(folder: str, iters_per_epoch: int = 1) -> List[str]:
+    """The .pth files of `folder`, newest first: last.pth, then epoch_/iter_ files by progress
+    (then any other .pth by name). Temporary files of interrupted writes are not listed."""
+    files = [p for p in glob.glob(os.path.join(folder, "*.pth")) if os.path.isfile(p)]
+
+    def key(p: str) -> Tuple[int, int, str]:
+        name = os.path.basename(p)
+        if name == "last.pth":
+            return (0, 0, name)
+        prog = checkpoint_progress(p, iters_per_epoch)
+        return (1, -prog, name) if prog is not None else (2, 0, name)
+    return sorted(files, key=key)
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete `*.pth.tmp.<pid>` leftovers of writes that were killed."""
+    for p in glob.glob(os.path.join(folder, "*.pth.tmp.*")):
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+
+
+def newest_valid(folder: str, iters_per_epoch: int, log=None) -> Optional[Tuple[str, dict]]:
+    """(path, checkpoint) of the newest readable training checkpoint in `folder`, or None.
+
+    last.pth first; if it cannot be read, the epoch_/iter_ checkpoint with the most progress.
+    """
+    for path in list_checkpoints(folder, iters_per_epoch):
+        try:
+            return path, load_checkpoint(path)
+        except SetupError as e:
+            if log is not None:
+                log.warning(f"skipping unreadable checkpoint: {e}")
+    return None
+
+
+def resolve_resume(resume: Optional[str], exp_dir: str, iters_per_epoch: int = 1,
+                   log=None) -> Optional[Tuple[str, dict]]:
+    """`train.resume`: null -> None; 'auto' -> the newest valid checkpoint in <exp_dir>/model
+    (None when there is none); else that path, which must exist and be readable."""
     if resume in (None, "", False):
         return None
     if resume == "auto":
-        last = os.path.join(exp_dir, "model", "last.pth")
-        return last if os.path.isfile(last) else None
+        return newest_valid(os.path.join(exp_dir, "model"), iters_per_epoch, log)
     if not os.path.isfile(resume):
         raise SetupError(f"train.resume: checkpoint not found: {resume}")
-    return resume
+    return resume, load_checkpoint(resume)

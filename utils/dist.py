@@ -28,9 +28,16 @@ def is_main() -> bool:
 
 
 def select_device(name: str) -> torch.device:
-    """`device` config: auto | cpu | cuda; with several processes each takes cuda:LOCAL_RANK."""
+    """`device` config: auto | cpu | cuda; with several processes each takes cuda:LOCAL_RANK.
+
+    Several processes on a node without GPUs run on CPU (gloo) only with ``device: cpu``.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu" and int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))) > 1:
+            # several processes per node without a GPU is almost always a mistake (NGPU on a CPU node);
+            # CPU (gloo) processes must be asked for explicitly
+            raise SetupError("several processes per node but no GPU is visible; set device=cpu to run them on CPU")
     if name == "cuda":
         if not torch.cuda.is_available():
             raise SetupError("device: cuda requested but no GPU is visible")

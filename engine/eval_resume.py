@@ -1,0 +1,214 @@
+"""Long evaluations that survive a kill, and evaluation of a folder of checkpoints.
+
+Per-image counts (intersection, union, target per class, for every run) are written as the
+evaluation goes, in small ``.npz`` chunks under ``<result>/per_image/``, named by the checkpoint
+and a hash of everything that determines the numbers (checkpoint file identity, data, model, test
+settings). A restarted evaluation loads them, skips the images already done, and pools old and new
+counts, so its metrics equal those of an uninterrupted run. When a run completes, the chunks are
+merged into one ``<checkpoint>-<hash>.all.npz`` holding every image's counts.
+
+``test.checkpoint`` may name a folder: each ``*.pth`` in it is evaluated in turn (newest first),
+with results in ``<result>/<checkpoint stem>/`` and a summary in ``<result>/checkpoints.json``.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import json
+import os
+import signal
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from utils import dist
+from utils.checkpoint import list_checkpoints
+from utils.errors import SetupError
+from utils.logger import get_logger
+
+FLUSH_SECONDS = 10.0
+# Test hooks (fault-injection tests only): write per-image counts after every batch, and SIGKILL
+# the process right after the N-th batch's counts were written.
+FLUSH_ENV = "SEGROBUST_TEST_EVAL_FLUSH_SECONDS"
+KILL_AT_BATCH_ENV = "SEGROBUST_TEST_KILL_AT_EVAL_BATCH"
+
+
+def result_dir(cfg) -> str:
+    """Where test.py writes: ``test.result_dir``, by default ``<exp_dir>/result``."""
+    return cfg.test.result_dir or os.path.join(cfg.exp_dir, "result")
+
+
+def is_checkpoint_dir(cfg) -> bool:
+    return bool(cfg.test.checkpoint) and os.path.isdir(cfg.test.checkpoint)
+
+
+def run_directory(cfg, run_one: Callable) -> Dict[str, dict]:
+    """Evaluate every ``*.pth`` of the folder ``test.checkpoint`` with `run_one(cfg)` (test.py's
+    single-checkpoint evaluation), each into ``<result>/<stem>/``; returns {path: metrics}."""
+    folder, root = cfg.test.checkpoint, result_dir(cfg)
+    files = list_checkpoints(folder)
+    if not files:
+        raise SetupError(f"test.checkpoint: no .pth files in folder {folder}")
+    log = get_logger()
+    log.info(f"evaluating {len(files)} checkpoints of {folder}: {', '.join(os.path.basename(f) for f in files)}")
+    out, summary = {}, {}
+    for path in files:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        one = copy.deepcopy(cfg)
+        one.test.checkpoint, one.test.result_dir = path, os.path.join(root, stem)
+        m = run_one(one)
+        out[path] = m
+        summary[stem] = {"checkpoint": path, "clean_mIoU": m["clean"]["mIoU"],
+                         "attacks_mIoU": {k: a["mIoU"] for k, a in m.get("attacks", {}).items()}}
+    if dist.is_main():
+        os.makedirs(root, exist_ok=True)
+        tmp = os.path.join(root, "checkpoints.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(tmp, os.path.join(root, "checkpoints.json"))
+        lines = [f"{stem}: clean mIoU {100 * s['clean_mIoU']:.2f}"
+                 + "".join(f", {k} {100 * v:.2f}" for k, v in s["attacks_mIoU"].items()) for stem, s in summary.items()]
+        log.info("mIoU (%) per checkpoint:\n" + "\n".join(lines))
+    return out
+
+
+def _identity(cfg, ckpt: str, n: int) -> str:
+    """Hash of what determines the per-image numbers; a changed checkpoint or setting starts afresh."""
+    st = os.stat(ckpt)
+    test = {k: v for k, v in cfg.test.to_dict().items() if k not in ("checkpoint", "save_images", "result_dir")}
+    data = {k: v for k, v in cfg.data.to_dict().items() if k != "workers"}
+    blob = json.dumps({"checkpoint": os.path.abspath(ckpt), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                       "test": test, "data": data, "model": cfg.model.to_dict(), "seed": cfg.seed, "n": n},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+Part = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class EvalProgress:
+    """Saved per-image progress of one checkpoint's evaluation.
+
+    ``todo``: this process's image indices still to evaluate. ``on_batch(stats)``: called by the
+    evaluator after each batch (writes new counts every few seconds). ``finish(stats)``: writes
+    the rest, merges the saved counts into `stats` and consolidates the files.
+    """
+
+    def __init__(self, cfg, ckpt: str, n: int, attacks: Sequence[Tuple[str, object]] = ()):
+        self.folder = os.path.join(result_dir(cfg), "per_image")
+        self.prefix = f"{os.path.splitext(os.path.basename(ckpt))[0]}-{_identity(cfg, ckpt, n)}"
+        self.classes = cfg.data.classes
+        self.attacks = list(attacks)
+        self.runs = ["clean"] + [k for k, _ in self.attacks]
+        self.flush_s = float(os.environ.get(FLUSH_ENV, FLUSH_SECONDS))
+        self.kill_at = int(os.environ.get(KILL_AT_BATCH_ENV, 0) or 0)
+        self.prior_files = sorted(glob.glob(os.path.join(self.folder, self.prefix + ".*.npz")))
+        self.prior: Dict[str, List[Part]] = {r: [] for r in self.runs}
+        self.prior_seconds = {r: 0.0 for r in self.runs}
+        self.prior_passes = {r: [0, 0] for r in self.runs}
+        seen: set = set()
+        for path in self.prior_files:
+            self._load(path, seen)
+        self.done = seen
+        self.todo = [i for i in range(dist.rank(), n, dist.world_size()) if i not in seen]
+        self.saved_parts = {r: 0 for r in self.runs}
+        self.saved_seconds = {r: 0.0 for r in self.runs}
+        self.saved_passes = {k: (0, 0) for k, _ in self.attacks}
+        self.batches, self.last_flush, self.chunk = 0, time.time(), 0
+        if seen:
+            get_logger().info(f"resuming evaluation: {len(seen)} of {n} images already done ({self.folder})")
+
+    def _load(self, path: str, seen: set) -> None:
+        try:
+            with np.load(path) as z:
+                if [str(r) for r in z["runs"]] != self.runs:
+                    return
+                idx = z["index"]
+                keep = np.array([i not in seen for i in idx.tolist()], dtype=bool)
+                for j, r in enumerate(self.runs):
+                    self.prior[r].append(tuple(torch.from_numpy(a[keep]) for a in
+                                               (idx, z[f"inter_{j}"], z[f"union_{j}"], z[f"target_{j}"])))
+                    self.prior_seconds[r] += float(z["seconds"][j])
+                    self.prior_passes[r] = [a + int(b) for a, b in zip(self.prior_passes[r], z["passes"][j])]
+                seen.update(idx[keep].tolist())
+        except (OSError, ValueError, KeyError):  # a chunk cut short by a kill is simply redone
+            get_logger().warning(f"ignoring unreadable per-image file {path}")
+
+    def _write(self, path: str, parts: Dict[str, List[Part]], seconds: Dict[str, float],
+               passes: Dict[str, Sequence[int]]) -> None:
+        arrays = {"runs": np.array(self.runs)}
+        cat = {r: [torch.cat([p[i] for p in parts[r]]).numpy() if parts[r] else
+                   np.zeros((0,) if i == 0 else (0, self.classes), np.int64) for i in range(4)] for r in self.runs}
+        arrays["index"] = cat["clean"][0]
+        for j, r in enumerate(self.runs):
+            if not np.array_equal(cat[r][0], arrays["index"]):
+                raise RuntimeError(f"run {r} covers other images than the clean run")
+            arrays[f"inter_{j}"], arrays[f"union_{j}"], arrays[f"target_{j}"] = cat[r][1:]
+        arrays["seconds"] = np.array([seconds[r] for r in self.runs], np.float64)
+        arrays["passes"] = np.array([list(passes.get(r, (0, 0))) for r in self.runs], np.int64)
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+    def flush(self, stats: Dict[str, object]) -> None:
+        """Write the counts gathered since the last flush to a new chunk file of this process."""
+        new = {r: stats[r].parts[self.saved_parts[r]:] for r in self.runs}
+        if not new["clean"]:
+            return
+        seconds = {r: stats[r].seconds - self.saved_seconds[r] for r in self.runs}
+        passes = {k: (a.counter.forward - self.saved_passes[k][0], a.counter.backward - self.saved_passes[k][1])
+                  for k, a in self.attacks}
+        self.chunk += 1
+        name = f"{self.prefix}.r{dist.rank()}-{os.getpid()}-{self.chunk:05d}.npz"
+        self._write(os.path.join(self.folder, name), new, seconds, passes)
+        self.saved_parts = {r: len(stats[r].parts) for r in self.runs}
+        self.saved_seconds = {r: stats[r].seconds for r in self.runs}
+        self.saved_passes = {k: (a.counter.forward, a.counter.backward) for k, a in self.attacks}
+        self.last_flush = time.time()
+
+    def on_batch(self, stats: Dict[str, object]) -> None:
+        self.batches += 1
+        if time.time() - self.last_flush >= self.flush_s:
+            self.flush(stats)
+        if self.kill_at == self.batches:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook
+
+    def finish(self, stats: Dict[str, object]) -> None:
+        """Save what is left, add the earlier sessions' counts (once, on rank 0), consolidate."""
+        self.flush(stats)
+        if dist.is_main():
+            for r in self.runs:
+                stats[r].parts[:0] = [p for p in self.prior[r] if len(p[0])]
+                stats[r].seconds += self.prior_seconds[r]
+            for k, a in self.attacks:
+                a.counter.forward += self.prior_passes[k][0]
+                a.counter.backward += self.prior_passes[k][1]
+        for r in self.runs:  # a process with nothing to do still sends well-shaped empty counts
+            if not stats[r].parts:
+                stats[r].parts.append((torch.zeros(0, dtype=torch.long),) +
+                                      tuple(torch.zeros(0, self.classes, dtype=torch.long) for _ in range(3)))
+        # collectives below: by now every process has flushed its own chunks
+        gathered = {r: stats[r].gathered() for r in self.runs}
+        seconds = {r: float(dist.all_reduce_sum(torch.tensor(stats[r].seconds, dtype=torch.float64))) for r in self.runs}
+        passes = {k: tuple(int(v) for v in dist.all_reduce_sum(torch.tensor([a.counter.forward, a.counter.backward])))
+                  for k, a in self.attacks}
+        if dist.is_main():
+            parts = {r: [tuple(torch.from_numpy(a) for a in gathered[r])] for r in self.runs}
+            final = os.path.join(self.folder, f"{self.prefix}.all.npz")
+            self._write(final, parts, seconds, passes)
+            for p in glob.glob(os.path.join(self.folder, self.prefix + ".*.npz*")):
+                if p != final:
+                    os.remove(p)
+
+
+def saved_counts(path: str) -> Dict[str, Tuple[np.ndarray, ...]]:
+    """Read a per-image file: {run: (index, inter, union, target)}."""
+    with np.load(path) as z:
+        return {str(r): (z["index"], z[f"inter_{j}"], z[f"union_{j}"], z[f"target_{j}"])
+                for j, r in enumerate(z["runs"])}
+

@@ -1,0 +1,135 @@
+"""Two CPU (gloo) processes under torchrun against one process: same weights, same metrics.
+
+The model is made batch-independent with ``train.freeze_bn=true`` (BatchNorm in eval mode, running
+statistics fixed) and ``model.dropout=0``: then 2 processes with per-process batch B must end with the
+weights of 1 process that runs the same two micro-batches of B separately through forward/backward and
+averages their gradients (DistributedDataParallel averages over processes)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from engine.cli import main
+from engine.evaluator import run_test
+from engine.trainer import Trainer
+from utils.checkpoint import load_checkpoint
+from utils.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ("device=cpu", "train.freeze_bn=true", "model.dropout=0.0", "train.epochs=1", "train.eval_freq=0",
+          "train.batch_size=4", "test.batch_size=2", "test.save_images=false", "train.lr=0.05")
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+from engine.evaluator import run_test
+from engine.trainer import Trainer
+from utils import dist
+from utils.config import load_config
+from utils.logger import setup_logger
+cfg = load_config(sys.argv[1], sys.argv[2:])
+setup_logger(cfg.exp_dir, "train", main_process=dist.rank() == 0)
+Trainer(cfg).fit()
+run_test(cfg)
+dist.cleanup()
+"""
+
+
+def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_two_gloo_processes_match_one_process_accumulating(tiny_config, tmp_path):
+    path = tiny_config()
+    exp = tmp_path / "ddp"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT))
+    cfg = load_config(path, [*COMMON, f"exp_dir={tmp_path / 'ref'}"])
+    ref = Trainer(cfg)  # also writes the synthetic data before the two processes read it
+    r = torchrun(2, str(driver), path, *COMMON, f"exp_dir={exp}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+
+    # reference: rank r's i-th batch is perm[r::2][2i:2i+2] (DistributedSampler order for epoch 0)
+    g = torch.Generator()
+    g.manual_seed(cfg.seed)
+    perm = torch.randperm(len(ref.train_set), generator=g).tolist()
+    ref.train_set.set_epoch(0)
+    model = ref.model
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    for i in range(ref.iters_per_epoch):
+        ref.optimizer.zero_grad(set_to_none=True)
+        for rank in range(2):
+            batch = default_collate([ref.train_set[j] for j in perm[rank::2][2 * i:2 * i + 2]])
+            loss, _ = ref.defense.loss(model, batch)
+            (loss / 2).backward()
+        ref.optimizer.step()
+        ref.scheduler.step()
+    ddp = load_checkpoint(str(exp / "model" / "last.pth"))
+    assert ddp["iteration"] == ref.iters_per_epoch == 4
+    own = model.state_dict()
+    for k, v in ddp["model"].items():
+        assert torch.allclose(v.float(), own[k].float(), atol=1e-5, rtol=0), k
+    moved = max(float((own[k] - init[k]).abs().max()) for k in init if init[k].is_floating_point())
+    assert moved > 1e-3  # training did move the weights (the comparison is not trivially true)
+
+    # a 1-process evaluation of the same checkpoint gives the 2-process metrics; one image per
+    # process batch in both (float kernels may round differently at other batch sizes)
+    ckpt = str(exp / "model" / "last.pth")
+    one = tmp_path / "one"
+    assert main("test", run_test, ["--config", path, *COMMON, f"exp_dir={one}", f"test.checkpoint={ckpt}",
+                                   "test.batch_size=1"]) == 0
+    a = json.loads((exp / "result" / "metrics.json").read_text())
+    b = json.loads((one / "result" / "metrics.json").read_text())
+    assert a["num_images"] == b["num_images"] == 6
+    for run in ("clean", "pgd@8"):
+        ma = a["clean"] if run == "clean" else a["attacks"][run]
+        mb = b["clean"] if run == "clean" else b["attacks"][run]
+        for key in ("mIoU", "mAcc", "aAcc", "iou_per_class", "acc_per_class"):
+            assert ma[key] == mb[key], (run, key)
+    assert a["attacks"]["pgd@8"]["forward_passes"] == b["attacks"]["pgd@8"]["forward_passes"]
+
+
+def test_batch_not_divisible_by_world_size_is_one_line_error(tiny_config, tmp_path):
+    r = torchrun(3, "train.py", "--config", tiny_config(), "device=cpu", f"exp_dir={tmp_path / 'x'}")
+    assert r.returncode != 0
+    errors = sorted(set(ln for ln in r.stderr.splitlines() if ln.startswith("error:")))
+    assert errors == ["error: train.batch_size=4 is not divisible by the number of processes (3)"]
+    assert not (tmp_path / "x" / "model").exists()
+
+
+def test_several_processes_without_gpu_need_device_cpu(monkeypatch):
+    from utils import dist
+    from utils.errors import SetupError
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SetupError, match="set device=cpu"):
+        dist.select_device("auto")
+    assert dist.select_device("cpu").type == "cpu"
+
+
+def test_legacy_local_rank_argument_is_accepted(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"})
+    seen = {}
+    assert main("train", lambda cfg: seen.update(rank=os.environ.get("LOCAL_RANK")),
+                ["--local-rank=0", "--config", tiny_config(), f"exp_dir={tmp_path / 'x'}"]) == 0
+    assert seen["rank"] == "0"

@@ -1,0 +1,74 @@
+"""Checks a launch before any process starts; prints the experiment folder on success.
+
+``python tools/preflight.py train|test CONFIG NPROC NNODES [section.key=value ...]``
+
+One-line error and exit code 2 when: the config is invalid, more processes per node than
+visible GPUs are asked for (or several processes on a node without GPUs, unless ``device=cpu``),
+a global batch size does not divide by the number of processes, or ``train.resume`` names a file
+that does not exist. Used by tools/launch.sh.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.config import load_config  # noqa: E402
+from utils.errors import SetupError  # noqa: E402
+
+
+def visible_gpus() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check(kind: str, config: str, nproc: int, nnodes: int, overrides: Sequence[str]) -> str:
+    """Validate the launch; returns exp_dir. Raises SetupError with a one-line message."""
+    if kind not in ("train", "test"):
+        raise SetupError(f"launch kind must be train or test, got '{kind}'")
+    if nproc < 1 or nnodes < 1:
+        raise SetupError(f"NGPU ({nproc}) and NNODES ({nnodes}) must be at least 1")
+    cfg = load_config(config, overrides)
+    if cfg.device != "cpu":
+        gpus = visible_gpus()
+        if gpus == 0 and (cfg.device == "cuda" or nproc > 1):
+            raise SetupError(f"NGPU={nproc} but no GPU is visible; add device=cpu to run {nproc} CPU process(es)"
+                             if cfg.device == "auto" else "device=cuda but no GPU is visible")
+        if gpus and nproc > gpus:
+            raise SetupError(f"NGPU={nproc} but only {gpus} GPU(s) are visible"
+                             + (f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})"
+                                if "CUDA_VISIBLE_DEVICES" in os.environ else ""))
+    world = nproc * nnodes
+    batches: List[str] = ["train.batch_size"] + (["train.val_batch_size"] if cfg.train.eval_freq else []) \
+        if kind == "train" else ["test.batch_size"]
+    for key in batches:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if value % world:
+            raise SetupError(f"{key}={value} is not divisible by the number of processes "
+                             f"({nproc} per node x {nnodes} node(s) = {world})")
+    resume = cfg.train.resume
+    if kind == "train" and resume not in (None, "", False, "auto") and not os.path.isfile(resume):
+        raise SetupError(f"train.resume: checkpoint not found: {resume}")
+    return cfg.exp_dir
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) < 4:
+        print("usage: python tools/preflight.py train|test CONFIG NPROC NNODES [overrides]", file=sys.stderr)
+        return 2
+    try:
+        print(check(argv[0], argv[1], int(argv[2]), int(argv[3]), argv[4:]))
+        return 0
+    except ValueError:
+        print(f"error: NGPU and NNODES must be integers, got '{argv[2]}' and '{argv[3]}'", file=sys.stderr)
+        return 2
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -23,7 +23,7 @@ from .registry import register_dataset
 from .transforms import build_transform
 
 SPLIT_OFFSET = {"train": 0, "val": 1}
-VERSION = 2  # bump when rendering changes, so stale data on disk is refused
+VERSION = 3  # bump when rendering changes, so stale data on disk is refused
 
 
 def _shape_polygon(cls: int, r: float, angle: float) -> list:
@@ -39,6 +39,18 @@ def _shape_polygon(cls: int, r: float, angle: float) -> list:
         scale = 1.0
     c, s = np.cos(angle), np.sin(angle)
     return [(scale * r * (x * c - y * s), scale * r * (x * s + y * c)) for x, y in pts]
+
+
+def _fill_pattern(cls: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Class-specific fill in [0,1] (solid, stripes, checker): shape and fill both tell the class,
+    the colours never do. Stripe periods (6 px) differ from the background textures' (10-40 px)."""
+    if cls == 2:
+        return (np.floor(dy / 3) % 2).astype(np.float32)                       # horizontal stripes
+    if cls == 3:
+        return ((np.floor(dx / 3) + np.floor(dy / 3)) % 2).astype(np.float32)  # checker
+    if cls == 5:
+        return (np.floor(dx / 3) % 2).astype(np.float32)                       # vertical stripes
+    return np.zeros_like(dx)                                                   # disc, ring: solid
 
 
 def render(rng: np.random.Generator, size: int) -> tuple:
@@ -73,7 +85,9 @@ def render(rng: np.random.Generator, size: int) -> tuple:
         colour = rng.uniform(0, 1, 3)
         while np.abs(colour - img[mask > 0].mean(0) if mask.any() else 1).max() < 0.3:
             colour = rng.uniform(0, 1, 3)
-        img[mask > 0] = colour
+        fill = _fill_pattern(cls, xx - cx, yy - cy)[..., None]  # per-class fill, in random colours
+        other = np.clip(colour + rng.choice([-1, 1]) * rng.uniform(0.25, 0.45), 0, 1)
+        img[mask > 0] = (colour * (1 - fill) + other * fill)[mask > 0]
         lbl[mask > 0] = cls
     img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
     kernel = np.ones((3, 3), np.uint8)

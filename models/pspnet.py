@@ -61,9 +61,8 @@ class PSPNet(Segmentor):
 
 
 def norm_stats(m):
-    """(mean, std) for the model's input normalisation from the model config; (None, None) when
-    ``model.normalize`` is false or mean/std are null."""
-    return (m.mean, m.std) if m.get("normalize", True) else (None, None)
+    """(mean, std) for the model's input normalisation from the model config; null = none (PIR-AT)."""
+    return m.mean, m.std
 
 
 @register_model("pspnet")

@@ -251,7 +251,7 @@ def test_config_fragments_build(fragment, tmp_path):
 
 def test_unknown_convnext_variant_is_a_setup_error(tmp_path):
     exp = tmp_path / "exp.yaml"
-    exp.write_text("model:\n  name: upernet_convnext\n  backbone: convnext_b\n  normalize: false\n")
+    exp.write_text("model:\n  name: upernet_convnext\n  backbone: convnext_b\n")
     with pytest.raises(SetupError, match="model.backbone"):
         build_model(load_config(str(exp)))
 

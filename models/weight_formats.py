@@ -39,10 +39,9 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from utils.errors import SetupError
 from utils.registry import Registry
 
-from .weights import _fmt, extract_state_dict, key_report, load_strict, register_converter, safe_load
+from .weights import extract_state_dict, load_best_match, register_converter, safe_load
 
 State = Dict[str, torch.Tensor]
 BACKBONE_FORMATS = Registry("backbone weight format")
@@ -188,21 +187,5 @@ def load_backbone_weights(backbone: nn.Module, path: str, fmt: str = "auto",
     raw = _strip_wrappers(extract_state_dict(safe_load(path) if state is None else state))
     raw = rename(raw, [], drop=CLASSIFIER_KEYS + NORMALIZER_KEYS)
     names = BACKBONE_FORMATS.names() if fmt == "auto" else [fmt]
-    best = None
-    for name in names:
-        try:
-            converted = BACKBONE_FORMATS.get(name)(raw, backbone)
-        except (KeyError, ValueError, TypeError):
-            continue
-        report = key_report(backbone, converted)
-        if not any(report):
-            backbone.load_state_dict(converted, strict=True)
-            return name
-        score = sum(len(r) for r in report)
-        if best is None or score < best[0]:
-            best = (score, name, converted)
-    if best is None:
-        raise SetupError(f"{path}: no backbone weight format ({', '.join(names)}) applies to it; "
-                         f"first keys: {_fmt(sorted(raw), 6)}")
-    load_strict(backbone, best[2], f"{path} (as backbone format '{best[1]}')")
-    return best[1]
+    return load_best_match(backbone, raw, [(n, BACKBONE_FORMATS.get(n)) for n in names], path,
+                           "backbone weight format")

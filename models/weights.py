@@ -72,6 +72,30 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
     module.load_state_dict(state, strict=True)
 
 
+def load_best_match(module: nn.Module, raw: Mapping[str, torch.Tensor], candidates: List[Tuple[str, Callable]],
+                    path: str, what: str = "weight format") -> str:
+    """Convert `raw` with each (name, converter) in turn and load the first exact match strictly;
+    if none matches, raise SetupError with the key lists of the closest one. Returns its name."""
+    best = None
+    for name, conv in candidates:
+        try:
+            converted = conv(raw, module)
+        except (KeyError, ValueError, TypeError):
+            continue
+        report = key_report(module, converted)
+        if not any(report):
+            module.load_state_dict(converted, strict=True)
+            return name
+        score = sum(len(r) for r in report)
+        if best is None or score < best[0]:
+            best = (score, name, converted)
+    if best is None:
+        raise SetupError(f"{path}: no {what} ({', '.join(n for n, _ in candidates)}) applies to it; "
+                         f"first keys: {_fmt(sorted(raw), 6)}")
+    load_strict(module, best[2], f"{path} (as {what} '{best[1]}')")  # raises with the key lists
+    return best[1]
+
+
 def load_model_weights(model: nn.Module, path: str, fmt: str = "auto",
                        state: Optional[Mapping[str, torch.Tensor]] = None) -> str:
     """Load a whole-model checkpoint strictly; returns the format that matched.
@@ -87,20 +111,4 @@ def load_model_weights(model: nn.Module, path: str, fmt: str = "auto",
         candidates += [(n, CONVERTERS.get(n)) for n in CONVERTERS.names()]
     elif fmt != "ours":
         candidates.append((fmt, CONVERTERS.get(fmt)))
-    best = None
-    for name, conv in candidates:
-        try:
-            converted = conv(raw, model)
-        except (KeyError, ValueError, TypeError):
-            continue
-        report = key_report(model, converted)
-        if not any(report):
-            model.load_state_dict(converted, strict=True)
-            return name
-        score = sum(len(r) for r in report)
-        if best is None or score < best[0]:
-            best = (score, name, converted)
-    if best is None:
-        raise SetupError(f"{path}: no weight format ({', '.join(n for n, _ in candidates)}) applies to it")
-    load_strict(model, best[2], f"{path} (as format '{best[1]}')")  # raises with the key lists
-    return best[1]
+    return load_best_match(model, raw, candidates, path)

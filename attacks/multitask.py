@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from utils.errors import SetupError
 
-from .base import PassCounter, counted, input_grad, project
+from .base import PassCounter
+from .pgd import sign_steps
 from .registry import register_attack
 
 MASK_SUFFIX = "_mask"
@@ -68,20 +69,6 @@ def multitask(forward: Callable, x: torch.Tensor, y: Dict[str, torch.Tensor], *,
     for t, name in (task_losses or {}).items():
         if name not in TASK_LOSSES:
             raise SetupError(f"multitask attack: unknown task loss '{name}' for '{t}'; valid: {', '.join(TASK_LOSSES)}")
-    fwd = counted(forward, counter)
-    x = x.detach()
-    x_adv = x.clone()
-    if random_start:
-        x_adv = project(x_adv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
-    m = torch.zeros_like(x) if decay is not None else None
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        g = input_grad(multitask_loss(fwd(x_adv), y, tasks, task_losses, ignore_index), x_adv, counter)
-        if m is not None:
-            if normalize_grad:
-                g = g / g.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
-            m = decay * m + g
-            g = m
-        with torch.no_grad():
-            x_adv = project(x_adv.detach() + alpha * g.sign(), x, eps)
-    return x_adv.detach()
+    return sign_steps(forward, x, lambda out, t: multitask_loss(out, y, tasks, task_losses, ignore_index),
+                      eps=eps, alpha=alpha, steps=steps, random_start=random_start, decay=decay,
+                      normalize_grad=normalize_grad, counter=counter)

@@ -13,16 +13,15 @@ from .losses import get_loss, image_loss
 from .registry import register_attack
 
 
-def sign_attack(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
-                loss: str = "ce", random_start: bool = True, decay: Optional[float] = None,
-                normalize_grad: bool = True, ignore_index: int = 255, class_weights=None,
-                counter: Optional[PassCounter] = None) -> torch.Tensor:
-    """Iterated signed-gradient ascent on ``loss`` inside the eps ball and [0,1].
+def sign_steps(forward: Callable, x: torch.Tensor, objective: Callable[[object, int], torch.Tensor], *,
+               eps: float, alpha: float, steps: int, random_start: bool = True, decay: Optional[float] = None,
+               normalize_grad: bool = True, counter: Optional[PassCounter] = None) -> torch.Tensor:
+    """The loop every sign attack shares: ascend ``objective(outputs, t)`` (a scalar) inside the eps
+    ball and [0,1], gradients w.r.t. the input only.
 
     With ``decay`` set, steps follow sign(m_t), m_t = decay*m_{t-1} + g_t (g_t divided by its per-image
     L1 norm when ``normalize_grad``): MI-FGSM with decay 1.0, MTRobust's variant with 0.5 and no norm.
     """
-    loss_fn = get_loss(loss)
     fwd = counted(forward, counter)
     x = x.detach()
     x_adv = x.clone()
@@ -31,8 +30,7 @@ def sign_attack(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: flo
     m = torch.zeros_like(x) if decay is not None else None
     for t in range(steps):
         x_adv.requires_grad_(True)
-        per_pixel = loss_fn(fwd(x_adv), y, ignore_index=ignore_index, weights=class_weights, step=t, steps=steps)
-        g = input_grad(image_loss(per_pixel).sum(), x_adv, counter)
+        g = input_grad(objective(fwd(x_adv), t), x_adv, counter)
         if m is not None:
             if normalize_grad:
                 g = g / g.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
@@ -41,6 +39,20 @@ def sign_attack(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: flo
         with torch.no_grad():
             x_adv = project(x_adv.detach() + alpha * g.sign(), x, eps)
     return x_adv.detach()
+
+
+def sign_attack(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+                loss: str = "ce", random_start: bool = True, decay: Optional[float] = None,
+                normalize_grad: bool = True, ignore_index: int = 255, class_weights=None,
+                counter: Optional[PassCounter] = None) -> torch.Tensor:
+    """`sign_steps` on the per-image mean of the per-pixel ``loss``, summed over the batch."""
+    loss_fn = get_loss(loss)
+
+    def objective(logits: torch.Tensor, t: int) -> torch.Tensor:
+        per_pixel = loss_fn(logits, y, ignore_index=ignore_index, weights=class_weights, step=t, steps=steps)
+        return image_loss(per_pixel).sum()
+    return sign_steps(forward, x, objective, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
+                      decay=decay, normalize_grad=normalize_grad, counter=counter)
 
 
 @register_attack("pgd")

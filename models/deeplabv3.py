@@ -7,15 +7,15 @@ ASPP with five 256-channel branches (1x1; 3x3 at dilation 6/12/18; image pooling
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .backbones.resnet import ResNet
-from .pspnet import conv_head, norm_stats
+from .pspnet import ContextSegmentor, conv_head, norm_stats
 from .registry import register_model
-from .segmentor import Segmentor, upsample
+from .segmentor import upsample
 
 
 class ASPP(nn.Module):
@@ -36,7 +36,7 @@ class ASPP(nn.Module):
         return torch.cat(res, 1)
 
 
-class DeepLabV3(Segmentor):
+class DeepLabV3(ContextSegmentor):
     def __init__(self, classes: int, layers: int = 50, rates: Sequence[int] = (6, 12, 18), dropout: float = 0.1,
                  aux: bool = True, deep_base: bool = True, output_stride: int = 8, width: float = 1.0,
                  mean=None, std=None):
@@ -47,21 +47,10 @@ class DeepLabV3(Segmentor):
         self.cls = conv_head(mid * (len(rates) + 2), mid, classes, dropout, kernel=1)
         self.aux = conv_head(self.backbone.channels[2], mid, classes, dropout, kernel=1) if aux else None
 
-    def make_head(self, classes: int) -> nn.Sequential:
-        """A fresh main head with `classes` outputs (DDC-AT adds more heads of this shape)."""
-        return conv_head(self.cls[0].in_channels, self.cls[0].out_channels, classes, self.cls[3].p, kernel=1)
-
     def features(self, x: torch.Tensor):
         """(layer3 output for the aux head, ASPP feature for the main head)."""
         c3, c4 = self.backbone(x)[2:]
         return c3, self.aspp(c4)
-
-    def forward_features(self, x: torch.Tensor, size: Sequence[int]) -> Dict[str, torch.Tensor]:
-        c3, ctx = self.features(x)
-        out = {"out": upsample(self.cls(ctx), size)}
-        if self.aux is not None and self.training:
-            out["aux"] = upsample(self.aux(c3), size)
-        return out
 
 
 @register_model("deeplabv3")

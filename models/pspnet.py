@@ -31,7 +31,28 @@ def conv_head(cin: int, mid: int, classes: int, dropout: float, kernel: int = 3)
                          nn.ReLU(inplace=True), nn.Dropout2d(dropout), nn.Conv2d(mid, classes, 1))
 
 
-class PSPNet(Segmentor):
+class ContextSegmentor(Segmentor):
+    """Backbone -> context module -> main head (+ layer3 aux head): the shape PSPNet and DeepLabv3
+    share. Subclasses build `backbone`, `cls`, `aux` and implement ``features``."""
+
+    def make_head(self, classes: int) -> nn.Sequential:
+        """A fresh main head with `classes` outputs (DDC-AT adds more heads of this shape)."""
+        conv = self.cls[0]
+        return conv_head(conv.in_channels, conv.out_channels, classes, self.cls[3].p, kernel=conv.kernel_size[0])
+
+    def features(self, x: torch.Tensor):
+        """(layer3 output for the aux head, context feature for the main head)."""
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor, size: Sequence[int]) -> Dict[str, torch.Tensor]:
+        c3, ctx = self.features(x)
+        out = {"out": upsample(self.cls(ctx), size)}
+        if self.aux is not None and self.training:
+            out["aux"] = upsample(self.aux(c3), size)
+        return out
+
+
+class PSPNet(ContextSegmentor):
     def __init__(self, classes: int, layers: int = 50, bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
                  aux: bool = True, deep_base: bool = True, output_stride: int = 8, width: float = 1.0,
                  mean=None, std=None):
@@ -43,21 +64,10 @@ class PSPNet(Segmentor):
         self.cls = conv_head(fea * 2, mid, classes, dropout)
         self.aux = conv_head(self.backbone.channels[2], max(1, int(round(256 * width))), classes, dropout) if aux else None
 
-    def make_head(self, classes: int) -> nn.Sequential:
-        """A fresh main head with `classes` outputs (DDC-AT adds more heads of this shape)."""
-        return conv_head(self.cls[0].in_channels, self.cls[0].out_channels, classes, self.cls[3].p)
-
     def features(self, x: torch.Tensor):
         """(layer3 output for the aux head, context feature for the main head)."""
         c3, c4 = self.backbone(x)[2:]
         return c3, self.ppm(c4)
-
-    def forward_features(self, x: torch.Tensor, size: Sequence[int]) -> Dict[str, torch.Tensor]:
-        c3, ctx = self.features(x)
-        out = {"out": upsample(self.cls(ctx), size)}
-        if self.aux is not None and self.training:
-            out["aux"] = upsample(self.aux(c3), size)
-        return out
 
 
 def norm_stats(m):

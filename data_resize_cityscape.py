@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from data_resize_common import Job, main_guard, parse_size, run, walk
+from data_resize_common import Job, check_args, main_guard, parse_size, run, walk
 
 LABEL_ENDINGS = ("labelIds.png", "TrainIds.png", "trainIds.png", "instanceIds.png", "_color.png")
 
@@ -38,12 +38,7 @@ def main() -> int:
     g.add_argument("--factor", type=float, help="divide both sides by this factor, e.g. 3")
     ap.add_argument("--workers", type=int, default=4)
     a = ap.parse_args()
-    if not os.path.isdir(a.src):
-        raise ValueError(f"--src {a.src} is not a folder")
-    if os.path.abspath(a.src) == os.path.abspath(a.dst):
-        raise ValueError("--dst must differ from --src")
-    if a.factor is not None and a.factor <= 0:
-        raise ValueError(f"--factor must be positive, got {a.factor}")
+    check_args(a)
     size = parse_size(a.size) if a.size else None
     files = walk(a.src)
     if not any(f.endswith(".png") for f in files):

@@ -116,6 +116,16 @@ def walk(src: str) -> List[str]:
     return out
 
 
+def check_args(a) -> None:
+    """The checks both resize tools make on --src, --dst and --factor (ValueError, one line)."""
+    if not os.path.isdir(a.src):
+        raise ValueError(f"--src {a.src} is not a folder")
+    if os.path.abspath(a.src) == os.path.abspath(a.dst):
+        raise ValueError("--dst must differ from --src")
+    if a.factor is not None and a.factor <= 0:
+        raise ValueError(f"--factor must be positive, got {a.factor}")
+
+
 def parse_size(text: str) -> Tuple[int, int]:
     """'682x341' -> (682, 341); '256' -> (256, 256)."""
     parts = text.lower().split("x")

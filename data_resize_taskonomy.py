@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from data_resize_common import Job, main_guard, parse_size, run, walk
+from data_resize_common import Job, check_args, main_guard, parse_size, run, walk
 
 SEG = ("segmentsemantic", "segment_semantic")
 DEPTH = ("depth_zbuffer", "depth_euclidean")
@@ -48,12 +48,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--rename-segment", action="store_true", help="segment_semantic -> segmentsemantic")
     a = ap.parse_args()
-    if not os.path.isdir(a.src):
-        raise ValueError(f"--src {a.src} is not a folder")
-    if os.path.abspath(a.src) == os.path.abspath(a.dst):
-        raise ValueError("--dst must differ from --src")
-    if a.factor is not None and a.factor <= 0:
-        raise ValueError(f"--factor must be positive, got {a.factor}")
+    check_args(a)
     size = None if a.factor else parse_size(a.size or "256")
     files = walk(a.src)
     if not any(kind_of(f) != "copy" for f in files):

@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import PassCounter, counted, input_grad, project
+from .base import ImageSeeds, PassCounter, counted, input_grad, project, uniform_noise
 from .losses import get_loss, image_loss
 from .registry import register_attack
 
@@ -131,8 +131,8 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
 
 def apgd_run(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
              loss: str = "ce", prr: bool = False, random_start: bool = True, early_stop: bool = False,
-             class_weights=None, ignore_index: int = 255,
-             counter: Optional[PassCounter] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             class_weights=None, ignore_index: int = 255, counter: Optional[PassCounter] = None,
+             rng: Optional[ImageSeeds] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """APGD (with PRR when ``prr``); returns (x_adv, per-image pixel accuracy of x_adv over valid pixels)."""
     loss_fn = get_loss(loss)
     fwd = counted(forward, counter)
@@ -144,7 +144,7 @@ def apgd_run(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     x_adv, acc = None, None
     for n_s, eps_s in prr_schedule(steps, eps, prr):
         if x_adv is None:
-            x_adv = (x + eps_s * (2 * torch.rand_like(x) - 1)).clamp(0, 1) if random_start else x.clone()
+            x_adv = (x + uniform_noise(x, eps_s, rng)).clamp(0, 1) if random_start else x.clone()
         else:  # chain: project the previous stage's point onto the smaller ball
             x_adv = project(x_adv, x, eps_s)
         # SegPGD's lambda restarts in each stage (step/steps within the stage), as in the reference.
@@ -155,7 +155,8 @@ def apgd_run(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float,
 @register_attack("apgd")
 def apgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100, loss: str = "ce",
          prr: bool = False, random_start: bool = True, early_stop: bool = False, class_weights=None,
-         ignore_index: int = 255, counter: Optional[PassCounter] = None) -> torch.Tensor:
+         ignore_index: int = 255, counter: Optional[PassCounter] = None,
+         rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """APGD for segmentation (sea.md §1.3); ``prr`` adds progressive radius reduction (§1.4).
 
     SEA's members: ``steps=300, prr=True, random_start=True, early_stop=True`` with loss
@@ -164,4 +165,4 @@ def apgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, ste
     """
     return apgd_run(forward, x, y, eps=eps, steps=steps, loss=loss, prr=prr, random_start=random_start,
                     early_stop=early_stop, class_weights=class_weights, ignore_index=ignore_index,
-                    counter=counter)[0]
+                    counter=counter, rng=rng)[0]

@@ -1,15 +1,20 @@
 """What every attack shares: pass counting, the eps-ball projection, the frozen-model context.
 
-An attack is a plain function ``fn(forward, x, y, *, eps, ..., counter=None) -> x_adv`` on a batch:
-`forward` maps images in [0,1] to logits [B,C,H,W]; eps and step sizes are in [0,1] units there.
+An attack is a plain function ``fn(forward, x, y, *, eps, ..., counter=None, rng=None) -> x_adv`` on a
+batch: `forward` maps images in [0,1] to logits [B,C,H,W]; eps and step sizes are in [0,1] units there.
 ``build_attack`` wraps it in an :class:`Attack` that takes config units (1/255) and keeps counts.
+
+Random draws (random starts) come from :class:`ImageSeeds`: one generator per image, seeded by
+(seed, attack label, image key, restart), so an attacked result never depends on the batch size,
+the grouping of images, the number of processes or a resume.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,7 @@ from utils.registry import closest
 from .losses import get_loss
 
 PIXEL_OPTIONS = ("eps", "alpha")  # given in 1/255 in configs
+RUNTIME_ARGS = ("forward", "x", "y", "counter", "rng")  # passed by the caller, never config options
 
 
 @dataclass
@@ -46,6 +52,42 @@ def input_grad(loss: torch.Tensor, x: torch.Tensor, counter: Optional[PassCounte
     if counter is not None:
         counter.backward += x.shape[0]
     return torch.autograd.grad(loss, x)[0]
+
+
+@dataclass(frozen=True)
+class ImageSeeds:
+    """Per-image random streams for one attack call: row b of the batch draws from a generator
+    seeded by (seed, label, keys[b], restart). A key is the image index, or (index, window) when
+    the rows are sliding windows of one image."""
+    seed: int
+    label: str
+    keys: Tuple[Tuple[int, ...], ...]
+
+    def generator(self, row: int, restart: int = 0) -> torch.Generator:
+        blob = f"{self.seed}|{self.label}|{'/'.join(map(str, self.keys[row]))}|{restart}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1)
+
+    def uniform(self, like: torch.Tensor, bound: float, restart: int = 0) -> torch.Tensor:
+        """U(-bound, bound) noise shaped like `like`; drawn in float32 on the CPU (identical on every
+        device), one image at a time (once per attack, not per iteration)."""
+        if len(self.keys) != like.shape[0]:
+            raise ValueError(f"{len(self.keys)} seed keys for a batch of {like.shape[0]}")
+        rows = [torch.rand(like.shape[1:], generator=self.generator(b, restart)) for b in range(like.shape[0])]
+        return ((2 * torch.stack(rows) - 1) * bound).to(like.device, like.dtype)
+
+
+def image_seeds(seed: int, label: str, keys: Sequence) -> ImageSeeds:
+    """ImageSeeds from image indices (ints) or key tuples."""
+    return ImageSeeds(int(seed), str(label), tuple(tuple(int(v) for v in k) if isinstance(k, (tuple, list))
+                                                   else (int(k),) for k in keys))
+
+
+def uniform_noise(like: torch.Tensor, bound: float, rng: Optional[ImageSeeds], restart: int = 0) -> torch.Tensor:
+    """U(-bound, bound) noise: from the per-image seeds, or torch's global generator when none are given
+    (direct calls in tests; the evaluator and the training methods always pass seeds)."""
+    if rng is not None:
+        return rng.uniform(like, bound, restart)
+    return (2 * torch.rand(like.shape, generator=None, device=like.device, dtype=like.dtype) - 1) * bound
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,9 +122,9 @@ class Attack:
     Options come in config units: ``eps`` and ``alpha`` in 1/255 (converted here).
     """
 
-    def __init__(self, name: str, fn: Callable, **options):
+    def __init__(self, name: str, fn: Callable, *, seed: int = 0, label: Optional[str] = None, **options):
         params = inspect.signature(fn).parameters
-        valid = [k for k in params if k not in ("forward", "x", "y", "counter")]
+        valid = [k for k in params if k not in RUNTIME_ARGS]
         for k in options:
             if k not in valid:
                 raise SetupError(f"attack '{name}' has no option '{k}'{closest(k, valid)}; valid: {', '.join(valid)}")
@@ -96,18 +138,27 @@ class Attack:
         if "loss" in options:
             get_loss(options["loss"])  # validates the name, listing the valid ones
         missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty
-                   and k not in ("forward", "x", "y") and k not in options]
+                   and k not in RUNTIME_ARGS and k not in options]
         if missing:
             raise SetupError(f"attack '{name}' needs option(s) {', '.join(missing)}")
         check = getattr(fn, "check_options", None)
         if check is not None:  # attack-specific validation at build time
             check(name, dict(options))
         self.name, self.fn, self.options = name, fn, dict(options)
+        self.seed, self.label = seed, label or name
         self.kwargs = {k: (v / 255.0 if k in PIXEL_OPTIONS and v is not None else v) for k, v in options.items()}
         self.counter = PassCounter()
+        self.takes_rng = "rng" in params
 
-    def __call__(self, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.fn(forward, x, y, counter=self.counter, **self.kwargs)
+    @property
+    def multitask(self) -> bool:
+        """True for attacks on multitask outputs: forward returns {task: output}, y is {task: target}."""
+        return bool(getattr(self.fn, "multitask", False))
+
+    def __call__(self, forward: Callable, x: torch.Tensor, y, keys: Optional[Sequence] = None) -> torch.Tensor:
+        """x_adv for the batch; `keys` (one image index or key tuple per row) seed its random draws."""
+        extra = {"rng": image_seeds(self.seed, self.label, keys)} if self.takes_rng and keys is not None else {}
+        return self.fn(forward, x, y, counter=self.counter, **self.kwargs, **extra)
 
     def __repr__(self) -> str:
         shown = {k: v for k, v in self.options.items() if not callable(v) and k != "class_weights"}

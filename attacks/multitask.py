@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from utils.errors import SetupError
 
-from .base import PassCounter
+from .base import ImageSeeds, PassCounter
 from .pgd import sign_steps
 from .registry import register_attack
 
@@ -61,7 +61,8 @@ def multitask_loss(outputs: Dict[str, torch.Tensor], y: Dict[str, torch.Tensor],
 def multitask(forward: Callable, x: torch.Tensor, y: Dict[str, torch.Tensor], *, eps: float, alpha: float,
               steps: int, tasks: Optional[Sequence[str]] = None, task_losses: Optional[Dict[str, str]] = None,
               random_start: bool = True, decay: Optional[float] = None, normalize_grad: bool = True,
-              ignore_index: int = 255, counter: Optional[PassCounter] = None) -> torch.Tensor:
+              ignore_index: int = 255, counter: Optional[PassCounter] = None,
+              rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """L-inf PGD (MIM with ``decay``; MTRobust: 0.5 and ``normalize_grad=False``) on a multitask loss."""
     if not isinstance(y, dict):
         raise SetupError("multitask attack: targets must be a dict {task: target}")
@@ -71,4 +72,7 @@ def multitask(forward: Callable, x: torch.Tensor, y: Dict[str, torch.Tensor], *,
             raise SetupError(f"multitask attack: unknown task loss '{name}' for '{t}'; valid: {', '.join(TASK_LOSSES)}")
     return sign_steps(forward, x, lambda out, t: multitask_loss(out, y, tasks, task_losses, ignore_index),
                       eps=eps, alpha=alpha, steps=steps, random_start=random_start, decay=decay,
-                      normalize_grad=normalize_grad, counter=counter)
+                      normalize_grad=normalize_grad, counter=counter, rng=rng)
+
+
+multitask.multitask = True  # forward returns {task: output} and y is {task: target} (see Attack.multitask)

@@ -8,14 +8,15 @@ from typing import Callable, Optional
 
 import torch
 
-from .base import PassCounter, counted, input_grad, project
+from .base import ImageSeeds, PassCounter, counted, input_grad, project, uniform_noise
 from .losses import get_loss, image_loss
 from .registry import register_attack
 
 
 def sign_steps(forward: Callable, x: torch.Tensor, objective: Callable[[object, int], torch.Tensor], *,
                eps: float, alpha: float, steps: int, random_start: bool = True, decay: Optional[float] = None,
-               normalize_grad: bool = True, counter: Optional[PassCounter] = None) -> torch.Tensor:
+               normalize_grad: bool = True, counter: Optional[PassCounter] = None,
+               rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """The loop every sign attack shares: ascend ``objective(outputs, t)`` (a scalar) inside the eps
     ball and [0,1], gradients w.r.t. the input only.
 
@@ -26,7 +27,7 @@ def sign_steps(forward: Callable, x: torch.Tensor, objective: Callable[[object, 
     x = x.detach()
     x_adv = x.clone()
     if random_start:
-        x_adv = project(x_adv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+        x_adv = project(x_adv + uniform_noise(x, eps, rng), x, eps)
     m = torch.zeros_like(x) if decay is not None else None
     for t in range(steps):
         x_adv.requires_grad_(True)
@@ -44,7 +45,7 @@ def sign_steps(forward: Callable, x: torch.Tensor, objective: Callable[[object, 
 def sign_attack(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
                 loss: str = "ce", random_start: bool = True, decay: Optional[float] = None,
                 normalize_grad: bool = True, ignore_index: int = 255, class_weights=None,
-                counter: Optional[PassCounter] = None) -> torch.Tensor:
+                counter: Optional[PassCounter] = None, rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """`sign_steps` on the per-image mean of the per-pixel ``loss``, summed over the batch."""
     loss_fn = get_loss(loss)
 
@@ -52,19 +53,19 @@ def sign_attack(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: flo
         per_pixel = loss_fn(logits, y, ignore_index=ignore_index, weights=class_weights, step=t, steps=steps)
         return image_loss(per_pixel).sum()
     return sign_steps(forward, x, objective, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-                      decay=decay, normalize_grad=normalize_grad, counter=counter)
+                      decay=decay, normalize_grad=normalize_grad, counter=counter, rng=rng)
 
 
 @register_attack("pgd")
 def pgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         random_start: bool = True, loss: str = "ce", ignore_index: int = 255, class_weights=None,
-        counter: Optional[PassCounter] = None) -> torch.Tensor:
+        counter: Optional[PassCounter] = None, rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """L-inf PGD maximising the per-pixel ``loss`` (default CE); BIM when ``random_start=False``.
 
     The DDC-AT test attack is BIM with eps 0.03, alpha 0.01, 2 steps (config units 7.65, 2.55).
     """
     return sign_attack(forward, x, y, eps=eps, alpha=alpha, steps=steps, loss=loss, random_start=random_start,
-                       ignore_index=ignore_index, class_weights=class_weights, counter=counter)
+                       ignore_index=ignore_index, class_weights=class_weights, counter=counter, rng=rng)
 
 
 @register_attack("fgsm")
@@ -78,28 +79,30 @@ def fgsm(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, ign
 @register_attack("segpgd")
 def segpgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
            random_start: bool = True, ignore_index: int = 255,
-           counter: Optional[PassCounter] = None) -> torch.Tensor:
+           counter: Optional[PassCounter] = None, rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """SegPGD: PGD on the SegPGD loss, lambda_t = t/(2T) with t = 0..T-1."""
     return sign_attack(forward, x, y, eps=eps, alpha=alpha, steps=steps, loss="segpgd", random_start=random_start,
-                       ignore_index=ignore_index, counter=counter)
+                       ignore_index=ignore_index, counter=counter, rng=rng)
 
 
 @register_attack("cospgd")
 def cospgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
            random_start: bool = True, ignore_index: int = 255,
-           counter: Optional[PassCounter] = None) -> torch.Tensor:
+           counter: Optional[PassCounter] = None, rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """CosPGD: PGD on CE scaled by the detached cosine(softmax, onehot)."""
     return sign_attack(forward, x, y, eps=eps, alpha=alpha, steps=steps, loss="cospgd", random_start=random_start,
-                       ignore_index=ignore_index, counter=counter)
+                       ignore_index=ignore_index, counter=counter, rng=rng)
 
 
 @register_attack("mim")
 def mim(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
         decay: float = 1.0, normalize_grad: bool = True, random_start: bool = False, loss: str = "ce",
-        ignore_index: int = 255, counter: Optional[PassCounter] = None) -> torch.Tensor:
+        ignore_index: int = 255, counter: Optional[PassCounter] = None,
+        rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """Momentum iterative attack. Defaults: MI-FGSM (decay 1, L1-normalised gradient, no random start).
 
     MTRobust's variant (mtl_fpd.md §A3.3): ``decay=0.5, normalize_grad=False``.
     """
     return sign_attack(forward, x, y, eps=eps, alpha=alpha, steps=steps, loss=loss, random_start=random_start,
-                       decay=decay, normalize_grad=normalize_grad, ignore_index=ignore_index, counter=counter)
+                       decay=decay, normalize_grad=normalize_grad, ignore_index=ignore_index, counter=counter,
+                       rng=rng)

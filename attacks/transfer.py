@@ -7,13 +7,14 @@ it in ``attack_mode`` and passes ``source_forward=<its forward>`` to ``build_att
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
 
 from utils.errors import SetupError
 
-from .base import Attack, PassCounter
+from .base import Attack, ImageSeeds, PassCounter
 from .registry import ATTACKS, register_attack
 
 
@@ -21,7 +22,7 @@ from .registry import ATTACKS, register_attack
 def transfer(forward: Callable, x: torch.Tensor, y, *, eps: float, source_forward: Callable, inner: str = "pgd",
              alpha: Optional[float] = None, steps: Optional[int] = None, inner_options: Optional[dict] = None,
              source_config: Optional[str] = None, source_checkpoint: Optional[str] = None,
-             counter: Optional[PassCounter] = None) -> torch.Tensor:
+             counter: Optional[PassCounter] = None, rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """``inner`` attack (e.g. pgd, apgd, mim) run on ``source_forward``; alpha/steps passed on when set.
 
     ``inner_options`` holds the inner attack's other options (no pixel units: eps/alpha go top-level).
@@ -34,7 +35,10 @@ def transfer(forward: Callable, x: torch.Tensor, y, *, eps: float, source_forwar
         opts["alpha"] = alpha
     if steps is not None:
         opts["steps"] = steps
-    return ATTACKS.get(inner)(source_forward, x, y, eps=eps, counter=counter, **opts)
+    fn = ATTACKS.get(inner)
+    if rng is not None and "rng" in inspect.signature(fn).parameters:
+        opts["rng"] = rng
+    return fn(source_forward, x, y, eps=eps, counter=counter, **opts)
 
 
 def _check_transfer(name: str, options: dict) -> None:

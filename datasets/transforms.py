@@ -123,12 +123,13 @@ def pirat_train(data_cfg) -> Callable:
 
 
 def semseg_eval(img: np.ndarray, lbl: np.ndarray, base_size: int) -> Sample:
-    """semseg test preprocessing: resize so the long side is `base_size` (bilinear image, nearest label)."""
+    """semseg test preprocessing: the image is resized (bilinear) so its long side is `base_size`; the
+    label stays at its original resolution, where the predictions are scored after resizing the
+    scores back (ddcat.md §5). Attack targets are the label resized to the image (nearest)."""
     h, w = lbl.shape
     s = base_size / max(h, w)
     size = (max(1, int(round(w * s))), max(1, int(round(h * s))))
-    return (cv2.resize(img, size, interpolation=cv2.INTER_LINEAR),
-            cv2.resize(lbl.astype(np.int32), size, interpolation=cv2.INTER_NEAREST))
+    return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR), lbl
 
 
 def sea_eval(img: np.ndarray, lbl: np.ndarray, crop: Sequence[int]) -> Sample:

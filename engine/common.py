@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import random
-from typing import Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from utils import dist
 from utils.errors import SetupError
@@ -36,12 +36,37 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, sampler: Optional[Sampler] = None,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, collate_fn: Optional[Callable] = None) -> DataLoader:
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
                       drop_last=drop_last, pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init,
-                      generator=g)
+                      generator=g, collate_fn=collate_fn)
+
+
+def _shapes(sample: dict) -> tuple:
+    """Every tensor shape of a sample (nested dicts included), the key images are grouped by."""
+    out = []
+    for k in sorted(sample):
+        v = sample[k]
+        if isinstance(v, torch.Tensor):
+            out.append((k, tuple(v.shape)))
+        elif isinstance(v, dict):
+            out.append((k, _shapes(v)))
+    return tuple(out)
+
+
+def group_collate(samples: List[dict]) -> List[dict]:
+    """Evaluation batches of images of different sizes: a list of sub-batches, each stacking the
+    samples whose image, label and target shapes all agree (in order of first appearance).
+
+    Nothing is padded, so no padding pixel is ever scored or attacked, and a model sees each
+    image as it would alone (batch-independent outputs in eval mode).
+    """
+    groups: dict = {}
+    for s in samples:
+        groups.setdefault(_shapes(s), []).append(s)
+    return [default_collate(g) for g in groups.values()]
 
 
 class ResumableSampler(DistributedSampler):

@@ -1,11 +1,17 @@
-"""Long evaluations that survive a kill, and evaluation of a folder of checkpoints.
+"""Where an evaluation writes, long evaluations that survive a kill, and folders of checkpoints.
 
-Per-image counts (intersection, union, target per class, for every run) are written as the
-evaluation goes, in small ``.npz`` chunks under ``<result>/per_image/``, named by the checkpoint
-and a hash of everything that determines the numbers (checkpoint file identity, data, model, test
-settings). A restarted evaluation loads them, skips the images already done, and pools old and new
-counts, so its metrics equal those of an uninterrupted run. When a run completes, the chunks are
-merged into one ``<checkpoint>-<hash>.all.npz`` holding every image's counts.
+An evaluation writes everything (prediction PNGs, example panels, per-image counts, metrics.json)
+into a staging folder ``<result>.partial`` next to its result folder; only when it has finished
+does the staging folder replace ``<result>`` (``publish``). A run that fails half-way therefore
+leaves the previous results untouched, and a result folder always holds one complete evaluation.
+
+Per-image counts (intersection, union, target per class, and regression error sums of multitask
+outputs, for every run) are written as the evaluation goes, in small ``.npz`` chunks under
+``<result>.partial/per_image/``, named by the checkpoint and a hash of everything that determines the
+numbers (checkpoint file identity, data, model, test settings). A restarted evaluation loads them,
+skips the images already done, and pools old and new counts, so its metrics equal those of an
+uninterrupted run. When a run completes, the chunks are merged into one
+``<checkpoint>-<hash>.all.npz`` holding every image's counts (in ``<result>/per_image/``).
 
 ``test.checkpoint`` may name a folder: each ``*.pth`` in it is evaluated in turn (newest first),
 with results in ``<result>/<checkpoint stem>/`` and a summary in ``<result>/checkpoints.json``.
@@ -17,6 +23,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -34,11 +41,51 @@ FLUSH_SECONDS = 10.0
 # the process right after the N-th batch's counts were written.
 FLUSH_ENV = "SEGROBUST_TEST_EVAL_FLUSH_SECONDS"
 KILL_AT_BATCH_ENV = "SEGROBUST_TEST_KILL_AT_EVAL_BATCH"
+FORMAT = 2  # per-image file layout; chunks of another layout are not resumed from
+STAGING_SUFFIX = ".partial"
+IDENTITY_FILE = "identity.txt"
 
 
 def result_dir(cfg) -> str:
-    """Where test.py writes: ``test.result_dir``, by default ``<exp_dir>/result``."""
+    """Where test.py's results end up: ``test.result_dir``, by default ``<exp_dir>/result``."""
     return cfg.test.result_dir or os.path.join(cfg.exp_dir, "result")
+
+
+def staging_dir(cfg) -> str:
+    """Where a running evaluation writes: ``<result>.partial``."""
+    return os.path.normpath(result_dir(cfg)) + STAGING_SUFFIX
+
+
+def prepare_staging(cfg, identity: str) -> str:
+    """Empty the staging folder unless it holds an interrupted run of this very evaluation (same
+    identity), whose per-image counts are then resumed. Main process; the others wait."""
+    folder = staging_dir(cfg)
+    if dist.is_main():
+        marker = os.path.join(folder, IDENTITY_FILE)
+        same = False
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                same = f.read().strip() == identity
+        if not same:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+            with open(marker, "w") as f:
+                f.write(identity + "\n")
+    dist.barrier()
+    return folder
+
+
+def publish(cfg) -> str:
+    """Replace ``<result>`` by the finished staging folder (main process); returns ``<result>``."""
+    final, staged = os.path.normpath(result_dir(cfg)), staging_dir(cfg)
+    os.remove(os.path.join(staged, IDENTITY_FILE))
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(staged, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def is_checkpoint_dir(cfg) -> bool:
@@ -81,12 +128,12 @@ def _identity(cfg, ckpt: str, n: int) -> str:
     test = {k: v for k, v in cfg.test.to_dict().items() if k not in ("checkpoint", "save_images", "result_dir")}
     data = {k: v for k, v in cfg.data.to_dict().items() if k != "workers"}
     blob = json.dumps({"checkpoint": os.path.abspath(ckpt), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                       "test": test, "data": data, "model": cfg.model.to_dict(), "seed": cfg.seed, "n": n},
-                      sort_keys=True, default=str)
+                       "test": test, "data": data, "model": cfg.model.to_dict(), "seed": cfg.seed, "n": n,
+                       "format": FORMAT}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
-Part = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Part = Dict[str, torch.Tensor]  # column name -> per-image rows ("index", "inter", ..., "reg_<task>")
 
 
 class EvalProgress:
@@ -94,13 +141,16 @@ class EvalProgress:
 
     ``todo``: this process's image indices still to evaluate. ``on_batch(stats)``: called by the
     evaluator after each batch (writes new counts every few seconds). ``finish(stats)``: writes
-    the rest, merges the saved counts into `stats` and consolidates the files.
+    the rest, merges the saved counts into `stats` and consolidates the files. `columns` maps each
+    per-image column to (dtype, shape of one row), the same for every run.
     """
 
-    def __init__(self, cfg, ckpt: str, n: int, attacks: Sequence[Tuple[str, object]] = ()):
-        self.folder = os.path.join(result_dir(cfg), "per_image")
-        self.prefix = f"{os.path.splitext(os.path.basename(ckpt))[0]}-{_identity(cfg, ckpt, n)}"
-        self.classes = cfg.data.classes
+    def __init__(self, cfg, ckpt: str, n: int, attacks: Sequence[Tuple[str, object]],
+                 columns: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
+        self.identity = _identity(cfg, ckpt, n)
+        self.folder = os.path.join(prepare_staging(cfg, self.identity), "per_image")
+        self.prefix = f"{os.path.splitext(os.path.basename(ckpt))[0]}-{self.identity}"
+        self.columns = dict(columns)
         self.attacks = list(attacks)
         self.runs = ["clean"] + [k for k, _ in self.attacks]
         self.flush_s = float(os.environ.get(FLUSH_ENV, FLUSH_SECONDS))
@@ -129,8 +179,9 @@ class EvalProgress:
                 idx = z["index"]
                 keep = np.array([i not in seen for i in idx.tolist()], dtype=bool)
                 for j, r in enumerate(self.runs):
-                    self.prior[r].append(tuple(torch.from_numpy(a[keep]) for a in
-                                               (idx, z[f"inter_{j}"], z[f"union_{j}"], z[f"target_{j}"])))
+                    part = {"index": torch.from_numpy(idx[keep])}
+                    part.update({c: torch.from_numpy(z[f"{c}_{j}"][keep]) for c in self.columns if c != "index"})
+                    self.prior[r].append(part)
                     self.prior_seconds[r] += float(z["seconds"][j])
                     self.prior_passes[r] = [a + int(b) for a, b in zip(self.prior_passes[r], z["passes"][j])]
                 seen.update(idx[keep].tolist())
@@ -140,13 +191,15 @@ class EvalProgress:
     def _write(self, path: str, parts: Dict[str, List[Part]], seconds: Dict[str, float],
                passes: Dict[str, Sequence[int]]) -> None:
         arrays = {"runs": np.array(self.runs)}
-        cat = {r: [torch.cat([p[i] for p in parts[r]]).numpy() if parts[r] else
-                   np.zeros((0,) if i == 0 else (0, self.classes), np.int64) for i in range(4)] for r in self.runs}
-        arrays["index"] = cat["clean"][0]
         for j, r in enumerate(self.runs):
-            if not np.array_equal(cat[r][0], arrays["index"]):
+            cat = {c: torch.cat([p[c] for p in parts[r]]).numpy() if parts[r] else
+                   np.zeros((0,) + shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+                   for c, (dtype, shape) in self.columns.items()}
+            if j == 0:
+                arrays["index"] = cat["index"]
+            elif not np.array_equal(cat["index"], arrays["index"]):
                 raise RuntimeError(f"run {r} covers other images than the clean run")
-            arrays[f"inter_{j}"], arrays[f"union_{j}"], arrays[f"target_{j}"] = cat[r][1:]
+            arrays.update({f"{c}_{j}": a for c, a in cat.items() if c != "index"})
         arrays["seconds"] = np.array([seconds[r] for r in self.runs], np.float64)
         arrays["passes"] = np.array([list(passes.get(r, (0, 0))) for r in self.runs], np.int64)
         os.makedirs(self.folder, exist_ok=True)
@@ -178,37 +231,39 @@ class EvalProgress:
         if self.kill_at == self.batches:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook
 
-    def finish(self, stats: Dict[str, object]) -> None:
-        """Save what is left, add the earlier sessions' counts (once, on rank 0), consolidate."""
+    def finish(self, stats: Dict[str, object]) -> Tuple[Dict[str, Dict[str, np.ndarray]], Dict[str, float],
+                                                       Dict[str, Tuple[int, int]]]:
+        """Save what is left, add the earlier sessions' counts (once, on rank 0), consolidate.
+
+        Returns (every run's columns gathered from all processes and ordered by image index, seconds
+        per run summed over processes, (forward, backward) passes per attack); a collective: call it
+        on every process."""
         self.flush(stats)
         if dist.is_main():
             for r in self.runs:
-                stats[r].parts[:0] = [p for p in self.prior[r] if len(p[0])]
+                stats[r].parts[:0] = [p for p in self.prior[r] if len(p["index"])]
                 stats[r].seconds += self.prior_seconds[r]
             for k, a in self.attacks:
                 a.counter.forward += self.prior_passes[k][0]
                 a.counter.backward += self.prior_passes[k][1]
-        for r in self.runs:  # a process with nothing to do still sends well-shaped empty counts
-            if not stats[r].parts:
-                stats[r].parts.append((torch.zeros(0, dtype=torch.long),) +
-                                      tuple(torch.zeros(0, self.classes, dtype=torch.long) for _ in range(3)))
         # collectives below: by now every process has flushed its own chunks
         gathered = {r: stats[r].gathered() for r in self.runs}
         seconds = {r: float(dist.all_reduce_sum(torch.tensor(stats[r].seconds, dtype=torch.float64))) for r in self.runs}
         passes = {k: tuple(int(v) for v in dist.all_reduce_sum(torch.tensor([a.counter.forward, a.counter.backward])))
                   for k, a in self.attacks}
         if dist.is_main():
-            parts = {r: [tuple(torch.from_numpy(a) for a in gathered[r])] for r in self.runs}
+            parts = {r: [{c: torch.from_numpy(a) for c, a in gathered[r].items()}] for r in self.runs}
             final = os.path.join(self.folder, f"{self.prefix}.all.npz")
             self._write(final, parts, seconds, passes)
             for p in glob.glob(os.path.join(self.folder, self.prefix + ".*.npz*")):
                 if p != final:
                     os.remove(p)
+        return gathered, seconds, passes
 
 
-def saved_counts(path: str) -> Dict[str, Tuple[np.ndarray, ...]]:
-    """Read a per-image file: {run: (index, inter, union, target)}."""
+def saved_counts(path: str) -> Dict[str, Dict[str, np.ndarray]]:
+    """Read a per-image file: {run: {column: rows}} with the columns "index", "inter", "union",
+    "target" and "reg_<task>" for multitask regression outputs."""
     with np.load(path) as z:
-        return {str(r): (z["index"], z[f"inter_{j}"], z[f"union_{j}"], z[f"target_{j}"])
-                for j, r in enumerate(z["runs"])}
-
+        cols = sorted({k.rsplit("_", 1)[0] for k in z.files if k.endswith("_0")})
+        return {str(r): {"index": z["index"], **{c: z[f"{c}_{j}"] for c in cols}} for j, r in enumerate(z["runs"])}

@@ -1,10 +1,13 @@
 """Clean and attacked evaluation over a split: per-image counts -> pooled metrics -> metrics.json.
 
-Per image and per run (clean, each attack at each eps) only small integer arrays are kept:
-intersection, union and target area per class, never adversarial images. Processes evaluate
-disjoint shards; the counts are gathered by image index, so a multi-process run gives exactly the
-single-process numbers. Ensembles (SEA, sea+, user lists) and the overall worst case per eps are
-computed from those counts (utils.metrics.worst_case).
+Per image and per run (clean, each attack at each eps) only small arrays are kept: intersection,
+union and target area per class, and for multitask models the error sums of every regression
+output; never adversarial images. Processes evaluate disjoint shards; the counts are gathered by
+image index, so a multi-process run gives exactly the single-process numbers. Images of different
+sizes are evaluated in same-size groups (never padded). Every attack's random draws are seeded per
+image (``attacks.ImageSeeds``), so attacked numbers do not depend on the batch size, the number of
+processes or a resume. Ensembles (SEA, sea+, user lists) and the overall worst case per eps are
+computed from the counts (engine/results.py).
 """
 from __future__ import annotations
 
@@ -12,17 +15,20 @@ import copy
 import json
 import os
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from attacks import Attack, attack_mode, build_attack
 from attacks.ensemble import expand_attacks, needs_class_weights
 from attacks.losses import class_weights_from_counts
+from attacks.multitask import MASK_SUFFIX
+from attacks.sea_weights import published_class_weights
 from datasets import build_dataset
 from datasets.palettes import class_names, palette
 from models import build_model
@@ -31,14 +37,16 @@ from utils import dist
 from utils.config import load_config
 from utils.errors import SetupError
 from utils.logger import get_logger
-from utils.metrics import confusion_counts, label_counts, summarize, worst_case
+from utils.metrics import confusion_counts, label_counts, regression_sums
 
 from . import eval_resume
-from .common import make_loader, per_process_batch, setup_runtime, to_device
+from .common import group_collate, make_loader, per_process_batch, setup_runtime, to_device
 from .protocols import Protocol, build_protocol
+from .results import aggregate, write_results
 from .visualize import example_panel, save_color
 
-Counts = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # index, inter, union, target
+SEG_TASK = "segmentsemantic"
+ColumnSpec = Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]
 
 
 def eps_key(eps: float) -> str:
@@ -49,11 +57,13 @@ def eps_key(eps: float) -> str:
 @dataclass
 class AttackRun:
     """One attack at one eps. ``key`` names it in metrics.json: "<label>@<eps>", or
-    "<ensemble>/<member>@<eps>" for an ensemble member (the ensemble itself is "<ensemble>@<eps>")."""
+    "<ensemble>/<member>@<eps>" for an ensemble member (the ensemble itself is "<ensemble>@<eps>").
+    ``tasks``: the outputs it attacks (multitask models)."""
     key: str
     group: str
     eps: str
     attack: Attack
+    tasks: List[str] = field(default_factory=lambda: [SEG_TASK])
 
 
 def _load_model(config_path: str, checkpoint: str, device: torch.device, overrides=()) -> nn.Module:
@@ -66,8 +76,8 @@ def _load_model(config_path: str, checkpoint: str, device: torch.device, overrid
 
 
 def training_label_counts(cfg) -> np.ndarray:
-    """Pixels per class over the training split (no augmentation), cached in <exp_dir>/result/."""
-    path = os.path.join(cfg.exp_dir, "result", "train_label_counts.json")
+    """Pixels per class over the training split (no augmentation), cached in <exp_dir>/cache/."""
+    path = os.path.join(cfg.exp_dir, "cache", "train_label_counts.json")
     key = {"dataset": cfg.data.name, "root": os.path.abspath(cfg.data.root), "list": cfg.data.train_list}
     if os.path.isfile(path):
         with open(path) as f:
@@ -82,19 +92,72 @@ def training_label_counts(cfg) -> np.ndarray:
         counts += label_counts(ds[i]["label"][None], cfg.data.classes, cfg.data.ignore_label)
     if dist.is_main():
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
             json.dump({"key": key, "counts": counts.tolist()}, f)
+        os.replace(tmp, path)
     return counts.numpy()
 
 
-def build_attack_runs(cfg, device: torch.device = torch.device("cpu")) -> List[AttackRun]:
+def balanced_class_weights(cfg) -> List[float]:
+    """Weights of ``mask-ce-bal``: ``test.class_weights``, else SEA's published vector for the dataset
+    (VOC, ADE20K), else 1/N_c of the training split's label frequencies."""
+    if cfg.test.class_weights:
+        if len(cfg.test.class_weights) != cfg.data.classes:
+            raise SetupError(f"test.class_weights has {len(cfg.test.class_weights)} values for "
+                             f"{cfg.data.classes} classes")
+        return list(cfg.test.class_weights)
+    return (published_class_weights(cfg.data.name, cfg.data.classes)
+            or class_weights_from_counts(training_label_counts(cfg)).tolist())
+
+
+def target_tasks(dataset: Dataset) -> List[str]:
+    """The tasks a (multitask) dataset gives targets for; [] for a segmentation-only dataset."""
+    return list(getattr(dataset, "tasks", []))
+
+
+def regression_tasks(model: nn.Module, dataset: Dataset) -> List[str]:
+    """Outputs of a multitask model scored as regressions: every task with a float target."""
+    if not getattr(model, "multitask", False):
+        return []
+    missing = [t for t in target_tasks(dataset) if t not in model.tasks]
+    if missing:
+        raise SetupError(f"data.tasks {missing} are not outputs of the model (model.tasks: {list(model.tasks)})")
+    return [t for t in target_tasks(dataset) if t != SEG_TASK]
+
+
+def _attacked_tasks(cfg, name: str, opts: dict, attack: Attack, model: Optional[nn.Module],
+                    targets: List[str]) -> List[str]:
+    """The outputs `attack` differentiates; checks them against the model and the data."""
+    where = f"attack '{name}'"
+    multitask_model = model is not None and getattr(model, "multitask", False)
+    if attack.multitask:
+        if not multitask_model:
+            raise SetupError(f"{where} needs a multitask model (model.name drn_multitask or taskonomy_resnet)")
+        tasks = list(opts.get("tasks") or cfg.test.attack_tasks)
+        bad = [t for t in tasks if t not in model.tasks or t not in targets]
+        if not tasks or bad:
+            raise SetupError(f"test.attack_tasks / {where}: {bad or tasks} must be outputs of the model "
+                             f"({', '.join(model.tasks)}) with targets in data.tasks ({', '.join(targets) or 'none'})")
+        return tasks
+    main = model.main_output if multitask_model else SEG_TASK
+    if list(cfg.test.attack_tasks) != [main]:
+        raise SetupError(f"test.attack_tasks={list(cfg.test.attack_tasks)}: {where} attacks the segmentation output "
+                         f"only; use the multitask attack ({{name: multitask, ...}}) to attack other tasks")
+    return [main]
+
+
+def build_attack_runs(cfg, device: torch.device = torch.device("cpu"), model: Optional[nn.Module] = None,
+                      dataset: Optional[Dataset] = None) -> List[AttackRun]:
     """Expand ``test.attacks`` x ``test.eps`` into runs; ensembles into their members.
 
-    Adds class weights to balanced-CE members (``test.class_weights`` or the training split's label
-    frequencies) and builds the source model of transfer attacks (``source_config`` /
-    ``source_checkpoint`` options).
+    Adds class weights to balanced-CE members (``balanced_class_weights``), the attacked tasks to
+    multitask attacks (``test.attack_tasks`` unless the entry sets ``tasks``), the source model of
+    transfer attacks (``source_config`` / ``source_checkpoint``) and each run's random seed
+    (``seed`` and the run's key).
     """
     groups = expand_attacks(cfg.test.attacks)
+    targets = target_tasks(dataset) if dataset is not None else list(cfg.data.tasks)
     weights = None
     runs = []
     for eps in cfg.test.eps:
@@ -104,35 +167,48 @@ def build_attack_runs(cfg, device: torch.device = torch.device("cpu")) -> List[A
                 opts = dict(opts)
                 if needs_class_weights(opts):
                     if weights is None:
-                        weights = cfg.test.class_weights or class_weights_from_counts(training_label_counts(cfg)).tolist()
+                        weights = balanced_class_weights(cfg)
                     opts["class_weights"] = weights
                 if name == "transfer":
                     if not opts.get("source_config") or not opts.get("source_checkpoint"):
                         raise SetupError(f"attack '{label}': transfer needs source_config and source_checkpoint")
                     opts["source_forward"] = _load_model(opts["source_config"], opts["source_checkpoint"], device)
                 key = f"{g.label}/{label}@{e}" if g.is_ensemble else f"{label}@{e}"
-                runs.append(AttackRun(key, f"{g.label}@{e}", e, build_attack(name, eps=eps, **opts)))
+                attack = build_attack(name, seed=cfg.seed, label=key, eps=eps, **opts)
+                tasks = _attacked_tasks(cfg, label, opts, attack, model, targets)
+                if attack.multitask:
+                    attack = build_attack(name, seed=cfg.seed, label=key, eps=eps, **dict(opts, tasks=tasks))
+                runs.append(AttackRun(key, f"{g.label}@{e}", e, attack, tasks))
     return runs
 
 
-class RunStats:
-    """Per-image counts of one run, accumulated batch by batch."""
+def run_columns(classes: int, reg_tasks: Sequence[str] = ()) -> ColumnSpec:
+    """The per-image columns of a run: image index, I/U/T per class, and (sum|e|, sum e^2, n) per
+    regression task."""
+    cols: ColumnSpec = {"index": (torch.long, ()), "inter": (torch.long, (classes,)),
+                        "union": (torch.long, (classes,)), "target": (torch.long, (classes,))}
+    cols.update({f"reg_{t}": (torch.float64, (3,)) for t in reg_tasks})
+    return cols
 
-    def __init__(self):
-        self.parts: List[Tuple[torch.Tensor, ...]] = []
+
+class RunStats:
+    """Per-image columns of one run, accumulated batch by batch."""
+
+    def __init__(self, columns: ColumnSpec):
+        self.columns = columns
+        self.parts: List[Dict[str, torch.Tensor]] = []
         self.seconds = 0.0
 
-    def add(self, index: torch.Tensor, pred: torch.Tensor, label: torch.Tensor, classes: int, ignore: int) -> None:
-        inter, union, target = confusion_counts(pred, label, classes, ignore)
-        self.parts.append((index.cpu(), inter.cpu(), union.cpu(), target.cpu()))
+    def add(self, part: Dict[str, torch.Tensor]) -> None:
+        self.parts.append({k: v.cpu() for k, v in part.items()})
 
-    def gathered(self) -> Counts:
-        """All processes' counts, ordered by image index."""
-        cols = [torch.cat([p[i] for p in self.parts]) if self.parts else torch.zeros(0, dtype=torch.long)
-                for i in range(4)]
-        idx, *counts = (dist.all_gather_rows(c) for c in cols)
-        order = torch.argsort(idx)
-        return tuple(t[order].numpy() for t in [idx] + counts)  # type: ignore[return-value]
+    def gathered(self) -> Dict[str, np.ndarray]:
+        """All processes' rows, ordered by image index (a collective: call on every process)."""
+        cols = {c: torch.cat([p[c] for p in self.parts]) if self.parts else torch.zeros((0,) + shape, dtype=dtype)
+                for c, (dtype, shape) in self.columns.items()}
+        cols = {c: dist.all_gather_rows(t) for c, t in cols.items()}
+        order = torch.argsort(cols["index"])
+        return {c: t[order].numpy() for c, t in cols.items()}
 
 
 def _sync(device: torch.device) -> None:
@@ -140,41 +216,74 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate(model: nn.Module, loader, classes: int, ignore: int, runs: List[AttackRun] = (),
+def segmentation_pred(outputs, label: torch.Tensor, main: Optional[str]) -> torch.Tensor:
+    """Argmax map at the label's resolution. Scores at another size (labels kept at their original
+    resolution, ``eval_transform: semseg``) are resized bilinearly first, as semseg / DDC-AT do."""
+    scores = outputs[main] if isinstance(outputs, dict) else outputs
+    if scores.shape[-2:] != label.shape[-2:]:
+        scores = F.interpolate(scores.float(), size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
+    return scores.argmax(1)
+
+
+def run_part(group: dict, outputs, pred: torch.Tensor, classes: int, ignore: int,
+             reg_tasks: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """One group's per-image columns (see ``run_columns``)."""
+    inter, union, target = confusion_counts(pred, group["label"], classes, ignore)
+    part = {"index": group["index"], "inter": inter, "union": union, "target": target}
+    for t in reg_tasks:
+        part[f"reg_{t}"] = regression_sums(outputs[t], group["targets"][t], group["masks"][t])
+    return part
+
+
+def attack_targets(group: dict, attack: Attack):
+    """The label map, or for a multitask attack {task: target, "<task>_mask": valid mask}."""
+    if not attack.multitask:
+        return group["label"]
+    y = dict(group["targets"])
+    y.update({t + MASK_SUFFIX: m for t, m in group["masks"].items() if y[t].is_floating_point()})
+    return y
+
+
+def evaluate(model: nn.Module, loader, classes: int, ignore: int, runs: Sequence[AttackRun] = (),
              protocol: Optional[Protocol] = None, on_pred: Optional[Callable] = None,
              device: torch.device = torch.device("cpu"), progress: bool = False,
-             on_batch: Optional[Callable[[Dict[str, RunStats]], None]] = None) -> Dict[str, RunStats]:
+             on_batch: Optional[Callable[[Dict[str, RunStats]], None]] = None,
+             reg_tasks: Sequence[str] = ()) -> Dict[str, RunStats]:
     """Clean inference and every attack run on each batch; per-run stats (not yet gathered).
 
-    `protocol` defaults to whole-image inference with the model; `on_pred(run, batch, pred, x_adv)`
-    sees each batch's predictions (colour PNGs, examples); `on_batch(stats)` runs after each batch
-    (e.g. to save progress).
+    Batches are lists of same-size groups (``group_collate``) or plain batches. `protocol` defaults
+    to whole-image inference with the model; `on_pred(run, group, pred, x_adv)` sees each group's
+    predictions (colour PNGs, examples); `on_batch(stats)` runs after each batch (to save progress).
     """
     from tqdm import tqdm
     protocol = protocol or Protocol(model, model)
-    stats = {"clean": RunStats(), **{r.key: RunStats() for r in runs}}
+    columns = run_columns(classes, reg_tasks)
+    stats = {"clean": RunStats(columns), **{r.key: RunStats(columns) for r in runs}}
     model.eval()
     for batch in tqdm(loader, disable=not progress, desc="eval", leave=False):
-        batch = to_device(batch, device)
-        x, y, idx = batch["image"], batch["label"], batch["index"]
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            pred = protocol.predict(x).argmax(1)
-        _sync(device)
-        stats["clean"].seconds += time.perf_counter() - t0
-        stats["clean"].add(idx, pred, y, classes, ignore)
-        if on_pred:
-            on_pred("clean", batch, pred, None)
-        for run in runs:
+        for group in batch if isinstance(batch, list) else [batch]:
+            group = to_device(group, device)
+            x, y = group["image"], group["label"]
+            keys = group["index"].tolist()
             t0 = time.perf_counter()
-            with attack_mode(model):
-                scores, x_adv = protocol.attacked(run.attack, x, y)
-            pred = scores.argmax(1)
+            with torch.no_grad():
+                out = protocol.predict(x)
+                pred = segmentation_pred(out, y, protocol.main)
             _sync(device)
-            stats[run.key].seconds += time.perf_counter() - t0
-            stats[run.key].add(idx, pred, y, classes, ignore)
+            stats["clean"].seconds += time.perf_counter() - t0
+            stats["clean"].add(run_part(group, out, pred, classes, ignore, reg_tasks))
             if on_pred:
-                on_pred(run.key, batch, pred, x_adv)
+                on_pred("clean", group, pred, None)
+            for run in runs:
+                t0 = time.perf_counter()
+                with attack_mode(model):
+                    out, x_adv = protocol.attacked(run.attack, x, attack_targets(group, run.attack), keys)
+                pred = segmentation_pred(out, y, protocol.main)
+                _sync(device)
+                stats[run.key].seconds += time.perf_counter() - t0
+                stats[run.key].add(run_part(group, out, pred, classes, ignore, reg_tasks))
+                if on_pred:
+                    on_pred(run.key, group, pred, x_adv)
         if on_batch:
             on_batch(stats)
     return stats
@@ -194,46 +303,6 @@ def load_for_test(cfg, device: torch.device) -> Tuple[nn.Module, str]:
     return model.to(device).eval(), path
 
 
-def _compact(m: dict) -> dict:
-    """A worst-case result in the metrics.json shape (pooled values of the chosen assignment)."""
-    chosen = m["chosen"]
-    counts = np.bincount(np.asarray(m["choice"], dtype=np.int64), minlength=len(m["labels"])).tolist()
-    return {"mIoU": m["mIoU"], "mAcc": chosen["mAcc"], "aAcc": m["aAcc"], "mIoU_img": m["mIoU_img"],
-            "aAcc_pooled": chosen["aAcc"], "iou_per_class": chosen["iou_per_class"],
-            "attacks": m["labels"], "images_per_attack": counts}
-
-
-def aggregate(gathered: Dict[str, Counts], runs: List[AttackRun], seconds: Dict[str, float],
-              passes: Dict[str, List[int]], names: List[str]) -> Tuple[dict, dict, dict]:
-    """(clean, attacks, worst_case) sections of metrics.json from the gathered counts."""
-    _, ci, cu, ct = gathered["clean"]
-    clean = dict(summarize(ci, cu, ct), seconds=seconds["clean"])
-    attacks: Dict[str, dict] = {}
-    for r in runs:
-        _, i, u, t = gathered[r.key]
-        f, b = passes[r.key]
-        attacks[r.key] = dict(summarize(i, u, t), forward_passes=f, backward_passes=b, seconds=seconds[r.key])
-    def combine(members: List[AttackRun]) -> dict:
-        I = np.stack([gathered[r.key][1] for r in members])
-        U = np.stack([gathered[r.key][2] for r in members])
-        res = _compact(worst_case(I, U, ct, [r.key for r in members], names))
-        res.update(forward_passes=sum(passes[r.key][0] for r in members),
-                   backward_passes=sum(passes[r.key][1] for r in members),
-                   seconds=sum(seconds[r.key] for r in members))
-        return res
-
-    by_group: Dict[str, List[AttackRun]] = {}
-    by_eps: Dict[str, List[AttackRun]] = {}
-    for r in runs:
-        by_group.setdefault(r.group, []).append(r)
-        by_eps.setdefault(r.eps, []).append(r)
-    for group, members in by_group.items():
-        if len(members) > 1:  # an ensemble: worst case over its members
-            attacks[group] = combine(members)
-    worst = {e: combine(members) for e, members in by_eps.items()}  # over every attack at that eps
-    return clean, attacks, worst
-
-
 def run_test(cfg) -> dict:
     """test.py: evaluate the checkpoint clean and under every configured attack; write results."""
     if eval_resume.is_checkpoint_dir(cfg):  # a folder: each checkpoint in turn
@@ -242,25 +311,27 @@ def run_test(cfg) -> dict:
     device = setup_runtime(cfg)
     model, ckpt = load_for_test(cfg, device)
     protocol = build_protocol(cfg, model)
-    runs = build_attack_runs(cfg, device)
     dataset = build_dataset(cfg, cfg.test.split)
+    reg_tasks = regression_tasks(model, dataset)
+    runs = build_attack_runs(cfg, device, model, dataset)
     n = len(dataset) if cfg.test.num_images is None else min(cfg.test.num_images, len(dataset))
-    # images done by an interrupted run are skipped; their saved counts are merged back in `finish`
-    tracker = eval_resume.EvalProgress(cfg, ckpt, n, [(r.key, r.attack) for r in runs])
-    shard = Subset(dataset, tracker.todo)
-    loader = make_loader(shard, per_process_batch(cfg.test.batch_size, "test.batch_size"), cfg.data.workers, cfg.seed)
     classes, names = cfg.data.classes, class_names(cfg.data.name, cfg.data.classes)
-    result_dir = eval_resume.result_dir(cfg)
+    # everything goes to a staging folder that replaces the result folder once the evaluation is done;
+    # images done by an interrupted run of the same evaluation are skipped (counts merged in `finish`)
+    tracker = eval_resume.EvalProgress(cfg, ckpt, n, [(r.key, r.attack) for r in runs], run_columns(classes, reg_tasks))
+    staging = eval_resume.staging_dir(cfg)
+    loader = make_loader(Subset(dataset, tracker.todo), per_process_batch(cfg.test.batch_size, "test.batch_size"),
+                         cfg.data.workers, cfg.seed, collate_fn=group_collate)
     pal = palette(cfg.data.name)
     examples: Dict[str, list] = {}
     clean_preds: Dict[int, np.ndarray] = {}
 
-    def on_pred(run: str, batch: dict, pred: torch.Tensor, x_adv: Optional[torch.Tensor]) -> None:
-        idx = batch["index"].tolist()
+    def on_pred(run: str, group: dict, pred: torch.Tensor, x_adv: Optional[torch.Tensor]) -> None:
+        idx = group["index"].tolist()
         preds = pred.cpu().numpy()
         if cfg.test.save_images:
             for i, p in zip(idx, preds):
-                save_color(p, pal, os.path.join(result_dir, run, dataset.name(i) + ".png"))
+                save_color(p, pal, os.path.join(staging, run, dataset.name(i) + ".png"))
         if not dist.is_main():
             return
         if run == "clean":  # keep the clean predictions of the first few images for the example panels
@@ -270,72 +341,23 @@ def run_test(cfg) -> dict:
         elif x_adv is not None:
             for b, i in enumerate(idx):
                 if i in clean_preds and len(examples.setdefault(run, [])) < cfg.test.examples:
-                    examples[run].append(example_panel(batch["image"][b], x_adv[b], clean_preds[i], preds[b],
-                                                       batch["label"][b].cpu().numpy(), pal))
+                    examples[run].append(example_panel(group["image"][b], x_adv[b], clean_preds[i], preds[b],
+                                                       group["label"][b].cpu().numpy(), pal))
 
     log.info(f"evaluating {ckpt} on {n} {cfg.test.split} images, protocol {cfg.test.protocol}; attacks: "
              f"{', '.join(f'{r.key} {r.attack}' for r in runs) or 'none'}")
     stats = evaluate(model, loader, classes, cfg.data.ignore_label, runs, protocol, on_pred=on_pred, device=device,
-                     progress=dist.is_main(), on_batch=tracker.on_batch)
-    tracker.finish(stats)
-    gathered = {k: s.gathered() for k, s in stats.items()}
-    seconds = {k: float(dist.all_reduce_sum(torch.tensor(s.seconds, dtype=torch.float64)).item()) / dist.world_size()
-               for k, s in stats.items()}
-    passes = {r.key: [int(dist.all_reduce_sum(torch.tensor(v)).item()) for v in (r.attack.counter.forward,
-                                                                                    r.attack.counter.backward)]
-              for r in runs}
-    clean, attacks, worst = aggregate(gathered, runs, seconds, passes, names)
+                     progress=dist.is_main(), on_batch=tracker.on_batch, reg_tasks=reg_tasks)
+    gathered, seconds, passes = tracker.finish(stats)
+    seconds = {k: v / dist.world_size() for k, v in seconds.items()}  # mean wall time per process
+    seg_task = SEG_TASK if SEG_TASK in target_tasks(dataset) else None
+    tasks = (seg_task, reg_tasks) if getattr(model, "multitask", False) else None
+    clean, attacks, worst = aggregate(gathered, runs, seconds, passes, names, tasks)
     metrics = {"config": cfg.path, "checkpoint": ckpt, "split": cfg.test.split, "num_images": n,
                "protocol": cfg.test.protocol, "class_names": names, "clean": clean, "attacks": attacks,
                "worst_case": worst}
     if dist.is_main():
-        write_results(cfg, metrics, examples, log)
+        write_results(cfg, metrics, examples, staging, log)
+        log.info(f"wrote {os.path.join(eval_resume.publish(cfg), 'metrics.json')}")
+    dist.barrier()
     return metrics
-
-
-def format_table(rows: List[List[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
-def pct(v: Optional[float]) -> str:
-    return "-" if v is None or v != v else f"{100 * v:.2f}"
-
-
-def write_results(cfg, metrics: dict, examples: Dict[str, list], log) -> None:
-    """metrics.json (atomically), resolved config, printed tables, example panels, tensorboard."""
-    from PIL import Image
-    from tensorboardX import SummaryWriter
-
-    from utils.config import save_config
-    result_dir = eval_resume.result_dir(cfg)
-    os.makedirs(result_dir, exist_ok=True)
-    tmp = os.path.join(result_dir, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, os.path.join(result_dir, "metrics.json"))
-    save_config(cfg, os.path.join(result_dir, "config.yaml"))
-    runs = {"clean": metrics["clean"], **metrics["attacks"],
-            **{f"worst@{k}": v for k, v in metrics["worst_case"].items()}}
-    rows = [["run", "mIoU", "mAcc", "aAcc", "mIoU/img", "fwd", "bwd", "sec"]]
-    for k, m in runs.items():
-        rows.append([k, pct(m["mIoU"]), pct(m["mAcc"]), pct(m["aAcc"]), pct(m.get("mIoU_img")),
-                     str(m.get("forward_passes", "-")), str(m.get("backward_passes", "-")), f"{m.get('seconds', 0):.1f}"])
-    log.info("results (%; worst-case aAcc is the mean over images of the per-image minimum):\n" + format_table(rows))
-    cls_rows = [["class"] + list(runs)]
-    for c, name in enumerate(metrics["class_names"]):
-        cls_rows.append([name] + [pct(m["iou_per_class"][c]) for m in runs.values()])
-    log.info("per-class IoU (%):\n" + format_table(cls_rows))
-    with SummaryWriter(os.path.join(cfg.exp_dir, "events")) as w:
-        for k, m in runs.items():
-            for key in ("mIoU", "mAcc", "aAcc"):
-                w.add_scalar(f"test/{k}/{key}", m[key], 0)
-        for run, panels in examples.items():
-            for j, panel in enumerate(panels):
-                path = os.path.join(result_dir, "examples", run, f"{j}.png")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                Image.fromarray(panel).save(path)
-                w.add_image(f"examples/{run}/{j}", panel, 0, dataformats="HWC")
-    log.info(f"wrote {os.path.join(result_dir, 'metrics.json')}")

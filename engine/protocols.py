@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,17 +26,39 @@ PROTOCOLS = ("whole", "semseg", "sea")
 EVAL_TRANSFORM = {"semseg": "semseg", "sea": "sea"}  # data.eval_transform each protocol needs
 
 
+def labels_at(y: torch.Tensor, size) -> torch.Tensor:
+    """Label maps [B,H,W] resized (nearest) to `size`, e.g. attack targets at the network's input
+    size when the labels are kept at their original resolution for scoring (``eval_transform: semseg``)."""
+    if tuple(y.shape[-2:]) == tuple(size):
+        return y
+    return F.interpolate(y[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(y.dtype)
+
+
 class Protocol:
-    """``predict(x)`` -> clean scores [B,C,H,W]; ``attacked(attack, x, y)`` -> (scores, x_adv or None)."""
+    """``predict(x)`` -> clean outputs; ``attacked(attack, x, y, keys)`` -> (outputs, x_adv or None).
+
+    Outputs are scores [B,C,H,W], or {task: output} for a multitask model. Single-task attacks on a
+    multitask model see only its main (segmentation) output; multitask attacks see every output.
+    `keys` (one image index per row) seed the attack's random draws.
+    """
 
     def __init__(self, model: nn.Module, forward: Callable):
         self.model, self.forward = model, forward
+        self.main = model.main_output if getattr(model, "multitask", False) else None
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor):
         return self.forward(x)
 
-    def attacked(self, attack: Attack, x: torch.Tensor, y) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x_adv = attack(self.forward, x, y)
+    def attack_forward(self, attack: Attack) -> Callable:
+        """What the attack differentiates: every output for a multitask attack, else the main output."""
+        if self.main is None or attack.multitask:
+            return self.forward
+        return lambda x: self.forward(x)[self.main]
+
+    def attacked(self, attack: Attack, x: torch.Tensor, y, keys: Sequence[int]) -> Tuple[object, Optional[torch.Tensor]]:
+        if isinstance(y, torch.Tensor):
+            y = labels_at(y, x.shape[-2:])
+        x_adv = attack(self.attack_forward(attack), x, y, keys)
         with torch.no_grad():
             return self.forward(x_adv), x_adv
 
@@ -53,9 +75,13 @@ class SemsegProtocol(Protocol):
             p = (p + F.softmax(self.model(xs.flip(-1)), 1).flip(-1)) / 2
         return merge_windows(p, grid)
 
-    def attacked(self, attack: Attack, x: torch.Tensor, y: torch.Tensor):
+    def attacked(self, attack: Attack, x: torch.Tensor, y: torch.Tensor, keys: Sequence[int]):
+        y = labels_at(y, x.shape[-2:])
         xs, ys, grid = split_windows(x, self.crop, self.stride, y=y, ignore=self.ignore)
-        xs_adv = attack(self.model, xs, ys)  # every window on its own, labels padded with ignore
+        # every window on its own, labels padded with ignore; window k of image b is row k*B + b
+        # and draws from the stream (index_b, k)
+        win_keys = [(int(keys[b]), k) for k in range(len(grid.boxes)) for b in range(grid.batch)]
+        xs_adv = attack(self.model, xs, ys, win_keys)
         with torch.no_grad():
             return merge_windows(F.softmax(self.model(xs_adv), 1), grid), None
 
@@ -70,6 +96,9 @@ def build_protocol(cfg, model: nn.Module) -> Protocol:
         raise SetupError(f"test.protocol {t.protocol} needs data.eval_transform: {need} "
                          f"(got '{cfg.data.eval_transform}')")
     crop = t.crop_size
+    if getattr(model, "multitask", False) and (t.protocol != "whole" or crop is not None):
+        raise SetupError("a multitask model is evaluated with test.protocol: whole and test.crop_size: null "
+                         "(windows would average its regression outputs as probabilities)")
     stride = None if crop is None else [max(1, math.ceil(c * t.stride_rate)) for c in crop]
     if t.protocol == "semseg":
         if crop is None:

@@ -22,8 +22,9 @@ from utils.logger import get_logger
 from utils.metrics import summarize
 from utils.rng import get_rng_state, seed_all, set_rng_state
 
-from .common import channels_last, make_loader, per_process_batch, setup_runtime, to_device, train_sampler
-from .evaluator import evaluate
+from .common import channels_last, group_collate, make_loader, per_process_batch, setup_runtime, to_device, train_sampler
+from .evaluator import evaluate, regression_tasks
+from .results import task_metrics
 
 # Test hook (fault-injection tests only): SIGKILL the process at the end of this (1-based) iteration.
 KILL_AT_ITER_ENV = "SEGROBUST_TEST_KILL_AT_ITER"
@@ -271,18 +272,26 @@ class Trainer:
         return {k: float(v) for k, v in self._log_scalars(total, n_total * dist.world_size(), "train_epoch").items()}
 
     def validate(self) -> dict:
+        """Clean metrics on the val split (segmentation; plus mae / rmse of each regression task of a
+        multitask model), logged to tensorboard under val/."""
         from torch.utils.data import Subset
         cfg = self.cfg
         shard = Subset(self.val_set, list(range(dist.rank(), len(self.val_set), dist.world_size())))
         loader = make_loader(shard, per_process_batch(cfg.train.val_batch_size, "train.val_batch_size"),
-                             cfg.data.workers, cfg.seed)
+                             cfg.data.workers, cfg.seed, collate_fn=group_collate)
         model = dist.unwrap(self.model)
-        stats = evaluate(model, loader, cfg.data.classes, cfg.data.ignore_label, device=self.device)
-        _, inter, union, target = stats["clean"].gathered()
-        m = summarize(inter, union, target)
+        reg_tasks = regression_tasks(model, self.val_set)
+        stats = evaluate(model, loader, cfg.data.classes, cfg.data.ignore_label, device=self.device,
+                         reg_tasks=reg_tasks)
+        g = stats["clean"].gathered()
+        m = summarize(g["inter"], g["union"], g["target"])
+        m["tasks"] = task_metrics(g, None, reg_tasks)
         if self.writer:
             for k in ("mIoU", "mAcc", "aAcc"):
                 self.writer.add_scalar(f"val/{k}", m[k], self.epoch)
+            for t, tm in m["tasks"].items():
+                for k in ("mae", "rmse"):
+                    self.writer.add_scalar(f"val/{t}/{k}", tm[k], self.epoch)
         return m
 
     def fit(self) -> None:
@@ -297,7 +306,8 @@ class Trainer:
                   " ".join(f"{k} {v:.4f}" for k, v in train_logs.items())
             if t.eval_freq and self.epoch % t.eval_freq == 0:
                 m = self.validate()
-                msg += f" | val mIoU {m['mIoU']:.4f} mAcc {m['mAcc']:.4f} aAcc {m['aAcc']:.4f}"
+                msg += f" | val mIoU {m['mIoU']:.4f} mAcc {m['mAcc']:.4f} aAcc {m['aAcc']:.4f}" + "".join(
+                    f" {t} mae {tm['mae']:.4g} rmse {tm['rmse']:.4g}" for t, tm in m["tasks"].items())
             if self.skipped:
                 msg += f" | {self.skipped} non-finite step(s) skipped so far"
             self.log.info(msg)

@@ -89,6 +89,8 @@ class DRNMultitask(Segmentor):
     ``decoders.<task>.<layer6..8>`` (only when shared_until == "layer5"), ``heads.<task>.{conv,up}``.
     """
 
+    multitask = True
+
     DECODER_STAGES = ("layer6", "layer7", "layer8")
 
     def __init__(self, arch: str, tasks: Sequence[str], channels: Dict[str, int], shared_until: str = "layer8",

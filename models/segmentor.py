@@ -23,6 +23,7 @@ class Segmentor(nn.Module):
     """Holds the input normalisation; subclasses implement ``forward_features(x_norm, size) -> dict``."""
 
     main_output = "out"
+    multitask = False  # True: every mode returns {task: output} (DRN multitask, Taskonomy ResNet)
 
     def __init__(self, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):
         super().__init__()

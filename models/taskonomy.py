@@ -72,6 +72,8 @@ class FCDecoder(nn.Module):
 class TaskonomyResNet(Segmentor):
     """Every mode returns {task: output}; dense outputs at input resolution."""
 
+    multitask = True
+
     def __init__(self, layers: int, tasks: Sequence[str], channels: Dict[str, int], fc_tasks: Dict[str, int],
                  mean=None, std=None):
         super().__init__(mean, std)

@@ -175,9 +175,9 @@ def test_killed_evaluation_resumes_to_identical_metrics(reference, tmp_path):
     r = subprocess.run([sys.executable, "test.py", "--config", path, f"exp_dir={exp}", *common], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr[-2000:]
-    chunks = glob.glob(str(exp / "result" / "per_image" / "*.npz"))
-    assert len(chunks) == 2 and not (exp / "result" / "metrics.json").exists()
-    done = sorted(i for c in chunks for i in saved_counts(c)["clean"][0].tolist())
+    chunks = glob.glob(str(exp / "result.partial" / "per_image" / "*.npz"))  # staged until the run ends
+    assert len(chunks) == 2 and not (exp / "result").exists()
+    done = sorted(i for c in chunks for i in saved_counts(c)["clean"]["index"].tolist())
     assert done == [0, 1, 2, 3]
     assert main("test", run_test, ["--config", path, f"exp_dir={exp}", *common]) == 0
     a = json.loads((whole / "result" / "metrics.json").read_text())
@@ -188,13 +188,15 @@ def test_killed_evaluation_resumes_to_identical_metrics(reference, tmp_path):
     assert a["attacks"]["pgd@8"]["forward_passes"] == b["attacks"]["pgd@8"]["forward_passes"]
     # the chunks were merged into one file holding every image's counts
     files = glob.glob(str(exp / "result" / "per_image" / "*.npz"))
-    assert len(files) == 1 and files[0].endswith(".all.npz")
+    assert len(files) == 1 and files[0].endswith(".all.npz") and not (exp / "result.partial").exists()
     counts = saved_counts(files[0])
-    assert counts["clean"][0].tolist() == list(range(6))
+    assert counts["clean"]["index"].tolist() == list(range(6))
     ref = saved_counts(glob.glob(str(whole / "result" / "per_image" / "*.all.npz"))[0])
+    assert sorted(counts) == sorted(ref) == ["clean", "pgd@8"]
     for run in counts:
-        for x, y in zip(counts[run], ref[run]):
-            np.testing.assert_array_equal(x, y)
+        assert sorted(counts[run]) == ["index", "inter", "target", "union"]
+        for col in counts[run]:
+            np.testing.assert_array_equal(counts[run][col], ref[run][col])
 
 
 def test_folder_of_checkpoints(reference, tmp_path):

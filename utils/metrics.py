@@ -206,3 +206,24 @@ def _min_ignoring_nan(a: np.ndarray) -> np.ndarray:
     """Min over axis 0 ignoring NaN; NaN where the whole column is NaN."""
     m = np.where(np.isnan(a), np.inf, a).min(0)
     return np.where(np.isinf(m), np.nan, m)
+
+
+def regression_sums(output: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-image (sum |error|, sum error^2, valid elements) [B,3] float64 of a dense regression output.
+
+    `output`, `target`: [B,C,H,W]; `mask`: [B,1,H,W] (1 = valid; None = all valid), broadcast over
+    the channels. Pooled over images these give MAE / MSE / RMSE over the valid elements (``summarize_regression``).
+    """
+    err = (output.detach().double() - target.double())
+    w = torch.ones_like(err[:, :1]) if mask is None else mask.double()
+    w = w.expand_as(err)
+    return torch.stack([(err.abs() * w).flatten(1).sum(1), (err * err * w).flatten(1).sum(1), w.flatten(1).sum(1)], 1)
+
+
+def summarize_regression(sums: Array) -> Dict[str, float]:
+    """Pooled errors of per-image ``regression_sums`` [N,3]: mae (L1), mse (L2), rmse, over valid elements."""
+    s = _np(sums).astype(np.float64).reshape(-1, 3).sum(0)
+    if s[2] <= 0:
+        return {"mae": float("nan"), "mse": float("nan"), "rmse": float("nan"), "elements": 0}
+    mse = s[1] / s[2]
+    return {"mae": float(s[0] / s[2]), "mse": float(mse), "rmse": float(np.sqrt(mse)), "elements": int(s[2])}

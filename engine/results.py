@@ -1,0 +1,156 @@
+"""From gathered per-image counts to metrics.json, printed tables, example panels and tensorboard."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from utils.metrics import summarize, summarize_regression, worst_case
+
+Columns = Dict[str, np.ndarray]  # "index", "inter", "union", "target", "reg_<task>" -> per-image rows
+SEG_METRICS = ("mIoU", "mAcc", "aAcc")
+
+
+def task_metrics(cols: Columns, seg_task: Optional[str], reg_tasks: Sequence[str]) -> Dict[str, dict]:
+    """Per-task metrics of a multitask run: segmentation mIoU/mAcc/aAcc; every regression task's
+    mae (L1), mse (L2) and rmse over its valid pixels, pooled over the images."""
+    out: Dict[str, dict] = {}
+    if seg_task is not None:
+        seg = summarize(cols["inter"], cols["union"], cols["target"])
+        out[seg_task] = {k: seg[k] for k in SEG_METRICS}
+    for t in reg_tasks:
+        out[t] = summarize_regression(cols[f"reg_{t}"])
+    return out
+
+
+def _compact(m: dict) -> dict:
+    """A worst-case result in the metrics.json shape (pooled values of the chosen assignment)."""
+    chosen = m["chosen"]
+    counts = np.bincount(np.asarray(m["choice"], dtype=np.int64), minlength=len(m["labels"])).tolist()
+    return {"mIoU": m["mIoU"], "mAcc": chosen["mAcc"], "aAcc": m["aAcc"], "mIoU_img": m["mIoU_img"],
+            "aAcc_pooled": chosen["aAcc"], "iou_per_class": chosen["iou_per_class"],
+            "attacks": m["labels"], "images_per_attack": counts}
+
+
+def aggregate(gathered: Dict[str, Columns], runs, seconds: Dict[str, float], passes: Dict[str, Sequence[int]],
+              names: List[str], tasks: Optional[Tuple[Optional[str], Sequence[str]]] = None) -> Tuple[dict, dict, dict]:
+    """(clean, attacks, worst_case) sections of metrics.json from the gathered columns.
+
+    `runs` are the evaluator's AttackRuns (key, group, eps, tasks); `tasks` = (segmentation task name
+    or None, regression tasks) for a multitask model adds a ``tasks`` section to clean and every attack.
+    """
+    def one(key: str) -> dict:
+        g = gathered[key]
+        m = dict(summarize(g["inter"], g["union"], g["target"]), seconds=seconds[key])
+        if tasks is not None:
+            m["tasks"] = task_metrics(g, *tasks)
+        return m
+
+    clean = one("clean")
+    attacks: Dict[str, dict] = {}
+    for r in runs:
+        f, b = passes[r.key]
+        attacks[r.key] = dict(one(r.key), forward_passes=f, backward_passes=b)
+        if tasks is not None:
+            attacks[r.key]["attacked_tasks"] = list(r.tasks)
+            for m in attacks[r.key]["tasks"].values():
+                m.update(forward_passes=f, backward_passes=b)
+    target = gathered["clean"]["target"]
+
+    def combine(members: list) -> dict:
+        inter = np.stack([gathered[r.key]["inter"] for r in members])
+        union = np.stack([gathered[r.key]["union"] for r in members])
+        res = _compact(worst_case(inter, union, target, [r.key for r in members], names))
+        res.update(forward_passes=sum(passes[r.key][0] for r in members),
+                   backward_passes=sum(passes[r.key][1] for r in members),
+                   seconds=sum(seconds[r.key] for r in members))
+        return res
+
+    by_group: Dict[str, list] = {}
+    by_eps: Dict[str, list] = {}
+    for r in runs:
+        by_group.setdefault(r.group, []).append(r)
+        by_eps.setdefault(r.eps, []).append(r)
+    for group, members in by_group.items():
+        if len(members) > 1:  # an ensemble: worst case over its members
+            attacks[group] = combine(members)
+    worst = {e: combine(members) for e, members in by_eps.items()}  # over every attack at that eps
+    return clean, attacks, worst
+
+
+def format_table(rows: List[List[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def pct(v: Optional[float]) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.2f}"
+
+
+def num(v: Optional[float]) -> str:
+    return "-" if v is None or v != v else f"{v:.4g}"
+
+
+def task_table(runs: Dict[str, dict]) -> Optional[str]:
+    """Rows: runs; columns: segmentation mIoU and each regression task's mae / rmse (multitask only)."""
+    with_tasks = {k: m["tasks"] for k, m in runs.items() if "tasks" in m}
+    if not with_tasks:
+        return None
+    first = next(iter(with_tasks.values()))
+    header = ["run"]
+    for t, m in first.items():
+        header += [f"{t} mIoU"] if "mIoU" in m else [f"{t} mae", f"{t} rmse"]
+    rows = [header]
+    for k, tm in with_tasks.items():
+        row = [k]
+        for t, m in tm.items():
+            row += [pct(m["mIoU"])] if "mIoU" in m else [num(m["mae"]), num(m["rmse"])]
+        rows.append(row)
+    return format_table(rows)
+
+
+def write_results(cfg, metrics: dict, examples: Dict[str, list], folder: str, log) -> None:
+    """metrics.json, the resolved config and example panels into `folder` (the evaluation's staging
+    folder); printed tables; tensorboard scalars and panels under ``<exp_dir>/events``."""
+    from PIL import Image
+    from tensorboardX import SummaryWriter
+
+    from utils.config import save_config
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(tmp, os.path.join(folder, "metrics.json"))
+    save_config(cfg, os.path.join(folder, "config.yaml"))
+    runs = {"clean": metrics["clean"], **metrics["attacks"],
+            **{f"worst@{k}": v for k, v in metrics["worst_case"].items()}}
+    rows = [["run", "mIoU", "mAcc", "aAcc", "mIoU/img", "fwd", "bwd", "sec"]]
+    for k, m in runs.items():
+        rows.append([k, pct(m["mIoU"]), pct(m["mAcc"]), pct(m["aAcc"]), pct(m.get("mIoU_img")),
+                     str(m.get("forward_passes", "-")), str(m.get("backward_passes", "-")), f"{m.get('seconds', 0):.1f}"])
+    log.info("results (%; worst-case aAcc is the mean over images of the per-image minimum):\n" + format_table(rows))
+    tt = task_table(runs)
+    if tt:
+        log.info("per-task results (segmentation mIoU in %; regression errors in target units):\n" + tt)
+    cls_rows = [["class"] + list(runs)]
+    for c, name in enumerate(metrics["class_names"]):
+        cls_rows.append([name] + [pct(m["iou_per_class"][c]) for m in runs.values()])
+    log.info("per-class IoU (%):\n" + format_table(cls_rows))
+    with SummaryWriter(os.path.join(cfg.exp_dir, "events")) as w:
+        for k, m in runs.items():
+            for key in SEG_METRICS:
+                w.add_scalar(f"test/{k}/{key}", m[key], 0)
+            for t, tm in m.get("tasks", {}).items():
+                for key in ("mae", "rmse"):
+                    if key in tm:
+                        w.add_scalar(f"test/{k}/{t}/{key}", tm[key], 0)
+        for run, panels in examples.items():
+            for j, panel in enumerate(panels):
+                path = os.path.join(folder, "examples", run, f"{j}.png")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Image.fromarray(panel).save(path)
+                w.add_image(f"examples/{run}/{j}", panel, 0, dataformats="HWC")

@@ -363,3 +363,53 @@ def test_sea_members_run_and_count():
         assert (x_adv - x).abs().max().item() <= 4 / 255 + 1e-6
         counter.forward += a.counter.forward
     assert counter.forward == 3 * (2 + 2 + 3) * x.shape[0]             # PRR stages of 1, 1, 2 iterations
+
+
+# ----------------------------------------------------------------------------- seeded random starts
+
+def test_image_seeds_depend_on_the_image_not_the_batch():
+    from attacks import image_seeds
+    like = torch.zeros(3, 3, 4, 5, dtype=torch.float64)
+    a = image_seeds(0, "pgd@8", [7, 2, 9]).uniform(like, 0.5)
+    b = image_seeds(0, "pgd@8", [2]).uniform(like[:1], 0.5)
+    assert a.dtype == torch.float64 and a.abs().max() <= 0.5 and a.abs().max() > 0.4
+    assert torch.equal(a[1], b[0])                                   # image 2's draw, whatever its batch
+    assert not torch.equal(a[0], a[1])                               # images differ
+    for other in (image_seeds(1, "pgd@8", [7]), image_seeds(0, "pgd@4", [7]), image_seeds(0, "pgd@8", [(7, 1)])):
+        assert not torch.equal(other.uniform(like[:1], 0.5)[0], a[0])  # seed, label and key all matter
+    assert not torch.equal(image_seeds(0, "pgd@8", [7]).uniform(like[:1], 0.5, restart=1)[0], a[0])
+
+
+@pytest.mark.parametrize("name,opts", [("pgd", {"alpha": 2.0, "steps": 2}), ("apgd", {"steps": 3}),
+                                       ("segpgd", {"alpha": 2.0, "steps": 2}), ("mim", {"alpha": 2.0, "steps": 2,
+                                                                                      "random_start": True})])
+def test_random_start_is_reproducible_per_image(name, opts):
+    """Batch 1 and batch 3 give the same adversarial images when seeded by image keys; the global
+    torch generator plays no part."""
+    model = TinyConv()
+    x, y = _batch()
+    x, y = torch.cat([x, x.flip(0)[:1]]), torch.cat([y, y.flip(0)[:1]])
+    attack = build_attack(name, eps=8.0, seed=3, label="run", **opts)
+    keys = [10, 11, 12]
+    torch.manual_seed(0)
+    whole = attack(model, x, y, keys)
+    torch.manual_seed(123)
+    single = torch.cat([attack(model, x[i:i + 1], y[i:i + 1], [keys[i]]) for i in range(3)])
+    assert torch.allclose(whole, single, atol=1e-6)
+    if name != "apgd":  # (APGD's first step of 2 eps reaches the same corners from any start of this model)
+        other = build_attack(name, eps=8.0, seed=4, label="run", **opts)(model, x, y, keys)
+        assert not torch.allclose(whole, other)                    # another seed, another start
+
+
+def test_sea_published_weights():
+    from attacks.sea_weights import ADE20K, VOC, published_class_weights
+    assert len(VOC) == 21 and len(ADE20K) == 151
+    assert sum(VOC) == pytest.approx(1.0, abs=1e-6) and sum(ADE20K) == pytest.approx(1.0, abs=1e-5)
+    assert VOC[0] == 0.0007 and VOC[15] == 0.0089 and max(VOC) == VOC[2] == 0.1394   # background, person, bicycle
+    assert ADE20K[0] == 2.5511e-05 and max(ADE20K) == 3.6659e-02
+    assert published_class_weights("voc2012", 21) == list(VOC)
+    assert published_class_weights("ade20k", 151) == list(ADE20K)
+    w150 = published_class_weights("ade20k", 150)           # mmseg's 150 classes: class 0 dropped
+    assert len(w150) == 150 and sum(w150) == pytest.approx(1.0)
+    assert w150[5] / w150[9] == pytest.approx(ADE20K[6] / ADE20K[10])
+    assert published_class_weights("cityscapes", 19) is None and published_class_weights("voc2012", 20) is None

@@ -86,3 +86,114 @@ def test_bad_attacks_and_mismatched_checkpoint(trained, tmp_path):
         run_test(load_config(path, ["model.layers=34", f"exp_dir={other}",
                                     f"test.checkpoint={exp / 'model' / 'last.pth'}"]))
     assert not os.path.exists(other / "result")  # failed before any image was processed
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def test_group_collate_groups_by_every_shape_in_order():
+    import torch
+    from engine.common import group_collate
+
+    def sample(i, h, w, lh=None, lw=None, depth=False):
+        s = {"image": torch.full((3, h, w), float(i)), "label": torch.zeros(lh or h, lw or w, dtype=torch.long),
+             "index": i}
+        if depth:
+            s["targets"] = {"depth": torch.zeros(1, h, w)}
+        return s
+    groups = group_collate([sample(0, 4, 6), sample(1, 6, 4), sample(2, 4, 6), sample(3, 4, 6, 8, 12),
+                            sample(4, 6, 4)])
+    assert [g["index"].tolist() for g in groups] == [[0, 2], [1, 4], [3]]   # landscape, portrait, other label size
+    assert groups[1]["image"].shape == (2, 3, 6, 4) and groups[2]["label"].shape == (1, 8, 12)
+    assert (groups[0]["image"][1] == 2).all()
+    nested = group_collate([sample(0, 4, 6, depth=True), sample(1, 4, 6, depth=True)])
+    assert len(nested) == 1 and nested[0]["targets"]["depth"].shape == (2, 1, 4, 6)
+
+
+def test_scores_are_resized_to_the_label_before_the_argmax():
+    """semseg scoring: the probability map at the network's size is resized (bilinear, as cv2's
+    INTER_LINEAR) to the label's original size, then the argmax is taken there."""
+    import cv2
+    import torch
+    from engine.evaluator import segmentation_pred
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(2, 3, 5, 7, generator=g)
+    label = torch.zeros(2, 9, 13, dtype=torch.long)
+    pred = segmentation_pred(scores, label, None)
+    assert pred.shape == (2, 9, 13)
+    for b in range(2):
+        ref = cv2.resize(scores[b].permute(1, 2, 0).numpy(), (13, 9), interpolation=cv2.INTER_LINEAR).argmax(-1)
+        assert (pred[b].numpy() == ref).mean() > 0.99   # (float ties aside)
+    assert torch.equal(segmentation_pred({"seg": scores}, torch.zeros(2, 5, 7), "seg"), scores.argmax(1))
+
+
+def test_balanced_weights_published_estimated_or_given(tmp_path):
+    from attacks.sea_weights import ADE20K, VOC
+    from engine.evaluator import balanced_class_weights
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def weights(config, *over):
+        cfg = load_config(os.path.join(root, "config", config), [f"exp_dir={tmp_path}", "test.attacks=[sea]", *over])
+        from engine.evaluator import build_attack_runs
+        runs = build_attack_runs(cfg)
+        bal = [r for r in runs if r.key.startswith("sea/apgd-mask-ce-bal@")]
+        assert bal and all(r.attack.options["class_weights"] == bal[0].attack.options["class_weights"] for r in bal)
+        return bal[0].attack.options["class_weights"]
+    assert weights("voc2012/voc2012_pspnet_none.yaml") == list(VOC)
+    assert weights("ade20k/ade20k_upernet_none.yaml") == list(ADE20K)
+    assert weights("voc2012/voc2012_pspnet_none.yaml", f"test.class_weights=[{','.join(['1.0'] * 21)}]") == [1.0] * 21
+    with pytest.raises(SetupError, match="test.class_weights has 2 values for 21 classes"):
+        balanced_class_weights(load_config(os.path.join(root, "config", "voc2012", "voc2012_pspnet_none.yaml"),
+                                           ["test.class_weights=[1.0,2.0]"]))
+
+
+class _FakeMultitask(__import__("torch").nn.Module):
+    """seg: class 1 where channel 0 > 0.5; depth: channel 1 (times a weight 1)."""
+    multitask, main_output, tasks = True, "segmentsemantic", ["segmentsemantic", "depth_zbuffer"]
+
+    def __init__(self):
+        import torch
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        import torch
+        return {"segmentsemantic": torch.stack([0.5 - x[:, 0], x[:, 0] - 0.5], 1) * 10,
+                "depth_zbuffer": self.w * x[:, 1:2]}
+
+
+def test_multitask_evaluation_by_hand():
+    """Per-task metrics of clean and attacked runs against values computed by hand: the multitask
+    attack on depth alone moves only the depth input channel, by 2 steps of 2/255 away from the target."""
+    import torch
+    from attacks import build_attack
+    from engine.evaluator import AttackRun, evaluate, run_columns
+    from engine.results import aggregate
+    samples = []
+    for i in range(3):
+        x = torch.zeros(3, 4, 4)
+        x[0, :, :2] = 1.0                      # left half: class 1
+        x[1] = 0.25                            # depth prediction 0.25 everywhere
+        label = (x[0] > 0.5).long()
+        label[0, 0] = 255                      # one ignored pixel
+        depth, mask = torch.full((1, 4, 4), 0.5), torch.ones(1, 4, 4)
+        mask[0, 3, 3] = 0                      # one invalid depth pixel
+        samples.append({"image": x, "label": label, "index": i, "targets": {"segmentsemantic": label,
+                        "depth_zbuffer": depth}, "masks": {"segmentsemantic": (label != 255).float()[None],
+                                                           "depth_zbuffer": mask}})
+    loader = [[torch.utils.data.default_collate(samples[:2])], [torch.utils.data.default_collate(samples[2:])]]
+    attack = build_attack("multitask", eps=8.0, alpha=2.0, steps=2, tasks=["depth_zbuffer"], random_start=False)
+    run = AttackRun("mt@8", "mt@8", "8", attack, ["depth_zbuffer"])
+    model = _FakeMultitask()
+    stats = evaluate(model, loader, 2, 255, [run], reg_tasks=["depth_zbuffer"])
+    gathered = {k: s.gathered() for k, s in stats.items()}
+    clean, attacks, worst = aggregate(gathered, [run], {"clean": 0.0, "mt@8": 0.0}, {"mt@8": (6, 6)},
+                                      ["a", "b"], ("segmentsemantic", ["depth_zbuffer"]))
+    assert clean["mIoU"] == 1.0 and clean["tasks"]["segmentsemantic"] == {"mIoU": 1.0, "mAcc": 1.0, "aAcc": 1.0}
+    d = clean["tasks"]["depth_zbuffer"]
+    assert d["elements"] == 3 * 15 and d["mae"] == pytest.approx(0.25) and d["rmse"] == pytest.approx(0.25)
+    a = attacks["mt@8"]
+    assert a["attacked_tasks"] == ["depth_zbuffer"] and a["forward_passes"] == 6
+    assert a["tasks"]["segmentsemantic"]["mIoU"] == 1.0                     # seg input channel untouched
+    assert a["tasks"]["depth_zbuffer"]["mae"] == pytest.approx(0.25 + 4 / 255, abs=1e-6)
+    assert a["tasks"]["depth_zbuffer"]["backward_passes"] == 6
+    assert attack.counter.forward == 3 * 2 and all(p.grad is None for p in model.parameters())

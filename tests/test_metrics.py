@@ -161,3 +161,20 @@ def test_worst_case_single_attack_is_identity():
     s = summarize(I[0], U[0], T)
     assert r["mIoU"] == pytest.approx(s["mIoU"]) and r["aAcc"] == pytest.approx(s["aAcc_img"])
     assert r["moves"] == 0
+
+
+def test_regression_sums_and_pooled_errors_by_hand():
+    from utils.metrics import regression_sums, summarize_regression
+    out = torch.zeros(2, 2, 2, 2)
+    target = torch.zeros(2, 2, 2, 2)
+    target[0, 0, 0, 0], target[0, 1, 1, 1] = 2.0, -1.0     # image 0: errors 2 and 1 (both valid)
+    target[1, :, 0, 0] = 4.0                               # image 1: errors 4, 4 at a masked pixel
+    mask = torch.ones(2, 1, 2, 2)
+    mask[1, 0, 0, 0] = 0
+    s = regression_sums(out, target, mask)
+    assert s.dtype == torch.float64
+    assert s.tolist() == [[3.0, 5.0, 8.0], [0.0, 0.0, 6.0]]   # (sum|e|, sum e^2, valid elements = pixels x channels)
+    m = summarize_regression(s)
+    assert m == {"mae": 3 / 14, "mse": 5 / 14, "rmse": (5 / 14) ** 0.5, "elements": 14}
+    assert regression_sums(out, target).tolist()[1] == [8.0, 32.0, 8.0]   # no mask: every element
+    assert summarize_regression(torch.zeros(0, 3))["elements"] == 0

@@ -1,9 +1,11 @@
 """Two CPU (gloo) processes under torchrun against one process: same weights, same metrics.
 
-The model is made batch-independent with ``train.freeze_bn=true`` (BatchNorm in eval mode, running
+Training: the model is made batch-independent with ``train.freeze_bn=true`` (BatchNorm in eval mode, running
 statistics fixed) and ``model.dropout=0``: then 2 processes with per-process batch B must end with the
 weights of 1 process that runs the same two micro-batches of B separately through forward/backward and
-averages their gradients (DistributedDataParallel averages over processes)."""
+averages their gradients (DistributedDataParallel averages over processes). Evaluation: the trained
+fixture model gives the same clean and attacked per-image counts with 1 and 2 processes."""
+import glob
 import json
 import os
 import subprocess
@@ -20,8 +22,9 @@ from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = ("device=cpu", "train.freeze_bn=true", "model.dropout=0.0", "train.epochs=1", "train.eval_freq=0",
-          "train.batch_size=4", "test.batch_size=2", "test.save_images=false", "train.lr=0.05")
+COMMON = ("device=cpu", "train.freeze_bn=true", "model.dropout=0.0", "train.epochs=1", "train.batch_size=4",
+          "train.val_batch_size=2", "train.lr=0.05")
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -29,22 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-DRIVER = """
-import sys
-sys.path.insert(0, {root!r})
-from engine.evaluator import run_test
-from engine.trainer import Trainer
-from utils import dist
-from utils.config import load_config
-from utils.logger import setup_logger
-cfg = load_config(sys.argv[1], sys.argv[2:])
-setup_logger(cfg.exp_dir, "train", main_process=dist.rank() == 0)
-Trainer(cfg).fit()
-run_test(cfg)
-dist.cleanup()
-"""
 
 
 def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
@@ -56,13 +43,11 @@ def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:
 def test_two_gloo_processes_match_one_process_accumulating(tiny_config, tmp_path):
     path = tiny_config()
     exp = tmp_path / "ddp"
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(root=ROOT))
     cfg = load_config(path, [*COMMON, f"exp_dir={tmp_path / 'ref'}"])
     ref = Trainer(cfg)  # also writes the synthetic data before the two processes read it
-    r = torchrun(2, str(driver), path, *COMMON, f"exp_dir={exp}")
+    r = torchrun(2, "train.py", "--config", path, *COMMON, f"exp_dir={exp}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "2 process(es)" in r.stdout
+    assert "2 process(es)" in r.stdout and "val mIoU" in r.stdout  # validation ran sharded over both
 
     # reference: rank r's i-th batch is perm[r::2][2i:2i+2] (DistributedSampler order for epoch 0)
     g = torch.Generator()
@@ -91,21 +76,29 @@ def test_two_gloo_processes_match_one_process_accumulating(tiny_config, tmp_path
     moved = max(float((own[k] - init[k]).abs().max()) for k in init if init[k].is_floating_point())
     assert moved > 1e-3  # training did move the weights (the comparison is not trivially true)
 
-    # a 1-process evaluation of the same checkpoint gives the 2-process metrics; one image per
-    # process batch in both (float kernels may round differently at other batch sizes)
-    ckpt = str(exp / "model" / "last.pth")
-    one = tmp_path / "one"
-    assert main("test", run_test, ["--config", path, *COMMON, f"exp_dir={one}", f"test.checkpoint={ckpt}",
-                                   "test.batch_size=1"]) == 0
-    a = json.loads((exp / "result" / "metrics.json").read_text())
-    b = json.loads((one / "result" / "metrics.json").read_text())
-    assert a["num_images"] == b["num_images"] == 6
+
+
+def test_two_processes_evaluate_like_one(trained_model, tmp_path):
+    """Clean and random-start PGD results of 2 gloo processes (each its shard of the images, in batches
+    of 2) equal those of 1 process in batches of 4, down to every per-image count."""
+    from engine.eval_resume import saved_counts
+    common = [f"test.checkpoint={trained_model.checkpoint}", "device=cpu"]
+    r = torchrun(2, "test.py", "--config", trained_model.config, *common, f"exp_dir={tmp_path / 'two'}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert main("test", run_test, ["--config", trained_model.config, *common, f"exp_dir={tmp_path / 'one'}"]) == 0
+    a, b = (json.loads((tmp_path / d / "result" / "metrics.json").read_text()) for d in ("two", "one"))
+    assert a["num_images"] == b["num_images"] == 16
+    assert b["attacks"]["pgd@8"]["mIoU"] < b["clean"]["mIoU"] - 0.1  # the attack changes the result
     for run in ("clean", "pgd@8"):
         ma = a["clean"] if run == "clean" else a["attacks"][run]
         mb = b["clean"] if run == "clean" else b["attacks"][run]
         for key in ("mIoU", "mAcc", "aAcc", "iou_per_class", "acc_per_class"):
             assert ma[key] == mb[key], (run, key)
-    assert a["attacks"]["pgd@8"]["forward_passes"] == b["attacks"]["pgd@8"]["forward_passes"]
+    assert a["attacks"]["pgd@8"]["forward_passes"] == b["attacks"]["pgd@8"]["forward_passes"] == 16 * 3
+    ca, cb = (saved_counts(glob.glob(str(tmp_path / d / "result" / "per_image" / "*.all.npz"))[0]) for d in ("two", "one"))
+    for run in ("clean", "pgd@8"):
+        for col in ("index", "inter", "union", "target"):
+            assert (ca[run][col] == cb[run][col]).all(), (run, col)
 
 
 def test_batch_not_divisible_by_world_size_is_one_line_error(tiny_config, tmp_path):

@@ -8,55 +8,90 @@ from PIL import Image
 
 from engine.cli import main
 from engine.evaluator import run_test
-from engine.trainer import Trainer
 from utils.config import load_config
 from utils.errors import SetupError
 
 ATTACKS = """
+test:
+  checkpoint: {ckpt}
+  eps: [4.0, 8.0]
+  examples: 4
+  save_images: true
   attacks:
-    - {name: pgd, steps: 2, alpha: 4.0}
-    - {name: ensemble, label: ens, members: [{name: pgd, label: pgd1, steps: 1, alpha: 8.0}, fgsm]}
+    - {{name: pgd, steps: 2, alpha: 4.0}}
+    - {{name: ensemble, label: ens, members: [{{name: pgd, label: pgd1, steps: 1, alpha: 8.0}}, fgsm]}}
 """
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, synthetic_root):
-    """A tiny model trained for one epoch; returns (config text, exp_dir)."""
-    from tests.conftest import TINY
+def trained(tmp_path_factory, trained_model):
+    """The session's trained model with a config of several attacks and eps; (config, exp_dir)."""
     tmp = tmp_path_factory.mktemp("evalexp")
-    text = TINY.format(exp=tmp / "exp", data=synthetic_root).replace("  attacks: [{name: pgd, steps: 2, alpha: 4.0}]\n", "")
-    (tmp / "c.yaml").write_text(text + "  eps: [4.0, 8.0]\n" + ATTACKS)
-    path = str(tmp / "c.yaml")
-    assert main("train", lambda cfg: Trainer(cfg).fit(), ["--config", path, "train.epochs=1", "train.eval_freq=0"]) == 0
-    return path, tmp / "exp"
+    (tmp / "c.yaml").write_text(f"_base_: [{trained_model.config}]\nexp_dir: {tmp / 'exp'}\n"
+                                + ATTACKS.format(ckpt=trained_model.checkpoint))
+    return str(tmp / "c.yaml"), tmp / "exp"
 
 
 def test_metrics_json_schema_and_outputs(trained):
     path, exp = trained
     assert main("test", run_test, ["--config", path]) == 0
     m = json.loads((exp / "result" / "metrics.json").read_text())
-    assert m["num_images"] == 6 and m["split"] == "val" and m["checkpoint"].endswith("last.pth")
+    assert m["num_images"] == 16 and m["split"] == "val" and m["checkpoint"].endswith("last.pth")
     for key in ("mIoU", "mAcc", "aAcc", "iou_per_class", "seconds"):
         assert key in m["clean"]
     assert set(m["attacks"]) == {"pgd@4", "pgd@8", "ens/pgd1@4", "ens/fgsm@4", "ens@4", "ens/pgd1@8",
                                  "ens/fgsm@8", "ens@8"}
     pgd = m["attacks"]["pgd@8"]
-    assert pgd["forward_passes"] == 6 * 2 and pgd["backward_passes"] == 6 * 2  # per image, 2 steps
-    assert m["attacks"]["ens@8"]["forward_passes"] == 6 * 2                     # pgd1 + fgsm
+    assert pgd["forward_passes"] == 16 * 2 and pgd["backward_passes"] == 16 * 2  # per image, 2 steps
+    assert m["attacks"]["ens@8"]["forward_passes"] == 16 * 2                      # pgd1 + fgsm
+    assert pgd["mIoU"] < m["attacks"]["pgd@4"]["mIoU"] < m["clean"]["mIoU"] - 0.05  # the attacks bite
     for eps in ("4", "8"):
         runs = [v for k, v in m["attacks"].items() if k.endswith("@" + eps) and k != f"ens@{eps}"]
         wc = m["worst_case"][eps]
         assert wc["mIoU"] <= min(r["mIoU"] for r in runs) + 1e-12
         assert m["attacks"][f"ens@{eps}"]["mIoU"] <= min(m["attacks"][f"ens/{a}@{eps}"]["mIoU"] for a in ("pgd1", "fgsm")) + 1e-12
         assert wc["aAcc"] <= min(r["aAcc_img"] for r in runs) + 1e-12
-        assert sum(wc["images_per_attack"]) == 6
+        assert sum(wc["images_per_attack"]) == 16
     for run in ("clean", "pgd@8", "ens/fgsm@4"):
         files = sorted(os.listdir(exp / "result" / run))
-        assert len(files) == 6
+        assert len(files) == 16
         ids = np.array(Image.open(exp / "result" / run / files[0]))
         assert ids.max() < 6                                                 # palette PNG reads back as ids
     assert os.path.isfile(exp / "result" / "examples" / "pgd@8" / "0.png")
     assert os.path.isfile(exp / "result" / "config.yaml")
+    assert not os.path.exists(str(exp / "result") + ".partial")              # staged, then published
+
+
+def test_attacked_metrics_identical_for_batch_sizes_1_and_4(trained_model, tmp_path):
+    """Random starts are seeded per image, so the batch layout does not change an attacked result."""
+    import torch
+    from engine.eval_resume import saved_counts
+    results = {}
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for b in (1, 4):
+        exp = tmp_path / f"b{b}"
+        assert main("test", run_test, ["--config", trained_model.config, f"exp_dir={exp}", f"test.batch_size={b}",
+                                       f"test.checkpoint={trained_model.checkpoint}"]) == 0
+        files = [f for f in os.listdir(exp / "result" / "per_image") if f.endswith(".all.npz")]
+        results[b] = (json.loads((exp / "result" / "metrics.json").read_text()),
+                      saved_counts(str(exp / "result" / "per_image" / files[0])))
+    torch.set_num_threads(n)
+    (m1, c1), (m4, c4) = results[1], results[4]
+    assert m1["attacks"]["pgd@8"]["mIoU"] < m1["clean"]["mIoU"] - 0.1         # the attack changes the result
+    assert not np.array_equal(c1["pgd@8"]["inter"], c1["clean"]["inter"])
+    for run in ("clean", "pgd@8"):
+        for col in ("index", "inter", "union", "target"):
+            np.testing.assert_array_equal(c1[run][col], c4[run][col])
+    for key in ("mIoU", "mAcc", "aAcc", "iou_per_class"):
+        assert m1["attacks"]["pgd@8"][key] == m4["attacks"]["pgd@8"][key]
+    # and the numbers come from the config: another seed moves the random starts, hence the result
+    exp = tmp_path / "seed1"
+    assert main("test", run_test, ["--config", trained_model.config, f"exp_dir={exp}", "seed=1",
+                                   f"test.checkpoint={trained_model.checkpoint}"]) == 0
+    other = json.loads((exp / "result" / "metrics.json").read_text())
+    assert other["clean"]["mIoU"] == m1["clean"]["mIoU"]
+    assert other["attacks"]["pgd@8"]["iou_per_class"] != m1["attacks"]["pgd@8"]["iou_per_class"]
 
 
 def test_semseg_protocol_with_covering_window_equals_whole(trained):
@@ -70,7 +105,18 @@ def test_semseg_protocol_with_covering_window_equals_whole(trained):
     m = run_test(load_config(path, ["test.save_images=false", "test.protocol=semseg", "test.crop_size=[25,25]",
                                     "data.eval_transform=semseg", "data.base_size=41", f"exp_dir={exp}",
                                     "test.attacks=[{name: pgd, steps: 1, alpha: 8.0}]", "test.eps=[8]"]))
-    assert m["attacks"]["pgd@8"]["mIoU"] <= m["clean"]["mIoU"] + 0.05
+    assert m["attacks"]["pgd@8"]["mIoU"] < m["clean"]["mIoU"]
+    assert m["attacks"]["pgd@8"]["forward_passes"] == 16 * 4  # 2x2 windows of 25 (stride 17) per image, 1 step
+    # the network sees the image at a long side of 33; scores are resized back and scored against the
+    # labels at their original 41x41 (every label pixel counted)
+    m = run_test(load_config(path, ["test.attacks=[]", "test.save_images=false", "test.protocol=semseg",
+                                    "test.crop_size=[33,33]", "data.eval_transform=semseg", "data.base_size=33",
+                                    f"exp_dir={exp}"]))
+    assert 0 < m["clean"]["mIoU"] != whole["clean"]["mIoU"]
+    per_image = [f for f in os.listdir(exp / "result" / "per_image") if f.endswith(".all.npz")][0]
+    from engine.eval_resume import saved_counts
+    target = saved_counts(str(exp / "result" / "per_image" / per_image))["clean"]["target"]
+    assert target.sum() == sum(int((np.array(Image.open(p)) != 255).sum()) for p in _labels(path)[:16])
 
 
 def test_bad_attacks_and_mismatched_checkpoint(trained, tmp_path):
@@ -83,9 +129,15 @@ def test_bad_attacks_and_mismatched_checkpoint(trained, tmp_path):
         run_test(load_config(path, ["test.attacks=[{name: pgd, steps: 0, alpha: 1}]"]))
     other = tmp_path / "other"
     with pytest.raises(SetupError, match="missing keys|unexpected keys|shape mismatches"):
-        run_test(load_config(path, ["model.layers=34", f"exp_dir={other}",
-                                    f"test.checkpoint={exp / 'model' / 'last.pth'}"]))
-    assert not os.path.exists(other / "result")  # failed before any image was processed
+        run_test(load_config(path, ["model.layers=34", f"exp_dir={other}"]))
+    assert not os.path.exists(other)  # failed before anything was written
+
+
+def _labels(config: str) -> list:
+    """Label files of the config's test list, in order."""
+    cfg = load_config(config)
+    with open(os.path.join(cfg.data.root, cfg.data.test_list)) as f:
+        return [os.path.join(cfg.data.root, line.split()[1]) for line in f if line.strip()]
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -166,7 +218,7 @@ def test_multitask_evaluation_by_hand():
     attack on depth alone moves only the depth input channel, by 2 steps of 2/255 away from the target."""
     import torch
     from attacks import build_attack
-    from engine.evaluator import AttackRun, evaluate, run_columns
+    from engine.evaluator import AttackRun, evaluate
     from engine.results import aggregate
     samples = []
     for i in range(3):

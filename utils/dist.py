@@ -62,27 +62,37 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """Where `t` must be for a collective: NCCL moves CUDA tensors only, so CPU tensors (counts,
+    timings) travel through this process's GPU."""
+    if t.device.type != "cuda" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (in place on a copy)."""
+    """Sum over processes (on a copy, returned on `t`'s device)."""
     if not is_dist():
         return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t
+    r = t.to(_comm_device(t), copy=True)
+    dist.all_reduce(r)
+    return r.to(t.device)
 
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate row blocks of different lengths from every process, in rank order."""
+    """Concatenate row blocks of different lengths from every process, in rank order (on `t`'s device)."""
     if not is_dist():
         return t
-    n = torch.tensor([t.shape[0]], device=t.device)
+    dev = _comm_device(t)
+    n = torch.tensor([t.shape[0]], device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(sizes, n)
     m = int(max(s.item() for s in sizes))
-    pad = t.new_zeros((m - t.shape[0],) + tuple(t.shape[1:]))
-    out: List[torch.Tensor] = [t.new_zeros((m,) + tuple(t.shape[1:])) for _ in sizes]
-    dist.all_gather(out, torch.cat([t, pad]))
-    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+    x = t.to(dev)
+    pad = x.new_zeros((m - x.shape[0],) + tuple(x.shape[1:]))
+    out: List[torch.Tensor] = [x.new_zeros((m,) + tuple(x.shape[1:])) for _ in sizes]
+    dist.all_gather(out, torch.cat([x, pad]))
+    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)]).to(t.device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Tiny dataset trees in the official layouts, with known values, for the dataset, resize and launcher tests.
+"""Tiny dataset trees in the official layouts, with known values, for the dataset, resize and launcher tests
+(and the tiny-model settings that run experiment configs on them).
 
 Like the real data, every split mixes image sizes and orientations (landscape and portrait; square for
 Taskonomy, whose loader resizes to a square), and every label holds several classes plus ignore pixels
@@ -204,4 +205,15 @@ def make_taskonomy(root: str, seg_folder: str = "segment_semantic") -> None:
         write_gray(os.path.join(root, "edge_texture", name.format("edge_texture")), edge)
 
 
+# The smallest settings each model builder accepts, without ImageNet weights, to run experiment configs on
+# these fixtures: ResNet-18 at quarter width for PSPNet, DeepLabv3 and the Taskonomy ResNet; ConvNeXt-T at
+# quarter width (inputs of at least 32 pixels); DRN-D-22, the smallest DRN (no width option).
+TINY_MODELS = {
+    "pspnet": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+    "deeplabv3": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+    "upernet_convnext": ["model.backbone=convnext_t_cvst", "model.width=0.25", "model.pretrained=null"],
+    "drn_seg": ["model.arch=drn_d_22", "model.pretrained=null"],
+    "drn_multitask": ["model.arch=drn_d_22", "model.pretrained=null"],
+    "taskonomy_resnet": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+}
 MAKERS = {"cityscapes": make_cityscapes, "voc2012": make_voc, "ade20k": make_ade20k, "taskonomy": make_taskonomy}

@@ -367,7 +367,7 @@ def test_experiment_config_builds_dataset_and_trains(path, tmp_path):
     from engine.trainer import Trainer
     cfg = load_config(path, [f"data.root={tmp_path}", *small, f"exp_dir={tmp_path / 'exp'}", "data.workers=0",
                              "train.epochs=1", f"train.batch_size={len(train)}", "train.val_batch_size=2",
-                             "model.pretrained=null", "train.print_freq=1"])
+                             *fx.TINY_MODELS[cfg.model.name], "train.print_freq=1"])
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()

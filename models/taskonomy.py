@@ -37,19 +37,19 @@ TASKONOMY_FC_TASKS = {"class_object": 1000, "class_places": 63, "room_layout": 9
 class DenseDecoder(nn.Module):
     """Five x2 transposed-conv steps (x32) from the representation back to full resolution."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, width: float = 1.0):
         super().__init__()
         self.relu = nn.ReLU(inplace=True)
-        widths = [cin, 256, 128, 64, 48]
+        widths = [cin] + [max(1, int(round(n * width))) for n in (256, 128, 64, 48, 32)]
         for i in range(4):
             a, b = widths[i], widths[i + 1]
             self.add_module(f"upconv{i}", nn.ConvTranspose2d(a, b, 2, 2))
             self.add_module(f"bn_upconv{i}", nn.BatchNorm2d(b))
             self.add_module(f"conv_decode{i}", nn.Conv2d(b, b, 3, padding=1))
             self.add_module(f"bn_decode{i}", nn.BatchNorm2d(b))
-        self.upconv4 = nn.ConvTranspose2d(48, 32, 2, 2)
-        self.bn_upconv4 = nn.BatchNorm2d(32)
-        self.conv_decode4 = nn.Conv2d(32, cout, 3, padding=1)
+        self.upconv4 = nn.ConvTranspose2d(widths[4], widths[5], 2, 2)
+        self.bn_upconv4 = nn.BatchNorm2d(widths[5])
+        self.conv_decode4 = nn.Conv2d(widths[5], cout, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(4):
@@ -70,21 +70,22 @@ class FCDecoder(nn.Module):
 
 
 class TaskonomyResNet(Segmentor):
-    """Every mode returns {task: output}; dense outputs at input resolution."""
+    """Every mode returns {task: output}; dense outputs at input resolution. `width` scales the encoder's
+    and the dense decoders' channels (1.0 = the published networks)."""
 
     multitask = True
 
     def __init__(self, layers: int, tasks: Sequence[str], channels: Dict[str, int], fc_tasks: Dict[str, int],
-                 mean=None, std=None):
+                 mean=None, std=None, width: float = 1.0):
         super().__init__(mean, std)
         if not tasks:
             raise ValueError("model.tasks is empty")
         self.tasks = list(tasks)
         self.main_output = "segmentsemantic" if "segmentsemantic" in self.tasks else self.tasks[0]
-        self.backbone = ResNet(layers, deep_base=False, output_stride=32)
+        self.backbone = ResNet(layers, deep_base=False, output_stride=32, width=width)
         base = self.backbone.channels[3]
         self.decoders = nn.ModuleDict({t: FCDecoder(base, fc_tasks[t]) if t in fc_tasks
-                                       else DenseDecoder(base, channels[t]) for t in self.tasks})
+                                       else DenseDecoder(base, channels[t], width) for t in self.tasks})
         for m in self.decoders.modules():  # conv N(0, sqrt(2/(k*k*C_out))), BN (1, 0); ConvT/Linear default
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -110,7 +111,7 @@ def build_taskonomy_resnet(cfg) -> TaskonomyResNet:
     dense = [t for t in m.tasks if t not in TASKONOMY_FC_TASKS]
     channels = task_channels(dense, TASKONOMY_TASKS, cfg.data.classes, m.task_channels)
     fc = {t: int(m.task_channels.get(t, k)) for t, k in TASKONOMY_FC_TASKS.items() if t in m.tasks}
-    return TaskonomyResNet(m.layers, m.tasks, channels, fc, m.mean, m.std)
+    return TaskonomyResNet(m.layers, m.tasks, channels, fc, m.mean, m.std, width=m.width)
 
 
 __all__: List[str] = ["TaskonomyResNet", "TASKONOMY_TASKS", "TASKONOMY_FC_TASKS"]

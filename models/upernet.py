@@ -74,12 +74,13 @@ class FCNHead(nn.Module):
 
 class UperNet(Segmentor):
     def __init__(self, classes: int, backbone: str = "convnext_t_cvst", drop_path=None, aux: bool = True,
-                 mean=None, std=None):
+                 mean=None, std=None, width: float = 1.0):
         super().__init__(mean, std)
-        self.backbone = convnext_cvst(backbone, drop_path)
+        self.backbone = convnext_cvst(backbone, drop_path, width)
         ch = self.backbone.channels
-        self.decode_head = UperHead(ch, classes)
-        self.aux_head = FCNHead(ch[2], classes) if aux else None
+        c = lambda n: max(1, int(round(n * width)))  # noqa: E731
+        self.decode_head = UperHead(ch, classes, c(512))
+        self.aux_head = FCNHead(ch[2], classes, c(256)) if aux else None
         for head in (self.decode_head, self.aux_head):  # N(0, 0.02) conv init, zero biases (PIR-AT)
             for m in (head.modules() if head is not None else []):
                 if isinstance(m, nn.Conv2d):
@@ -101,4 +102,4 @@ def build_upernet_convnext(cfg) -> UperNet:
     if m.backbone not in VARIANTS:
         raise SetupError(f"{cfg.path}: model.backbone '{m.backbone}' is not a ConvNeXt variant for "
                          f"upernet_convnext; valid: {', '.join(VARIANTS)}")
-    return UperNet(cfg.data.classes, m.backbone, m.drop_path, m.aux, *norm_stats(m))
+    return UperNet(cfg.data.classes, m.backbone, m.drop_path, m.aux, *norm_stats(m), width=m.width)

@@ -1,8 +1,15 @@
-"""Tiny dataset trees in the official layouts, with known values, for the dataset and resize tests."""
+"""Tiny dataset trees in the official layouts, with known values, for the dataset, resize and launcher tests
+(and the tiny-model settings that run experiment configs on them).
+
+Like the real data, every split mixes image sizes and orientations (landscape and portrait; square for
+Taskonomy, whose loader resizes to a square), and every label holds several classes plus ignore pixels
+where the real annotations have them. Sizes stay within tens of pixels so tests run fast.
+"""
 from __future__ import annotations
 
 import os
 import zlib
+from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
@@ -10,7 +17,12 @@ from PIL import Image
 
 from datasets.palettes import voc_palette
 
-H, W = 16, 24
+Shape = Tuple[int, int]
+# (h, w) of the k-th image of every split: two landscape sizes, one portrait, and a repeated size so an
+# evaluation batch holds a same-size group of two besides single images
+SHAPES: Tuple[Shape, ...] = ((16, 24), (24, 16), (20, 30), (16, 24))
+H, W = SHAPES[0]
+SPLIT_SIZE = len(SHAPES)  # images per split in every fixture
 
 
 def rgb(seed: int, h: int = H, w: int = W) -> np.ndarray:
@@ -33,120 +45,175 @@ def write_gray(path: str, a: np.ndarray) -> None:
     cv2.imwrite(path, a)
 
 
-def cs_label_ids(seed: int) -> np.ndarray:
-    """labelIds: left third road (7), middle car (26), right unlabeled (0), row 0 bicycle (33), (1,1) license plate."""
-    lbl = np.zeros((H, W), np.uint8)
-    lbl[:, :8], lbl[:, 8:16] = 7, 26
+# ---------------------------------------------------------------- cityscapes
+CS_NAMES: Dict[str, List[str]] = {  # sorted, as the loader lists them
+    "train": ["aachen/aachen_000000_000019", "aachen/aachen_000001_000019", "bonn/bonn_000001_000019",
+              "bremen/bremen_000000_000019"],
+    "val": ["frankfurt/frankfurt_000000_000294", "frankfurt/frankfurt_000001_000538",
+            "lindau/lindau_000000_000019", "munster/munster_000000_000019"],
+}
+CS_BOTTOM = (11, 21, 23, 24)  # building, vegetation, sky, person: a class band at the bottom of image k
+
+
+def cs_label_ids(k: int, h: int = H, w: int = W) -> np.ndarray:
+    """labelIds: left third road (7), middle car (26), right unlabeled (0), row 0 bicycle (33), (1,1) license
+    plate, bottom three rows of the left third CS_BOTTOM[k]."""
+    lbl = np.zeros((h, w), np.uint8)
+    lbl[:, :w // 3], lbl[:, w // 3:2 * w // 3] = 7, 26
     lbl[0] = 33
     lbl[1, 1] = 255  # -1 (license plate) as stored in uint8
+    lbl[h - 3:, :w // 3] = CS_BOTTOM[k % len(CS_BOTTOM)]
     return lbl
 
 
-CS_TRAIN_IDS = {7: 0, 26: 13, 0: 255, 33: 18, 255: 255}
+CS_TRAIN_IDS = {7: 0, 26: 13, 0: 255, 33: 18, 255: 255, 11: 2, 21: 8, 23: 10, 24: 11}
 
 
-def cs_disparity() -> np.ndarray:
-    d = np.full((H, W), 257 + 256 * 3, np.uint16)   # (p-1)/256 = 4.0
-    d[:, :W // 2] = 1 + 256 * 10                      # 10.0
+def cs_train_ids(k: int, h: int = H, w: int = W) -> np.ndarray:
+    return np.vectorize(CS_TRAIN_IDS.get)(cs_label_ids(k, h, w)).astype(np.uint8)
+
+
+def cs_disparity(h: int = H, w: int = W) -> np.ndarray:
+    d = np.full((h, w), 257 + 256 * 3, np.uint16)   # (p-1)/256 = 4.0
+    d[:, :w // 2] = 1 + 256 * 10                      # 10.0
     d[:6, :6] = 0                                     # invalid block
     return d
 
 
 def make_cityscapes(root: str, train_ids: bool = False) -> dict:
-    """2 train images (two cities), 1 val image; labelIds (or trainIds) and disparity."""
+    """CS_NAMES per split (image k of SHAPES[k]); labelIds (or trainIds too) and disparity.
+    Returns {(split, k): image}."""
     out = {}
-    for split, names in (("train", ["aachen/aachen_000000_000019", "bonn/bonn_000001_000019"]),
-                         ("val", ["frankfurt/frankfurt_000000_000294"])):
+    for split, names in CS_NAMES.items():
         for k, name in enumerate(names):
-            img = rgb(zlib.crc32(name.encode()) % 1000)
+            h, w = SHAPES[k]
+            img = rgb(zlib.crc32(name.encode()) % 1000, h, w)
             write_rgb(os.path.join(root, "leftImg8bit", split, name + "_leftImg8bit.png"), img)
-            lbl = cs_label_ids(k)
-            write_gray(os.path.join(root, "gtFine", split, name + "_gtFine_labelIds.png"), lbl)
+            write_gray(os.path.join(root, "gtFine", split, name + "_gtFine_labelIds.png"), cs_label_ids(k, h, w))
             if train_ids:
                 write_gray(os.path.join(root, "gtFine", split, name + "_gtFine_labelTrainIds.png"),
-                           np.vectorize(CS_TRAIN_IDS.get)(lbl).astype(np.uint8))
-            write_gray(os.path.join(root, "disparity", split, name + "_disparity.png"), cs_disparity())
+                           cs_train_ids(k, h, w))
+            write_gray(os.path.join(root, "disparity", split, name + "_disparity.png"), cs_disparity(h, w))
             with open(os.path.join(root, "gtFine", split, name + "_gtFine_polygons.json"), "w") as f:
                 f.write("{}")
             out[(split, k)] = img
     return out
 
 
-def voc_label(k: int) -> np.ndarray:
-    lbl = np.zeros((H, W), np.uint8)
-    lbl[4:12, 4:12] = 15 if k == 0 else 20
-    lbl[3, 3:13] = 255   # boundary band
+# ---------------------------------------------------------------- voc2012
+VOC_IDS: Dict[str, List[str]] = {
+    "train": ["2007_000032", "2007_000033", "2007_000039", "2007_000042"],
+    "val": ["2008_000001", "2008_000002", "2008_000003", "2008_000004"],
+}
+VOC_OBJECTS = {"train": ((15, 9), (20, 1), (12, 3), (7, 15)), "val": ((20, 5), (15, 11), (1, 12), (9, 18))}
+
+
+def voc_label(split: str, k: int) -> np.ndarray:
+    """Background, two objects (classes VOC_OBJECTS[split][k]) each inside a 255 boundary ring."""
+    h, w = SHAPES[k]
+    lbl = np.zeros((h, w), np.uint8)
+    first, second = VOC_OBJECTS[split][k]
+    lbl[3:13, 3:13] = 255
+    lbl[4:12, 4:12] = first
+    lbl[h - 7:h - 1, w - 8:w - 1] = 255
+    lbl[h - 6:h - 2, w - 7:w - 2] = second
     return lbl
 
 
 def make_voc(root: str) -> dict:
-    """3 images; labels as palette ('P') PNGs; train list with paths, val list with bare ids."""
-    ids = ["2007_000032", "2007_000033", "2008_000001"]
+    """VOC_IDS per split; labels as palette ('P') PNGs; train list with paths, val list with bare ids."""
     pal = voc_palette().flatten().tolist()
     imgs = {}
-    for k, i in enumerate(ids):
-        img = smooth(k)
-        os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
-        Image.fromarray(img).save(os.path.join(root, "JPEGImages", i + ".jpg"), quality=100)
-        os.makedirs(os.path.join(root, "SegmentationClassAug"), exist_ok=True)
-        p = Image.fromarray(voc_label(k), mode="P")
-        p.putpalette(pal)
-        p.save(os.path.join(root, "SegmentationClassAug", i + ".png"))
-        imgs[i] = img
+    os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
+    os.makedirs(os.path.join(root, "SegmentationClassAug"), exist_ok=True)
+    for split, ids in VOC_IDS.items():
+        for k, i in enumerate(ids):
+            img = smooth(zlib.crc32(i.encode()) % 1000, *SHAPES[k])
+            Image.fromarray(img).save(os.path.join(root, "JPEGImages", i + ".jpg"), quality=100)
+            p = Image.fromarray(voc_label(split, k), mode="P")
+            p.putpalette(pal)
+            p.save(os.path.join(root, "SegmentationClassAug", i + ".png"))
+            imgs[i] = img
     os.makedirs(os.path.join(root, "list"), exist_ok=True)
     with open(os.path.join(root, "list", "train_aug.txt"), "w") as f:
-        f.writelines(f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in ids[:2])
+        f.writelines(f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png\n" for i in VOC_IDS["train"])
     with open(os.path.join(root, "list", "val.txt"), "w") as f:
-        f.write(ids[2] + "\n")
+        f.writelines(i + "\n" for i in VOC_IDS["val"])
     return imgs
 
 
-def ade_label(k: int) -> np.ndarray:
-    lbl = np.full((H, W), 1, np.uint8)
+# ---------------------------------------------------------------- ade20k
+ADE_SPLITS = {"training": "ADE_train", "validation": "ADE_val"}
+
+
+def ade_label(k: int, h: int = H, w: int = W) -> np.ndarray:
+    """Image k (1-based): 0 (other) in the left 5 columns, 1 (wall), 150 in the right 4 columns,
+    a 10+k block at the bottom, 3+k at (8, 8)."""
+    lbl = np.full((h, w), 1, np.uint8)
     lbl[:, :5] = 0
-    lbl[:, 20:] = 150
+    lbl[:, w - 4:] = 150
+    lbl[h - 4:, 5:9] = 10 + k
     lbl[8, 8] = 3 + k
     return lbl
 
 
 def make_ade20k(root: str) -> None:
-    """2 training images written in reverse name order (the loader must sort), 1 validation image."""
+    """SPLIT_SIZE images per split (image k of SHAPES[k-1]), written in reverse name order (the loader must sort)."""
     base = os.path.join(root, "ADEChallengeData2016")
-    for split, names in (("training", ["ADE_train_00000002", "ADE_train_00000001"]),
-                         ("validation", ["ADE_val_00000001"])):
-        for name in names:
-            k = int(name[-1])
+    for split, prefix in ADE_SPLITS.items():
+        for k in range(SPLIT_SIZE, 0, -1):
+            name = f"{prefix}_{k:08d}"
+            h, w = SHAPES[k - 1]
             os.makedirs(os.path.join(base, "images", split), exist_ok=True)
-            Image.fromarray(smooth(k)).save(os.path.join(base, "images", split, name + ".jpg"), quality=100)
-            write_gray(os.path.join(base, "annotations", split, name + ".png"), ade_label(k))
+            Image.fromarray(smooth(k, h, w)).save(os.path.join(base, "images", split, name + ".jpg"), quality=100)
+            write_gray(os.path.join(base, "annotations", split, name + ".png"), ade_label(k, h, w))
 
 
+# ---------------------------------------------------------------- taskonomy
 TK_SIZE = 16
+# point -> (h, w): train points < 1200, val >= 1200; the first of each split is square TK_SIZE
+TK_POINTS: Dict[int, Shape] = {1: (16, 16), 5: (12, 20), 7: (20, 12), 9: (16, 24),
+                               1300: (16, 16), 1301: (20, 12), 1302: (12, 20), 1303: (24, 16)}
 
 
-def tk_depth() -> np.ndarray:
-    d = np.full((TK_SIZE, TK_SIZE), 1000, np.uint16)
-    d[:, TK_SIZE // 2:] = 30000
+def tk_depth(h: int = TK_SIZE, w: int = TK_SIZE) -> np.ndarray:
+    d = np.full((h, w), 1000, np.uint16)
+    d[:, w // 2:] = 30000
     d[:4, :4] = 65535  # invalid
     return d
 
 
-def tk_seg() -> np.ndarray:
-    s = np.full((TK_SIZE, TK_SIZE), 1, np.uint8)   # class 0 (background)
-    s[8:, 8:] = 17                                    # class 16
-    s[:2] = 0                                         # unlabelled
+def tk_seg(h: int = TK_SIZE, w: int = TK_SIZE) -> np.ndarray:
+    s = np.full((h, w), 1, np.uint8)   # class 0 (background)
+    s[h // 2:, w // 2:] = 17          # class 16
+    s[h // 2:, :w // 4] = 3           # class 2 (chair)
+    s[:2] = 0                         # unlabelled
     return s
 
 
 def make_taskonomy(root: str, seg_folder: str = "segment_semantic") -> None:
-    """Points 1 and 5 (train), 1300 (val); rgb, depth_zbuffer with invalid values, segmentation, curvature."""
-    for point in (1, 5, 1300):
+    """TK_POINTS; rgb, depth_zbuffer with invalid values, segmentation, curvature, edge texture."""
+    for point, (h, w) in TK_POINTS.items():
         name = f"point_{point}_view_0_domain_{{}}.png"
-        write_rgb(os.path.join(root, "rgb", name.format("rgb")), rgb(point, TK_SIZE, TK_SIZE))
-        write_gray(os.path.join(root, "depth_zbuffer", name.format("depth_zbuffer")), tk_depth())
-        write_gray(os.path.join(root, seg_folder, name.format(seg_folder)), tk_seg())
-        curv = np.zeros((TK_SIZE, TK_SIZE, 3), np.uint8)
+        write_rgb(os.path.join(root, "rgb", name.format("rgb")), rgb(point, h, w))
+        write_gray(os.path.join(root, "depth_zbuffer", name.format("depth_zbuffer")), tk_depth(h, w))
+        write_gray(os.path.join(root, seg_folder, name.format(seg_folder)), tk_seg(h, w))
+        curv = np.zeros((h, w, 3), np.uint8)
         curv[..., 0], curv[..., 1], curv[..., 2] = 130, 100, 7
         write_rgb(os.path.join(root, "principal_curvature", name.format("principal_curvature")), curv)
-        edge = np.full((TK_SIZE, TK_SIZE), 2000, np.uint16)
+        edge = np.full((h, w), 2000, np.uint16)
         write_gray(os.path.join(root, "edge_texture", name.format("edge_texture")), edge)
+
+
+# The smallest settings each model builder accepts, without ImageNet weights, to run experiment configs on
+# these fixtures: ResNet-18 at quarter width for PSPNet, DeepLabv3 and the Taskonomy ResNet; ConvNeXt-T at
+# quarter width (inputs of at least 32 pixels); DRN-D-22, the smallest DRN (no width option).
+TINY_MODELS = {
+    "pspnet": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+    "deeplabv3": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+    "upernet_convnext": ["model.backbone=convnext_t_cvst", "model.width=0.25", "model.pretrained=null"],
+    "drn_seg": ["model.arch=drn_d_22", "model.pretrained=null"],
+    "drn_multitask": ["model.arch=drn_d_22", "model.pretrained=null"],
+    "taskonomy_resnet": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+}
+MAKERS = {"cityscapes": make_cityscapes, "voc2012": make_voc, "ade20k": make_ade20k, "taskonomy": make_taskonomy}

@@ -36,24 +36,34 @@ def one_line(e: pytest.ExceptionInfo, *words: str) -> None:
 def test_cityscapes_label_ids_converted(tmp_path):
     imgs = fx.make_cityscapes(str(tmp_path))
     ds = build_dataset(cfg_for("cityscapes", str(tmp_path), "data.eval_transform=none"), "val")
-    assert len(ds) == 1 and ds.classes == 19 and ds.name(0) == "frankfurt_000000_000294_leftImg8bit"
+    assert len(ds) == fx.SPLIT_SIZE and ds.classes == 19 and ds.name(0) == "frankfurt_000000_000294_leftImg8bit"
     s = ds[0]
     assert s["image"].shape == (3, fx.H, fx.W) and s["image"].dtype == torch.float32
     assert torch.allclose(s["image"], torch.from_numpy(imgs[("val", 0)]).permute(2, 0, 1).float() / 255)
     expect = np.vectorize(fx.CS_TRAIN_IDS.get)(fx.cs_label_ids(0))
     assert s["label"].dtype == torch.long and (s["label"].numpy() == expect).all()
     assert s["label"][5, 2] == 0 and s["label"][5, 10] == 13 and s["label"][5, 20] == 255
-    assert s["label"][0, 3] == 18 and s["label"][1, 1] == 255
+    assert s["label"][0, 3] == 18 and s["label"][1, 1] == 255 and s["label"][15, 2] == 2
+    # every image at its own size and orientation, labels converted value by value
+    for k, shape in enumerate(fx.SHAPES):
+        s = ds[k]
+        assert s["image"].shape == (3, *shape) and s["label"].shape == shape
+        assert torch.allclose(s["image"], torch.from_numpy(imgs[("val", k)]).permute(2, 0, 1).float() / 255)
+        assert (s["label"].numpy() == fx.cs_train_ids(k, *shape)).all()
+    assert ds[2]["label"][19, 0] == 10 and ds[1]["label"][23, 0] == 8 and ds[1]["label"][5, 12] == 255
 
 
 def test_cityscapes_train_ids_preferred_and_sorted(tmp_path):
     fx.make_cityscapes(str(tmp_path), train_ids=True)
     # make the labelIds files wrong: the trainIds files must be the ones read
-    for p in glob.glob(str(tmp_path / "gtFine" / "train" / "*" / "*_labelIds.png")):
-        fx.write_gray(p, np.full((fx.H, fx.W), 99, np.uint8))
+    for k, name in enumerate(fx.CS_NAMES["train"]):
+        fx.write_gray(str(tmp_path / "gtFine" / "train" / f"{name}_gtFine_labelIds.png"),
+                      np.full(fx.SHAPES[k], 99, np.uint8))
     ds = build_dataset(cfg_for("cityscapes", str(tmp_path), "data.transform=none"), "train")
-    assert [ds.name(i) for i in range(2)] == ["aachen_000000_000019_leftImg8bit", "bonn_000001_000019_leftImg8bit"]
-    assert ds[1]["label"][5, 10] == 13
+    assert [ds.name(i) for i in range(len(ds))] == [os.path.basename(n) + "_leftImg8bit" for n in fx.CS_NAMES["train"]]
+    assert ds.name(2) == "bonn_000001_000019_leftImg8bit" and ds[2]["label"][5, 10] == 13
+    for k, shape in enumerate(fx.SHAPES):
+        assert (ds[k]["label"].numpy() == fx.cs_train_ids(k, *shape)).all()
 
 
 def test_cityscapes_list_file(tmp_path):
@@ -79,6 +89,10 @@ def test_cityscapes_disparity_multitask(tmp_path):
     assert m.sum() == fx.H * fx.W - 36
     assert torch.equal(s["targets"]["segmentsemantic"], s["label"]) and s["label"][5, 10] == 13
     assert torch.equal(s["masks"]["segmentsemantic"][0], (s["label"] != 255).float())
+    s = build_dataset(cfg, "val")[1]                                  # portrait: 24 x 16
+    d, m = s["targets"]["depth_zbuffer"], s["masks"]["depth_zbuffer"]
+    assert d.shape == (1, 24, 16) and s["label"].shape == (24, 16) and s["image"].shape == (3, 24, 16)
+    assert d[0, 20, 7] == 10.0 and d[0, 20, 8] == 4.0 and m.sum() == 24 * 16 - 36
     # crop_flip pads dense targets as invalid and labels as ignore, identically for all maps
     cfg = cfg_for("cityscapes", str(tmp_path), "data.tasks=[segmentsemantic,depth_zbuffer,autoencoder]",
                   "data.transform=crop_flip", "data.crop_size=[20,30]")
@@ -94,38 +108,51 @@ def test_cityscapes_disparity_multitask(tmp_path):
 def test_voc_palette_png_gives_class_ids(tmp_path):
     imgs = fx.make_voc(str(tmp_path))
     ds = build_dataset(cfg_for("voc2012", str(tmp_path), "data.transform=none"), "train")
-    assert len(ds) == 2 and ds.classes == 21
+    assert len(ds) == fx.SPLIT_SIZE and ds.classes == 21
     with Image.open(tmp_path / "SegmentationClassAug" / "2007_000032.png") as im:
         assert im.mode == "P"
     s = ds[0]
-    assert (s["label"].numpy() == fx.voc_label(0)).all()
-    assert s["label"][5, 5] == 15 and s["label"][3, 5] == 255 and s["label"][0, 0] == 0
+    assert (s["label"].numpy() == fx.voc_label("train", 0)).all()
+    assert s["label"][5, 5] == 15 and s["label"][3, 5] == 255 and s["label"][0, 0] == 0 and s["label"][12, 18] == 9
     assert (s["image"] - torch.from_numpy(imgs["2007_000032"]).permute(2, 0, 1) / 255).abs().max() < 0.02
+    for k, (i, shape) in enumerate(zip(fx.VOC_IDS["train"], fx.SHAPES)):
+        s = ds[k]
+        assert s["image"].shape == (3, *shape) and (s["label"].numpy() == fx.voc_label("train", k)).all()
+        assert (s["image"] - torch.from_numpy(imgs[i]).permute(2, 0, 1) / 255).abs().max() < 0.02
     val = build_dataset(cfg_for("voc2012", str(tmp_path), "data.eval_transform=none"), "val")
-    assert len(val) == 1 and val.name(0) == "2008_000001" and val[0]["label"][5, 5] == 20
+    assert [val.name(k) for k in range(len(val))] == fx.VOC_IDS["val"]
+    assert val[0]["label"][5, 5] == 20 and val[1]["label"][5, 5] == 15 and val[1]["label"][19, 11] == 11
+    assert val[1]["label"].shape == (24, 16) and val[2]["image"].shape == (3, 20, 30)
 
 
 def test_voc_boundary_as_background(tmp_path):
     fx.make_voc(str(tmp_path))
     ds = build_dataset(cfg_for("voc2012", str(tmp_path), "data.eval_transform=none",
                                "data.boundary_as_background=true"), "val")
-    lbl = ds[0]["label"].numpy()
-    expect = fx.voc_label(2)
-    expect[expect == 255] = 0
-    assert (lbl == expect).all() and 255 not in lbl
+    for k in range(len(ds)):
+        lbl = ds[k]["label"].numpy()
+        expect = fx.voc_label("val", k)
+        assert (expect == 255).any()
+        expect[expect == 255] = 0
+        assert (lbl == expect).all() and 255 not in lbl
 
 
 # ---------------------------------------------------------------- ade20k
 def test_ade20k_reduce_zero_label_and_sorted(tmp_path):
     fx.make_ade20k(str(tmp_path))
     ds = build_dataset(cfg_for("ade20k", str(tmp_path), "data.transform=none"), "train")
-    assert ds.classes == 150 and [ds.name(i) for i in range(2)] == ["ADE_train_00000001", "ADE_train_00000002"]
+    assert ds.classes == 150 and [ds.name(i) for i in range(len(ds))] == [f"ADE_train_{k:08d}" for k in (1, 2, 3, 4)]
     lbl = ds[0]["label"].numpy()
     expect = np.where(fx.ade_label(1) == 0, 255, fx.ade_label(1).astype(np.int64) - 1)
     assert (lbl == expect).all() and lbl[0, 0] == 255 and lbl[0, 10] == 0 and lbl[0, 22] == 149 and lbl[8, 8] == 3
+    assert lbl[14, 6] == 10
+    for k, shape in enumerate(fx.SHAPES, 1):
+        raw = fx.ade_label(k, *shape).astype(np.int64)
+        assert (ds[k - 1]["label"].numpy() == np.where(raw == 0, 255, raw - 1)).all()
+        assert ds[k - 1]["image"].shape == (3, *shape)
     cfg = cfg_for("ade20k", str(tmp_path), "data.transform=none", "data.reduce_zero_label=false", "data.classes=151")
     lbl = build_dataset(cfg, "train")[1]["label"].numpy()
-    assert (lbl == fx.ade_label(2)).all() and lbl[0, 0] == 0 and lbl[0, 22] == 150
+    assert (lbl == fx.ade_label(2, *fx.SHAPES[1])).all() and lbl[0, 0] == 0 and lbl[0, 14] == 150 and lbl[21, 6] == 12
     # wrong class count for the chosen convention
     with pytest.raises(SetupError) as e:
         build_dataset(cfg_for("ade20k", str(tmp_path), "data.reduce_zero_label=false"), "train")
@@ -135,10 +162,16 @@ def test_ade20k_reduce_zero_label_and_sorted(tmp_path):
 def test_ade20k_sea_eval_protocol(tmp_path):
     fx.make_ade20k(str(tmp_path))
     cfg = cfg_for("ade20k", str(tmp_path), "data.eval_crop=[8,8]")
-    s = build_dataset(cfg, "val")[0]
+    val = build_dataset(cfg, "val")
+    s = val[0]
     # 16x24 -> short side 8: 8x12 -> centre crop columns 2..9; nearest labels only
     assert s["image"].shape == (3, 8, 8) and s["label"].shape == (8, 8)
-    assert set(np.unique(s["label"].numpy())) <= {255, 0, 149, 3}
+    assert set(np.unique(s["label"].numpy())) <= {255, 0, 149, 3, 10}
+    for k in range(1, len(val)):  # every size and orientation ends as the same centre crop
+        assert val[k]["image"].shape == (3, 8, 8) and val[k]["label"].shape == (8, 8)
+    # portrait 24x16 -> 12x8, centre rows 2..9: row r of the crop is source row (r + 2) * 2
+    expect = np.where(fx.ade_label(2, 24, 16) == 0, 255, fx.ade_label(2, 24, 16).astype(np.int64) - 1)
+    assert (val[1]["label"].numpy() == expect[4:20:2, ::2]).all()
 
 
 # ---------------------------------------------------------------- taskonomy
@@ -148,10 +181,13 @@ def test_taskonomy_targets(tmp_path, seg_folder):
     cfg = cfg_for("taskonomy", str(tmp_path), "data.taskonomy.size=16",
                   "data.tasks=[segmentsemantic,depth_zbuffer,principal_curvature,edge_texture,autoencoder]")
     train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    assert len(train) == 2 and len(val) == 1 and val.name(0) == "point_1300_view_0_domain_rgb"
+    points = sorted(fx.TK_POINTS, key=str)
+    assert [train.name(i) for i in range(len(train))] == [f"point_{p}_view_0_domain_rgb" for p in points if p < 1200]
+    assert [val.name(i) for i in range(len(val))] == [f"point_{p}_view_0_domain_rgb" for p in points if p >= 1200]
     s = train[0]
     seg = s["label"].numpy()
-    assert (seg[:2] == 255).all() and seg[5, 2] == 0 and seg[10, 10] == 16 and set(np.unique(seg)) == {0, 16, 255}
+    assert (seg[:2] == 255).all() and seg[5, 2] == 0 and seg[10, 10] == 16 and seg[10, 2] == 2
+    assert set(np.unique(seg)) == {0, 2, 16, 255}
     assert torch.equal(s["masks"]["segmentsemantic"][0], (s["label"] != 255).float())
     d, m = s["targets"]["depth_zbuffer"][0], s["masks"]["depth_zbuffer"][0]
     assert abs(float(d[10, 2]) - np.log1p(1000) / np.log(2 ** 16)) < 1e-5
@@ -166,6 +202,17 @@ def test_taskonomy_targets(tmp_path, seg_folder):
     assert abs(float(e[0, 0, 0]) - (min(2000 / 65535, 0.08) / 0.08 * 2 - 1)) < 1e-5
     assert (s["masks"]["edge_texture"] == 1).all()
     assert torch.equal(s["targets"]["autoencoder"], s["image"])
+    # landscape 12x20 and portrait 24x16 files: every map resized to the square size
+    for i, (h, w) in ((1, (12, 20)), (3, (16, 24))):
+        s = train[i]
+        assert fx.TK_POINTS[int(train.name(i).split("_")[1])] == (h, w)
+        assert s["image"].shape == (3, 16, 16) and s["label"].shape == (16, 16)
+        assert set(np.unique(s["label"].numpy())) == {0, 2, 16, 255} and (s["label"][:1] == 255).all()
+        d, m = s["targets"]["depth_zbuffer"][0], s["masks"]["depth_zbuffer"][0]
+        assert d.shape == (16, 16) and m[0, 0] == 0 and m[15, 15] == 1 and m[15, 0] == 1
+        assert abs(float(d[15, 15]) - np.log1p(30000) / np.log(2 ** 16)) < 1e-5
+        assert abs(float(d[15, 0]) - np.log1p(1000) / np.log(2 ** 16)) < 1e-5
+        assert s["targets"]["principal_curvature"].shape == (2, 16, 16)
 
 
 def test_taskonomy_resize_nearest_and_split(tmp_path):
@@ -175,7 +222,7 @@ def test_taskonomy_resize_nearest_and_split(tmp_path):
     train = build_dataset(cfg, "train")
     assert len(train) == 1 and train.name(0) == "point_1_view_0_domain_rgb"
     s = train[0]
-    assert s["image"].shape == (3, 8, 8) and set(np.unique(s["label"].numpy())) <= {0, 16, 255}
+    assert s["image"].shape == (3, 8, 8) and set(np.unique(s["label"].numpy())) == {0, 2, 16, 255}
     m = s["masks"]["depth_zbuffer"][0]
     assert (m[:2, :2] == 0).all() and m.sum() == 64 - 4      # 2x2 blocks: fully invalid or fully valid
 
@@ -249,7 +296,7 @@ def test_image_without_label(tmp_path):
 
 def test_label_value_out_of_range(tmp_path):
     fx.make_voc(str(tmp_path))
-    bad = fx.voc_label(2)
+    bad = fx.voc_label("val", 0)
     bad[0, 0] = 30
     fx.write_gray(str(tmp_path / "SegmentationClassAug" / "2008_000001.png"), bad)
     ds = build_dataset(cfg_for("voc2012", str(tmp_path)), "val")
@@ -257,7 +304,7 @@ def test_label_value_out_of_range(tmp_path):
         ds[0]
     one_line(e, "2008_000001.png", "[30]")
     fx.make_cityscapes(str(tmp_path / "cs"), train_ids=True)
-    p = glob.glob(str(tmp_path / "cs" / "gtFine" / "val" / "*" / "*_labelTrainIds.png"))[0]
+    p = str(tmp_path / "cs" / "gtFine" / "val" / f"{fx.CS_NAMES['val'][0]}_gtFine_labelTrainIds.png")
     fx.write_gray(p, np.full((fx.H, fx.W), 19, np.uint8))
     with pytest.raises(SetupError) as e:
         build_dataset(cfg_for("cityscapes", str(tmp_path / "cs"), "data.tasks=[segmentsemantic]",
@@ -287,8 +334,7 @@ def test_unknown_task(tmp_path):
 
 
 # ---------------------------------------------------------------- experiment configs
-FIXTURES = {"cityscapes": fx.make_cityscapes, "voc2012": fx.make_voc, "ade20k": fx.make_ade20k,
-            "taskonomy": fx.make_taskonomy}
+FIXTURES = fx.MAKERS
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "config", "*", "*_none.yaml"))
                  if "synthetic" not in p)  # the synthetic configs run end to end in test_training / test_launchers
 
@@ -309,18 +355,19 @@ def test_experiment_config_builds_dataset_and_trains(path, tmp_path):
     assert batch["image"].shape[1] == 3 and batch["label"].dtype == torch.long
     lbl = batch["label"]
     assert ((lbl >= 0) & (lbl < cfg.data.classes) | (lbl == 255)).all()
-    img, lbl = val[0]["image"], val[0]["label"]
-    if cfg.data.eval_transform == "semseg":  # image long side to base_size, label kept for scoring
-        assert max(img.shape[-2:]) == 32 and lbl.shape == (fx.H, fx.W)
-    else:
-        assert img.shape[-2:] == lbl.shape
+    for k in range(len(val)):
+        img, lbl = val[k]["image"], val[k]["label"]
+        if cfg.data.eval_transform == "semseg":  # image long side to base_size, label kept for scoring
+            assert max(img.shape[-2:]) == 32 and lbl.shape == fx.SHAPES[k]
+        else:
+            assert img.shape[-2:] == lbl.shape
     train.set_epoch(1)
 
     # one real training iteration (defense loss, backward, optimiser step) through the trainer
     from engine.trainer import Trainer
     cfg = load_config(path, [f"data.root={tmp_path}", *small, f"exp_dir={tmp_path / 'exp'}", "data.workers=0",
                              "train.epochs=1", f"train.batch_size={len(train)}", "train.val_batch_size=2",
-                             "model.pretrained=null", "train.print_freq=1"])
+                             *fx.TINY_MODELS[cfg.model.name], "train.print_freq=1"])
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()

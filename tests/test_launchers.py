@@ -1,11 +1,14 @@
-"""Launch scripts: syntax, one pair per experiment config, end-to-end synthetic runs, launch errors."""
+"""Launch scripts: syntax, one pair per experiment config, every pair end to end on tiny data, launch errors."""
 import glob
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+import data_fixtures as fx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "tool_train", "*", "*.sh")) +
@@ -50,24 +53,168 @@ def tiny(tmp_path):
             "test.attacks=[{name: pgd, steps: 1, alpha: 2.0}]", "test.save_images=false"]
 
 
-def test_synthetic_train_then_test_end_to_end_from_another_directory(tmp_path):
-    elsewhere = tmp_path / "cwd"
-    elsewhere.mkdir()
-    r = launch("tool_train/synthetic/pspnet18_none.sh", *tiny(tmp_path), cwd=elsewhere)
+# ---------------------------------------------------------------- every launcher pair, end to end
+MULTITASK_MODELS = ("drn_multitask", "taskonomy_resnet")  # evaluated per task, attacked with `multitask`
+SEG = "segmentsemantic"
+STEPS = 2
+
+
+def experiment(config: str, *overrides: str):
+    from utils.config import load_config
+    return load_config(config, list(overrides))
+
+
+def pair(config: str):
+    """(train script, test script) of an experiment config, relative to the repository root."""
+    ds, name = os.path.basename(os.path.dirname(config)), os.path.splitext(os.path.basename(config))[0]
+    return tuple(os.path.join(kind, ds, name[len(ds) + 1:] + ".sh") for kind in ("tool_train", "tool_test"))
+
+
+class Launches:
+    """Dataset fixtures and launcher-trained experiments shared by the tests of a session (each made once)."""
+
+    def __init__(self, base):
+        self.base, self.roots, self.trained = base, {}, {}
+
+    def overrides(self, config: str):
+        """Tiny data (an official-layout fixture, one tree per dataset, or a small synthetic set) and model."""
+        cfg = experiment(config)
+        name = cfg.data.name
+        if name not in self.roots:
+            self.roots[name] = self.base / "data" / name
+            if name != "synthetic":  # synthetic is written by its loader on first use
+                fx.MAKERS[name](str(self.roots[name]))
+        if name == "synthetic":
+            data = ["data.synthetic.num_train=4", "data.synthetic.num_val=4", "data.synthetic.size=41",
+                    "data.crop_size=[33,33]"]
+        else:
+            crop = 33 if cfg.model.name == "upernet_convnext" else 17
+            data = [f"data.crop_size=[{crop},{crop}]", "data.base_size=32", "data.eval_crop=[32,32]",
+                    "data.taskonomy.size=32"]
+        # device=cpu: the same runs with or without a GPU (and no GPU probe by the launch check)
+        return [f"data.root={self.roots[name]}", *data, "data.workers=0", *fx.TINY_MODELS[cfg.model.name],
+                "device=cpu"]
+
+    def train(self, config: str):
+        """Run the config's tool_train script once, from another working directory: 2 iterations, one
+        validation, one checkpoint. Returns (exp_dir, overrides, completed process)."""
+        if config not in self.trained:
+            exp = self.base / "exp" / os.path.splitext(os.path.basename(config))[0]
+            args = [*self.overrides(config), f"exp_dir={exp}", "train.epochs=1", "train.batch_size=2",
+                    "train.val_batch_size=4", "train.eval_freq=1", "train.save_freq=1", "train.print_freq=1"]
+            cwd = self.base / "cwd"
+            cwd.mkdir(exist_ok=True)
+            self.trained[config] = (exp, args, launch(pair(config)[0], *args, cwd=cwd))
+        return self.trained[config]
+
+
+@pytest.fixture(scope="session")
+def launches(tmp_path_factory):
+    return Launches(tmp_path_factory.mktemp("launch"))
+
+
+def val_size(cfg) -> int:
+    return cfg.data.synthetic.num_val if cfg.data.name == "synthetic" else fx.SPLIT_SIZE
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: os.path.relpath(p, os.path.join(ROOT, "config")))
+def test_launcher_pair_end_to_end(config, launches, tmp_path):
+    """tool_train then tool_test of one experiment on its official-layout fixture (mixed image sizes and
+    orientations, the dataset's own eval transform) with a tiny model; metrics.json as documented."""
+    exp, args, r = launches.train(config)
+    cfg = experiment(config, *args)
+    multitask = cfg.model.name in MULTITASK_MODELS
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    exp = tmp_path / "exp"
     assert sorted(os.listdir(exp / "model")) == ["epoch_1.pth", "last.pth"]
     logs = glob.glob(str(exp / "train-*.log"))
-    assert len(logs) == 1 and "epoch 1/1 done" in open(logs[0]).read()
-    # two CPU processes through torchrun (device=cpu), a free port picked by torchrun itself
-    r = launch("tool_test/synthetic/pspnet18_none.sh", *tiny(tmp_path), "device=cpu", cwd=elsewhere, NGPU="2")
+    assert len(logs) == 1
+    log = open(logs[0]).read()
+    assert "iter 2/2 " in log and "epoch 1/1 done" in log and log.count("| val mIoU") == 1, log[-2000:]
+
+    attack = ("{name: multitask, steps: %d, alpha: 1.0}" if multitask else "{name: pgd, steps: %d, alpha: 2.0}") % STEPS
+    # synthetic: two CPU processes through torchrun (device=cpu), a free port picked by torchrun itself
+    env = {"NGPU": "2"} if cfg.data.name == "synthetic" else {}
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    r = launch(pair(config)[1], *args, "test.batch_size=4", "test.eps=[8]", f"test.attacks=[{attack}]",
+               cwd=elsewhere, **env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    m = json.loads((exp / "result" / "metrics.json").read_text())
-    assert m["num_images"] == 4 and set(m["attacks"]) == {"pgd@8"}
-    # only the resolved config, the logs, model/, events/ and result/ in exp_dir
+    # only the resolved config, the two logs, model/, events/ and result/ in exp_dir
+    test_logs = glob.glob(str(exp / "test-*.log"))
+    assert len(test_logs) == 1
     assert sorted(os.listdir(exp)) == sorted(["config.yaml", "events", "model", "result", os.path.basename(logs[0]),
-                                              *map(os.path.basename, glob.glob(str(exp / "test-*.log")))])
-    assert len(glob.glob(str(exp / "test-*.log"))) == 1
+                                              os.path.basename(test_logs[0])])
+
+    m = json.loads((exp / "result" / "metrics.json").read_text())
+    n, key = val_size(cfg), ("multitask" if multitask else "pgd") + "@8"
+    assert m["num_images"] == n and m["split"] == "val" and set(m["attacks"]) == {key}
+    clean, attacked = m["clean"], m["attacks"][key]
+    for run in (clean, attacked, m["worst_case"]["8"]):
+        assert all(0 <= run[k] <= 1 for k in ("mIoU", "mAcc", "aAcc")), run
+        assert len(run["iou_per_class"]) == cfg.data.classes
+    assert attacked["forward_passes"] == attacked["backward_passes"] == STEPS * n
+    if not multitask:
+        assert "tasks" not in clean and "attacked_tasks" not in attacked
+        return
+    tasks = list(cfg.data.tasks) or [SEG]
+    assert attacked["attacked_tasks"] == list(cfg.test.attack_tasks) == [SEG]
+    for run in (clean, attacked):
+        assert list(run["tasks"]) == tasks
+        for t, tm in run["tasks"].items():
+            if t == SEG:
+                assert all(tm[k] == run[k] for k in ("mIoU", "mAcc", "aAcc"))
+            else:  # errors over the valid pixels of every image
+                assert all(np.isfinite(tm[k]) and tm[k] >= 0 for k in ("mae", "mse", "rmse")), (t, tm)
+                assert tm["elements"] > 0 and np.isclose(tm["rmse"] ** 2, tm["mse"])
+    for tm in attacked["tasks"].values():
+        assert tm["forward_passes"] == tm["backward_passes"] == STEPS * n
+
+
+def test_multitask_configs_train_every_output():
+    """A multitask model's outputs are exactly the data tasks: an output without a target would never train
+    (and stops DistributedDataParallel at the second iteration)."""
+    for config in CONFIGS:
+        cfg = experiment(config)
+        if cfg.model.name in MULTITASK_MODELS:
+            assert sorted(cfg.model.tasks) == sorted(cfg.data.tasks or [SEG]), config
+
+
+MULTITASK_CONFIG = os.path.join(ROOT, "config", "cityscapes", "cityscapes_drn_multitask_none.yaml")
+
+
+def test_multitask_attack_tasks_scored_per_task(launches, tmp_path):
+    """test.attack_tasks on the Cityscapes multitask DRN: every task scored, clean and attacked; attacking
+    depth as well as segmentation gives another depth error than attacking segmentation only."""
+    from datasets import build_dataset
+    from engine.evaluator import build_attack_runs, run_test
+    from models import build_model
+    exp, args, r = launches.train(MULTITASK_CONFIG)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the experiment's own attacks (MTRobust's PGD and MIM on the segmentation output) build as configured
+    cfg = experiment(MULTITASK_CONFIG, *args)
+    runs = build_attack_runs(cfg, model=build_model(cfg), dataset=build_dataset(cfg, "val"))
+    assert [(r.key, r.tasks) for r in runs] == [("pgd20@4", [SEG]), ("mim20@4", [SEG])]
+
+    tasks = [SEG, "depth_zbuffer", "autoencoder"]
+    results = {}
+    for attacked in ([SEG], [SEG, "depth_zbuffer"]):
+        out = tmp_path / "_".join(attacked)
+        run_test(experiment(
+            MULTITASK_CONFIG, *args, f"exp_dir={tmp_path / 'exp'}", f"test.checkpoint={exp / 'model' / 'last.pth'}",
+            f"test.result_dir={out}", "test.batch_size=4", "test.eps=[8]", "test.save_images=false", "test.examples=0",
+            "test.attacks=[{name: multitask, steps: 2, alpha: 2.0}]", f"test.attack_tasks=[{','.join(attacked)}]"))
+        m = json.loads((out / "metrics.json").read_text())
+        assert set(m["attacks"]) == {"multitask@8"}
+        a = m["attacks"]["multitask@8"]
+        assert a["attacked_tasks"] == attacked and m["num_images"] == fx.SPLIT_SIZE
+        assert list(m["clean"]["tasks"]) == list(a["tasks"]) == tasks
+        results[tuple(attacked)] = m
+    seg_only, with_depth = results[(SEG,)], results[(SEG, "depth_zbuffer")]
+    assert seg_only["clean"]["tasks"] == with_depth["clean"]["tasks"]  # same model, same images
+    clean_depth = seg_only["clean"]["tasks"]["depth_zbuffer"]["mae"]
+    depth = {k: m["attacks"]["multitask@8"]["tasks"]["depth_zbuffer"]["mae"] for k, m in results.items()}
+    assert all(d != clean_depth for d in depth.values()), (clean_depth, depth)  # both attacks change the images
+    assert depth[(SEG,)] != depth[(SEG, "depth_zbuffer")], depth
 
 
 @pytest.mark.parametrize("env,args,message", [

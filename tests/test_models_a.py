@@ -80,6 +80,18 @@ def test_standard_stem_layout():
     assert r50.layer4[0].downsample[0].stride == (1, 1)
 
 
+def test_upernet_width_scales_backbone_and_heads():
+    cfg = load_config(os.path.join(ROOT, "config", "voc2012", "voc2012_upernet_none.yaml"), ["model.width=0.25"])
+    m = build_model(cfg)
+    assert m.backbone.channels == [24, 48, 96, 192] and m.backbone.stem[0].out_channels == 12
+    assert m.decode_head.classifier.in_channels == 128 and m.aux_head.classifier.in_channels == 64
+    assert [len(s.blocks) for s in m.backbone.stages] == [3, 3, 9, 3]  # depth kept: still ConvNeXt-T
+    assert nparams(m) < nparams(on_meta(lambda: UperNet(21, "convnext_t_cvst"))) / 10
+    m.eval()
+    with torch.no_grad():
+        assert m(torch.rand(1, 3, 32, 40)).shape == (1, 21, 32, 40)
+
+
 def test_upernet_drop_path_schedule():
     t, s = on_meta(lambda: convnext_cvst("convnext_t_cvst")), on_meta(lambda: convnext_cvst("convnext_s_cvst"))
     rates = lambda m: [b.drop_path.p for st in m.stages for b in st.blocks]  # noqa: E731

@@ -201,6 +201,19 @@ def test_taskonomy_outputs():
     assert y["segmentsemantic"].shape == (1, 18, 33, 47)
 
 
+def test_taskonomy_width_scales_encoder_and_decoders():
+    path = os.path.join(ROOT, "config", "_base_", "models", "taskonomy_resnet18.yaml")
+    m = build_model(load_config(path, ["data.classes=17", "model.width=0.25"]))
+    assert m.backbone.channels[3] == 128 and m.decoders["segmentsemantic"].upconv0.in_channels == 128
+    assert m.decoders["segmentsemantic"].upconv0.out_channels == 64
+    assert m.decoders["depth_zbuffer"].conv_decode4.in_channels == 8
+    assert nparams(m) < 14191027 / 10  # the width-1 model of test_taskonomy_parameter_count
+    m.eval()
+    with torch.no_grad():
+        out = m(torch.rand(1, 3, 32, 48))
+    assert out["segmentsemantic"].shape == (1, 18, 32, 48) and out["depth_zbuffer"].shape == (1, 1, 32, 48)
+
+
 def _all_outputs(m, x):
     out = m(x)
     return list(out.values()) if isinstance(out, dict) else [out]

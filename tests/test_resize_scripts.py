@@ -40,6 +40,10 @@ def test_cityscapes_resize(tmp_path):
     assert (disp[:3, :3] == 0).all() and (disp[3:] > 0).all()             # invalid 6x6 block stays invalid
     assert set(np.unique(disp[3:])) <= set(np.unique(fx.cs_disparity()[6:]))  # no invalid zero mixed in
     assert (dst / "gtFine" / "val" / f"{rel}_gtFine_polygons.json").read_text() == "{}"
+    portrait = fx.CS_NAMES["val"][1]                                       # 24x16 -> 12x8, labels still ids
+    assert read(dst / "leftImg8bit" / "val" / f"{portrait}_leftImg8bit.png").shape == (12, 8, 3)
+    lbl = read(dst / "gtFine" / "val" / f"{portrait}_gtFine_labelIds.png")
+    assert lbl.shape == (12, 8) and set(np.unique(lbl)) <= set(np.unique(fx.cs_label_ids(1, 24, 16)))
     again = run("data_resize_cityscape.py", "--src", str(src), "--dst", str(dst), "--factor", "2", "--workers", "1")
     assert again.returncode == 0 and f"0 written, {n} skipped, 0 failed" in again.stdout
     r = run("data_resize_cityscape.py", "--src", str(src), "--dst", str(tmp_path / "fixed"), "--size", "10x6")
@@ -54,7 +58,7 @@ def test_taskonomy_resize_and_rename(tmp_path):
     assert r.returncode == 0, r.stderr
     assert not (dst / "segment_semantic").exists()
     seg = read(dst / "segmentsemantic" / "point_1_view_0_domain_segmentsemantic.png")
-    assert seg.shape == (8, 8) and set(np.unique(seg)) <= {0, 1, 17}
+    assert seg.shape == (8, 8) and set(np.unique(seg)) == {0, 1, 3, 17}
     depth = read(dst / "depth_zbuffer" / "point_1_view_0_domain_depth_zbuffer.png")
     assert depth.dtype == np.uint16 and depth.shape == (8, 8)
     assert (depth[:2, :2] == 65535).all() and (depth[2:] < 64500).all() and set(np.unique(depth[2:])) == {1000, 30000}

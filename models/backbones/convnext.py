@@ -117,9 +117,11 @@ class ConvNeXt(nn.Module):
         return outs
 
 
-def convnext_cvst(variant: str, drop_path=None) -> ConvNeXt:
-    """ConvNeXt-T/S CvSt by name; `drop_path` None = the variant's rate (0.4 T, 0.3 S)."""
+def convnext_cvst(variant: str, drop_path=None, width: float = 1.0) -> ConvNeXt:
+    """ConvNeXt-T/S CvSt by name; `drop_path` None = the variant's rate (0.4 T, 0.3 S); `width` scales
+    every channel count (1.0 = the published networks; smaller for CPU runs)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown ConvNeXt variant '{variant}'; valid: {', '.join(VARIANTS)}")
     depths, dims, dpr = VARIANTS[variant]
-    return ConvNeXt(depths, dims, dpr if drop_path is None else drop_path)
+    c = lambda n: max(1, int(round(n * width)))  # noqa: E731
+    return ConvNeXt(depths, [c(d) for d in dims], dpr if drop_path is None else drop_path, stem_dim=c(48))

@@ -101,7 +101,7 @@ class Trainer:
         if cfg.model.pretrained and not cfg.model.weights:
             load_pretrained(model, cfg.model.pretrained)
         if cfg.model.weights:
-            load_model_weights(model, cfg.model.weights)
+            load_model_weights(model, cfg.model.weights, key="model.weights")
         self.model = model.to(self.device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

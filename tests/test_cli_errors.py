@@ -40,6 +40,12 @@ def assert_clean_failure(r, exp, snap, *words):
     assert all(p.startswith("train-") and p.endswith(".log") for p in set(now) - set(snap))  # only a new log
 
 
+def test_fresh_run_into_an_exp_dir_with_checkpoints(previous_run, tiny_config):
+    exp, snap = previous_run
+    assert_clean_failure(run("--config", tiny_config(), f"exp_dir={exp}"), exp, snap,
+                         "already holds checkpoints", "train.resume=auto", "train.overwrite=true")
+
+
 def test_missing_config_and_unknown_key(tmp_path, previous_run, tiny_config):
     exp, snap = previous_run
     assert_clean_failure(run("--config", str(tmp_path / "nope.yaml"), f"exp_dir={exp}"), exp, snap,
@@ -51,7 +57,7 @@ def test_missing_config_and_unknown_key(tmp_path, previous_run, tiny_config):
 def test_missing_data_root_and_list_file(tmp_path, previous_run):
     exp, snap = previous_run
     cfg = os.path.join(ROOT, "config", "voc2012", "voc2012_pspnet_none.yaml")
-    common = [f"exp_dir={exp}", "model.pretrained=null", "data.workers=0"]
+    common = [f"exp_dir={exp}", "model.pretrained=null", "data.workers=0", "train.overwrite=true"]
     assert_clean_failure(run("--config", cfg, f"data.root={tmp_path / 'no_such_root'}", *common), exp, snap,
                          "no_such_root")
     voc = tmp_path / "voc"
@@ -69,5 +75,5 @@ def test_label_of_another_size_than_its_image(tmp_path, previous_run, tiny_confi
     shutil.copytree(synthetic_root, root)
     label = root / "SegmentationClass" / "train_0003.png"
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(label)
-    r = run("--config", tiny_config(), f"exp_dir={exp}", f"data.root={root}")
+    r = run("--config", tiny_config(), f"exp_dir={exp}", f"data.root={root}", "train.overwrite=true")
     assert_clean_failure(r, exp, snap, "train_0003.png", "12x10", "41x41")

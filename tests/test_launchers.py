@@ -103,3 +103,19 @@ def test_more_processes_than_gpus(monkeypatch):
     assert preflight.check("test", cfg, 2, 1, ["test.batch_size=10"]) == "exp/synthetic/pspnet18_none"
     with pytest.raises(SetupError, match=r"test.batch_size=10 is not divisible .* \(2 per node x 2 node\(s\) = 4\)"):
         preflight.check("test", cfg, 2, 2, [])
+
+
+def test_preflight_refuses_a_fresh_run_into_an_exp_dir_with_checkpoints(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import preflight
+    from utils.errors import SetupError
+    cfg = os.path.join(ROOT, "config", "synthetic", "synthetic_pspnet18_none.yaml")
+    exp = tmp_path / "exp"
+    assert preflight.check("train", cfg, 1, 1, [f"exp_dir={exp}"]) == str(exp)  # nothing there yet
+    os.makedirs(exp / "model")
+    (exp / "model" / "epoch_3.pth").write_bytes(b"an earlier run")
+    with pytest.raises(SetupError, match=r"already holds checkpoints of a run \(model/: epoch_3.pth\)"):
+        preflight.check("train", cfg, 1, 1, [f"exp_dir={exp}"])
+    for ok in (["train.resume=auto"], ["train.overwrite=true"]):
+        assert preflight.check("train", cfg, 1, 1, [f"exp_dir={exp}", *ok]) == str(exp)
+    assert preflight.check("test", cfg, 1, 1, [f"exp_dir={exp}"]) == str(exp)

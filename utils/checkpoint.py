@@ -160,25 +160,45 @@ def remove_stale_temporaries(folder: str) -> None:
 
 
 def newest_valid(folder: str, iters_per_epoch: int, log=None) -> Optional[Tuple[str, dict]]:
-    """(path, checkpoint) of the newest readable training checkpoint in `folder`, or None.
+    """(path, checkpoint) of the newest readable training checkpoint in `folder`; None when the
+    folder holds no checkpoint, SetupError when it holds some but none is readable.
 
     last.pth first; if it cannot be read, the epoch_/iter_ checkpoint with the most progress.
     """
-    for path in list_checkpoints(folder, iters_per_epoch):
+    files = list_checkpoints(folder, iters_per_epoch)
+    first_error = ""
+    for path in files:
         try:
             return path, load_checkpoint(path)
         except SetupError as e:
+            first_error = first_error or str(e)
             if log is not None:
                 log.warning(f"skipping unreadable checkpoint: {e}")
+    if files:  # starting afresh would write over them
+        raise SetupError(f"train.resume=auto: none of the {len(files)} checkpoint(s) in {folder} is readable "
+                         f"({first_error}); resume from a good file with train.resume=PATH, or start afresh "
+                         f"with train.resume=null train.overwrite=true")
     return None
 
 
 def resolve_resume(resume: Optional[str], exp_dir: str, iters_per_epoch: int = 1,
                    log=None) -> Optional[Tuple[str, dict]]:
     """`train.resume`: null -> None; 'auto' -> the newest valid checkpoint in <exp_dir>/model
-    (None when there is none); else that path, which must be readable."""
+    (None when there is none, see `newest_valid`); else that path, which must be readable."""
     if resume in (None, "", False):
         return None
     if resume == "auto":
         return newest_valid(os.path.join(exp_dir, "model"), iters_per_epoch, log)
     return resume, load_checkpoint(resume, "train.resume")
+
+
+def check_fresh_run(exp_dir: str, resume: Optional[str], overwrite: bool) -> None:
+    """Refuse a fresh run (`resume` null) into an exp_dir whose model/ already holds checkpoints,
+    unless `overwrite`: its files would be replaced one by one and mixed with the new run's."""
+    if resume not in (None, "", False) or overwrite:
+        return
+    found = list_checkpoints(os.path.join(exp_dir, "model"))
+    if found:
+        names = ", ".join(os.path.basename(p) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise SetupError(f"exp_dir {exp_dir} already holds checkpoints of a run (model/: {names}): continue it "
+                         f"with train.resume=auto, pick another exp_dir, or set train.overwrite=true to replace it")

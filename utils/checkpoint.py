@@ -71,8 +71,9 @@ def save_checkpoint(state: dict, path: str) -> None:
 
 
 def _first_sentence(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return (text.split(". ")[0][:120] or type(e).__name__) if text else type(e).__name__
+    """'RuntimeError: PytorchStreamReader failed ...': the type and the first sentence, kept short."""
+    text = " ".join(str(e).split()).split(". ")[0][:120]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def read_checkpoint(path: str, key: Optional[str] = None) -> Any:

@@ -2,7 +2,13 @@
 import sys
 
 from engine.cli import main
-from engine.evaluator import run_test
+
+
+def run(cfg) -> dict:
+    """Evaluate; torch and the models load only once the config has been validated."""
+    from engine.evaluator import run_test
+    return run_test(cfg)
+
 
 if __name__ == "__main__":
-    sys.exit(main("test", run_test))
+    sys.exit(main("test", run))

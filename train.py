@@ -2,7 +2,13 @@
 import sys
 
 from engine.cli import main
-from engine.trainer import Trainer
+
+
+def run(cfg) -> None:
+    """Train; torch and the models load only once the config has been validated."""
+    from engine.trainer import Trainer
+    Trainer(cfg).fit()
+
 
 if __name__ == "__main__":
-    sys.exit(main("train", lambda cfg: Trainer(cfg).fit()))
+    sys.exit(main("train", run))

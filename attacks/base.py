@@ -13,13 +13,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import typing
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.config import is_number, yaml_float
 from utils.errors import SetupError
 from utils.registry import closest
 
@@ -116,6 +118,36 @@ def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+_KIND_TEXT = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _option_kind(hint: Any) -> Tuple[Optional[type], bool]:
+    """(float, int, bool or str, whether null is allowed) from a parameter's annotation; (None, _)
+    for annotations that are not checked here (sequences, mappings, callables)."""
+    optional = False
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0] if len(args) == 1 else None
+    return (hint if hint in _KIND_TEXT else None), optional
+
+
+def typed_option(attack: str, key: str, value: Any, hint: Any) -> Any:
+    """`value` checked against the attack function's annotation `hint` (floats written as '1e-3'
+    become floats); SetupError naming the attack and the option otherwise."""
+    kind, optional = _option_kind(hint)
+    if kind is None or (value is None and optional):
+        return value
+    if kind is float:
+        value = yaml_float(value)
+    ok = {float: is_number(value), int: isinstance(value, int) and not isinstance(value, bool),
+          bool: isinstance(value, bool), str: isinstance(value, str)}[kind]
+    if not ok:
+        raise SetupError(f"attack '{attack}': {key} must be {_KIND_TEXT[kind]}"
+                         f"{' or null' if optional else ''}, got {value!r}")
+    return value
+
+
 class Attack:
     """A configured attack: ``attack(forward, x, y) -> x_adv``, accumulating ``attack.counter``.
 
@@ -128,6 +160,11 @@ class Attack:
         for k in options:
             if k not in valid:
                 raise SetupError(f"attack '{name}' has no option '{k}'{closest(k, valid)}; valid: {', '.join(valid)}")
+        try:
+            hints = typing.get_type_hints(fn)
+        except (NameError, TypeError):  # an annotation that does not resolve: types left unchecked
+            hints = {}
+        options = {k: typed_option(name, k, v, hints.get(k)) for k, v in options.items()}
         if "eps" in options and not options["eps"] > 0:
             raise SetupError(f"attack '{name}': eps must be > 0, got {options['eps']}")
         if "alpha" in options and options["alpha"] is not None and not options["alpha"] > 0:
@@ -135,6 +172,8 @@ class Attack:
         if "steps" in options and options["steps"] is not None and not (
                 isinstance(options["steps"], int) and not isinstance(options["steps"], bool) and options["steps"] >= 1):
             raise SetupError(f"attack '{name}': steps must be an integer >= 1, got {options['steps']}")
+        if options.get("decay") is not None and not options["decay"] >= 0:
+            raise SetupError(f"attack '{name}': decay must be >= 0, got {options['decay']}")
         if "loss" in options:
             get_loss(options["loss"])  # validates the name, listing the valid ones
         missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty

@@ -13,17 +13,44 @@ from torch.utils.data import Dataset
 from utils.errors import SetupError
 
 
-def read_image(path: str) -> np.ndarray:
-    """RGB float32 HxWx3 in [0,1]; SetupError naming the file if unreadable."""
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+def is_complete(data: bytes) -> bool:
+    """False for a JPEG or PNG file that was cut short (``cv2.imread`` returns the decoded part of a
+    truncated JPEG with only a libjpeg warning on stderr). Other formats are left to the decoder."""
+    if data[:2] == b"\xff\xd8":  # JPEG: an end-of-image marker after the last start-of-scan marker
+        sos = data.rfind(b"\xff\xda")  # (entropy-coded data never holds 0xFF followed by 0xDA or 0xD9)
+        return sos >= 0 and data.find(b"\xff\xd9", sos + 2) >= 0
+    if data[:8] == b"\x89PNG\r\n\x1a\n":  # PNG: the empty IEND chunk with its CRC
+        end = data.rfind(b"\x00\x00\x00\x00IEND")
+        return end >= 0 and len(data) >= end + 12
+    return True
+
+
+def decode_image(path: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """cv2 decoding of a whole file (same pixels as ``cv2.imread(path, flags)``), refusing files that
+    are missing, truncated or not images with a SetupError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise SetupError(f"cannot read image {path}: file not found") from None
+    except OSError as e:
+        raise SetupError(f"cannot read image {path}: {e.strerror or e}") from None
+    if not is_complete(data):
+        raise SetupError(f"cannot read image {path}: the file is truncated")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
-        what = "file not found" if not os.path.isfile(path) else "not a readable image"
-        raise SetupError(f"cannot read image {path}: {what}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        raise SetupError(f"cannot read image {path}: not a readable image")
+    return img
+
+
+def read_image(path: str) -> np.ndarray:
+    """RGB float32 HxWx3 in [0,1]; SetupError naming the file if unreadable or truncated."""
+    return cv2.cvtColor(decode_image(path), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
 
 
 def read_label(path: str) -> np.ndarray:
-    """Label ids HxW int64. PIL returns palette indices for 'P' PNGs (VOC), not luminance."""
+    """Label ids HxW int64. PIL returns palette indices for 'P' PNGs (VOC), not luminance; a truncated
+    file is an error (PIL refuses to fill it in unless told to)."""
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L", "I", "I;16"):

@@ -27,7 +27,7 @@ import torch
 
 from utils.errors import SetupError
 
-from .list_dataset import read_image as _read_full_image
+from .list_dataset import decode_image, read_image as _read_full_image
 from .multitask import AUTOENCODER, SEG_TASK, MultiTaskDataset, check_tasks
 from .registry import register_dataset
 from .transforms import build_multi_transform
@@ -44,11 +44,8 @@ RGB_RE = re.compile(r"^point_(\d+)_view_(\d+)_domain_rgb\.(png|jpg)$")
 
 
 def read_raw(path: str) -> np.ndarray:
-    """The stored values (uint8 / uint16), RGB order for colour files."""
-    a = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if a is None:
-        what = "file not found" if not os.path.isfile(path) else "not a readable image"
-        raise SetupError(f"cannot read {path}: {what}")
+    """The stored values (uint8 / uint16), RGB order for colour files; SetupError if unreadable or truncated."""
+    a = decode_image(path, cv2.IMREAD_UNCHANGED)
     if a.ndim == 3:
         a = cv2.cvtColor(a[..., :3], cv2.COLOR_BGR2RGB)
     return a

@@ -1,4 +1,8 @@
-"""Command-line entry shared by train.py and test.py: parse, load config, run, one-line errors."""
+"""Command-line entry shared by train.py and test.py: parse, load config, run, one-line errors.
+
+Nothing here imports torch: a config that is refused is refused at once, before the entry point's
+`run` loads torch and the models.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +10,6 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-from utils import dist
 from utils.config import load_config
 from utils.errors import SetupError
 from utils.logger import setup_logger
@@ -43,4 +46,6 @@ def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
         print(f"error: training stopped: {e}; the last good checkpoint is kept", file=sys.stderr)
         return 3
     finally:
-        dist.cleanup()
+        dist = sys.modules.get("utils.dist")  # loaded (with torch) only by a run that got that far
+        if dist is not None:
+            dist.cleanup()

@@ -299,7 +299,7 @@ def load_for_test(cfg, device: torch.device) -> Tuple[nn.Module, str]:
     if not os.path.isfile(path):
         raise SetupError(f"checkpoint not found: {path} (set test.checkpoint or train first)")
     model = build_model(cfg)
-    load_model_weights(model, path)
+    load_model_weights(model, path, key="test.checkpoint")
     return model.to(device).eval(), path
 
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -15,7 +16,8 @@ from defenses import build_defense
 from models import build_model, load_pretrained
 from models.weights import load_model_weights
 from utils import dist
-from utils.checkpoint import list_checkpoints, remove_stale_temporaries, resolve_resume, save_checkpoint
+from utils.checkpoint import (check_fresh_run, list_checkpoints, remove_stale_temporaries, resolve_resume,
+                              save_checkpoint)
 from utils.config import save_config
 from utils.errors import SetupError
 from utils.logger import get_logger
@@ -82,13 +84,19 @@ def build_scheduler(cfg, optimizer, max_iters: int):
 
 
 class Trainer:
-    """Builds everything from the config, validates the inputs, then runs `fit()`."""
+    """Builds everything from the config, validates the inputs, then runs `fit()`.
+
+    Nothing is written into exp_dir before the first checkpoint (`_open_outputs`): a run that stops
+    earlier (bad input, bad label, non-finite loss) leaves the files of an earlier run as they were.
+    """
 
     def __init__(self, cfg):
         self.cfg, self.log = cfg, get_logger()
+        t = cfg.train
+        self.model_dir = os.path.join(cfg.exp_dir, "model")
+        check_fresh_run(cfg.exp_dir, t.resume, t.overwrite)
         self.device = setup_runtime(cfg)
         seed_all(cfg.seed)  # same init on every process; data order comes from the sampler seed
-        t = cfg.train
         self.train_set = build_dataset(cfg, "train")
         self.val_set = build_dataset(cfg, "val") if t.eval_freq else None
         self.batch = per_process_batch(t.batch_size, "train.batch_size")
@@ -102,7 +110,7 @@ class Trainer:
         if cfg.model.pretrained and not cfg.model.weights:
             load_pretrained(model, cfg.model.pretrained)
         if cfg.model.weights:
-            load_model_weights(model, cfg.model.weights)
+            load_model_weights(model, cfg.model.weights, key="model.weights")
         self.model = model.to(self.device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -112,9 +120,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.defense = build_defense(cfg)
         self.epoch, self.iteration, self.skipped = 0, 0, 0
-        self.model_dir = os.path.join(cfg.exp_dir, "model")
-        if t.resume == "auto" and dist.is_main():
-            remove_stale_temporaries(self.model_dir)
         resume = resolve_resume(t.resume, cfg.exp_dir, self.iters_per_epoch, self.log)
         if resume:
             self._restore(*resume)
@@ -127,11 +132,35 @@ class Trainer:
                 find_unused_parameters=bool(getattr(self.defense, "find_unused_parameters", False)))
         if t.compile:
             self.model = torch.compile(self.model)
-        self.writer = None
-        if dist.is_main():  # everything above validated: now it is safe to write into exp_dir
-            from tensorboardX import SummaryWriter
-            save_config(cfg, os.path.join(cfg.exp_dir, "config.yaml"))
-            self.writer = SummaryWriter(os.path.join(cfg.exp_dir, "events"))
+        self.writer = None  # tensorboard, opened with the first checkpoint; scalars wait in _pending
+        self._pending: List[Tuple[str, float, int]] = []
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        """A tensorboard scalar (main process only)."""
+        if not dist.is_main():
+            return
+        if self.writer is None:
+            self._pending.append((tag, value, step))
+        else:
+            self.writer.add_scalar(tag, value, step)
+
+    def _open_outputs(self) -> None:
+        """The first write into exp_dir, just before the first checkpoint: a fresh run with
+        train.overwrite empties model/ (now, not earlier, so a run that fails first loses nothing),
+        then config.yaml and the tensorboard writer, which gets the scalars logged so far."""
+        if self.writer is not None:
+            return
+        from tensorboardX import SummaryWriter
+        cfg = self.cfg
+        if cfg.train.overwrite and cfg.train.resume in (None, "", False):
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+        else:
+            remove_stale_temporaries(self.model_dir)
+        save_config(cfg, os.path.join(cfg.exp_dir, "config.yaml"))
+        self.writer = SummaryWriter(os.path.join(cfg.exp_dir, "events"))
+        for tag, value, step in self._pending:
+            self.writer.add_scalar(tag, value, step)
+        self._pending = []
 
     def _restore(self, path: str, ckpt: dict) -> None:
         from models.weights import load_strict
@@ -162,6 +191,7 @@ class Trainer:
         """Epoch end: epoch_<E>.pth every save_freq epochs (and the last), always last.pth."""
         if not dist.is_main():
             return
+        self._open_outputs()
         state = self.state()
         if self.epoch % self.cfg.train.save_freq == 0 or self.epoch == self.cfg.train.epochs:
             save_checkpoint(state, os.path.join(self.model_dir, f"epoch_{self.epoch}.pth"))
@@ -171,6 +201,7 @@ class Trainer:
         """Mid-epoch: iter_<I>.pth and last.pth; older iter_ files beyond the newest two are removed."""
         if not dist.is_main():
             return
+        self._open_outputs()
         state = self.state()
         save_checkpoint(state, os.path.join(self.model_dir, f"iter_{self.iteration}.pth"))
         save_checkpoint(state, os.path.join(self.model_dir, "last.pth"))
@@ -220,9 +251,8 @@ class Trainer:
         keys = sorted(sums)
         vec = dist.all_reduce_sum(torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=self.device)]))
         vals = {k: float(v) / max(float(vec[-1]), 1.0) for k, v in zip(keys, vec[:-1].tolist())}
-        if self.writer:
-            for k, v in vals.items():
-                self.writer.add_scalar(f"{prefix}/{k}", v, self.iteration)
+        for k, v in vals.items():
+            self._scalar(f"{prefix}/{k}", v, self.iteration)
         return vals
 
     def train_epoch(self) -> Dict[str, float]:
@@ -256,8 +286,7 @@ class Trainer:
             if self.iteration % t.print_freq == 0 and window:
                 vals = self._log_scalars(window, n_window * dist.world_size(), "train")
                 lr = self.optimizer.param_groups[0]["lr"]
-                if self.writer:
-                    self.writer.add_scalar("train/lr", lr, self.iteration)
+                self._scalar("train/lr", lr, self.iteration)
                 self.log.info(f"epoch {self.epoch + 1} iter {self.iteration}/{self.max_iters} lr {lr:.5f} "
                               + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                               + (f" skipped {self.skipped}" if self.skipped else ""))
@@ -286,12 +315,11 @@ class Trainer:
         g = stats["clean"].gathered()
         m = summarize(g["inter"], g["union"], g["target"])
         m["tasks"] = task_metrics(g, None, reg_tasks)
-        if self.writer:
-            for k in ("mIoU", "mAcc", "aAcc"):
-                self.writer.add_scalar(f"val/{k}", m[k], self.epoch)
-            for t, tm in m["tasks"].items():
-                for k in ("mae", "rmse"):
-                    self.writer.add_scalar(f"val/{t}/{k}", tm[k], self.epoch)
+        for k in ("mIoU", "mAcc", "aAcc"):
+            self._scalar(f"val/{k}", m[k], self.epoch)
+        for t, tm in m["tasks"].items():
+            for k in ("mae", "rmse"):
+                self._scalar(f"val/{t}/{k}", tm[k], self.epoch)
         return m
 
     def fit(self) -> None:

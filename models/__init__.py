@@ -1,4 +1,6 @@
 """Segmentation models. Add one: a module with an ``@register_model`` builder, imported below."""
+from typing import Optional
+
 from torch import nn
 
 from .registry import MODELS, register_model
@@ -11,14 +13,15 @@ from . import drn_seg, taskonomy, fpd_seg  # noqa: F401  (registers)
 from . import weight_formats_mtl  # noqa: F401  (registers converters)
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
-    """ImageNet (or robust ImageNet) weights into the model's backbone; strict but for the classifier."""
+def load_pretrained(model: nn.Module, path: str, key: Optional[str] = "model.pretrained") -> None:
+    """ImageNet (or robust ImageNet) weights into the model's backbone; strict but for the classifier.
+    `key`: the config key that named the file, for errors."""
     from .backbones.drn import DRN
     if any(isinstance(m, DRN) for m in model.modules()):
         from .weight_formats_mtl import load_drn_imagenet
-        load_drn_imagenet(model, path)
+        load_drn_imagenet(model, path, key)
     else:
-        load_backbone_weights(model.backbone, path)
+        load_backbone_weights(model.backbone, path, key=key)
 
 
 def build_model(config) -> nn.Module:

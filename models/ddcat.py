@@ -15,8 +15,10 @@ from typing import Dict, Sequence
 
 import torch
 
+from utils.errors import SetupError
+
 from .deeplabv3 import DeepLabV3
-from .pspnet import PSPNet, norm_stats
+from .pspnet import PSPNet, check_input_sizes, norm_stats
 from .registry import register_model
 from .segmentor import upsample
 
@@ -66,8 +68,16 @@ class DeepLabV3DDCAT(_DDCATMixin, DeepLabV3):
         self._add_branches(classes)
 
 
+def _check(cfg) -> None:
+    check_input_sizes(cfg)
+    if not cfg.model.aux:
+        raise SetupError(f"config key 'model.aux' must be true for {cfg.model.name}: DDC-AT models always have "
+                         "the layer3 aux head")
+
+
 @register_model("pspnet_ddcat")
 def build_pspnet_ddcat(cfg) -> PSPNetDDCAT:
+    _check(cfg)
     m = cfg.model
     return PSPNetDDCAT(cfg.data.classes, m.layers, m.bins, m.dropout, m.aux, m.deep_base, m.output_stride, m.width,
                        *norm_stats(m))
@@ -75,6 +85,7 @@ def build_pspnet_ddcat(cfg) -> PSPNetDDCAT:
 
 @register_model("deeplabv3_ddcat")
 def build_deeplabv3_ddcat(cfg) -> DeepLabV3DDCAT:
+    _check(cfg)
     m = cfg.model
     return DeepLabV3DDCAT(cfg.data.classes, m.layers, m.atrous_rates, m.dropout, m.aux, m.deep_base,
                           m.output_stride, m.width, *norm_stats(m))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .backbones.resnet import ResNet
-from .pspnet import ContextSegmentor, conv_head, norm_stats
+from .pspnet import ContextSegmentor, check_input_sizes, conv_head, norm_stats
 from .registry import register_model
 from .segmentor import upsample
 
@@ -55,6 +55,7 @@ class DeepLabV3(ContextSegmentor):
 
 @register_model("deeplabv3")
 def build_deeplabv3(cfg) -> DeepLabV3:
+    check_input_sizes(cfg)
     m = cfg.model
     return DeepLabV3(cfg.data.classes, m.layers, m.atrous_rates, m.dropout, m.aux, m.deep_base, m.output_stride,
                      m.width, *norm_stats(m))

@@ -6,6 +6,8 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
+from utils.errors import SetupError
+
 from .backbones.resnet import ResNet
 from .registry import register_model
 from .segmentor import Segmentor, upsample
@@ -75,8 +77,24 @@ def norm_stats(m):
     return m.mean, m.std
 
 
+def check_input_sizes(cfg) -> None:
+    """The semseg rule of PSPNet / DeepLabv3 and their DDC-AT variants (ddcat.md §1.4): the training crop
+    and the sliding window have (h-1) and (w-1) divisible by 8, so the stride-8 feature grid maps back
+    onto the input corners (align_corners=True upsampling). Checked when the model is built, before
+    anything is trained or written."""
+    keys = [("test.crop_size", cfg.test.crop_size)]
+    if cfg.data.transform != "none":  # the crop only exists with an augmentation that crops
+        keys.insert(0, ("data.crop_size", cfg.data.crop_size))
+    for key, size in keys:
+        if size is not None and any((int(s) - 1) % 8 for s in size):
+            near = [8 * max(round((int(s) - 1) / 8), 1) + 1 for s in size]
+            raise SetupError(f"config key '{key}' is {list(size)} but {cfg.model.name} needs (h-1) and (w-1) "
+                             f"divisible by 8, e.g. {near}")
+
+
 @register_model("pspnet")
 def build_pspnet(cfg) -> PSPNet:
+    check_input_sizes(cfg)
     m = cfg.model
     return PSPNet(cfg.data.classes, m.layers, m.bins, m.dropout, m.aux, m.deep_base, m.output_stride, m.width,
                   *norm_stats(m))

@@ -41,7 +41,9 @@ from torch import nn
 
 from utils.registry import Registry
 
-from .weights import extract_state_dict, load_best_match, register_converter, safe_load
+from utils.checkpoint import load_weights_file
+
+from .weights import extract_state_dict, load_best_match, register_converter
 
 State = Dict[str, torch.Tensor]
 BACKBONE_FORMATS = Registry("backbone weight format")
@@ -177,15 +179,16 @@ def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> State:
 
 
 def load_backbone_weights(backbone: nn.Module, path: str, fmt: str = "auto",
-                          state: Optional[Mapping[str, torch.Tensor]] = None) -> str:
+                          state: Optional[Mapping[str, torch.Tensor]] = None, key: Optional[str] = None) -> str:
     """Load ImageNet weights into a backbone strictly; returns the format that matched.
 
     ``module.``/``base_model.`` wrappers are stripped; the classifier (``fc.*``, ``head.*``) and
     input normaliser buffers are dropped by name; every other key must match name and shape.
     On failure raises SetupError with the missing / unexpected keys of the closest format.
+    `key`: the config key that named the file, for errors.
     """
-    raw = _strip_wrappers(extract_state_dict(safe_load(path) if state is None else state))
+    raw = _strip_wrappers(extract_state_dict(load_weights_file(path, key) if state is None else state))
     raw = rename(raw, [], drop=CLASSIFIER_KEYS + NORMALIZER_KEYS)
     names = BACKBONE_FORMATS.names() if fmt == "auto" else [fmt]
-    return load_best_match(backbone, raw, [(n, BACKBONE_FORMATS.get(n)) for n in names], path,
-                           "backbone weight format")
+    return load_best_match(backbone, raw, [(n, BACKBONE_FORMATS.get(n)) for n in names],
+                           f"{key}: {path}" if key else path, "backbone weight format")

@@ -14,7 +14,7 @@ A converter raises TypeError when the model is not its kind, so automatic detect
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -100,13 +100,13 @@ def convert_drn_imagenet(state: Mapping[str, torch.Tensor], model: nn.Module) ->
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
-def load_drn_imagenet(model: nn.Module, path: str) -> None:
+def load_drn_imagenet(model: nn.Module, path: str, key: Optional[str] = None) -> None:
     """Load fyu/drn ImageNet weights (strict but for ``fc.*``) into the DRN trunk of `model`.
 
     For ``shared_until: layer5`` multitask models every task's layer6..8 gets the ImageNet copy.
     """
     full = DRN(model.backbone.arch)
-    load_model_weights(full, path, fmt="drn_imagenet")
+    load_model_weights(full, path, fmt="drn_imagenet", key=key)
     sd = full.state_dict()
     own = model.backbone.state_dict()
     model.backbone.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)

@@ -1,4 +1,5 @@
-"""Loading weights: always strict, always ``weights_only=True``, errors that list the keys.
+"""Loading weights: always strict, always read by ``utils.checkpoint.load_weights_file``
+(``weights_only=True``), errors that list the keys.
 
 Published checkpoints use other key names than ours; a *converter* maps one published format to
 ours. Register one with ``@register_converter("name")`` on ``fn(state_dict, model) -> state_dict``;
@@ -7,31 +8,17 @@ and fails with the missing / unexpected / mis-shaped keys of the closest match.
 """
 from __future__ import annotations
 
-import pickle
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
+from utils.checkpoint import load_weights_file
 from utils.errors import SetupError
 from utils.registry import Registry
 
 CONVERTERS = Registry("weight format")
 register_converter = CONVERTERS.register
-
-
-def safe_load(path: str) -> dict:
-    """torch.load with weights_only=True: a checkpoint that would run code is refused."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SetupError(f"checkpoint not found: {path}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SetupError(f"refused to load {path}: not a plain weights file ({first[:200]})") from None
-    if not isinstance(obj, Mapping):
-        raise SetupError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return dict(obj)
 
 
 def extract_state_dict(ckpt: Mapping) -> Dict[str, torch.Tensor]:
@@ -97,13 +84,13 @@ def load_best_match(module: nn.Module, raw: Mapping[str, torch.Tensor], candidat
 
 
 def load_model_weights(model: nn.Module, path: str, fmt: str = "auto",
-                       state: Optional[Mapping[str, torch.Tensor]] = None) -> str:
+                       state: Optional[Mapping[str, torch.Tensor]] = None, key: Optional[str] = None) -> str:
     """Load a whole-model checkpoint strictly; returns the format that matched.
 
     `fmt` is "ours", a converter name, or "auto" (ours, then every converter; the error reports the
-    candidate with the fewest mismatched keys).
+    candidate with the fewest mismatched keys). `key`: the config key that named the file, for errors.
     """
-    raw = strip_prefix(extract_state_dict(safe_load(path) if state is None else state))
+    raw = strip_prefix(extract_state_dict(load_weights_file(path, key) if state is None else state))
     candidates: List[Tuple[str, Callable]] = []
     if fmt in ("auto", "ours"):
         candidates.append(("ours", lambda s, m: s))
@@ -111,4 +98,4 @@ def load_model_weights(model: nn.Module, path: str, fmt: str = "auto",
         candidates += [(n, CONVERTERS.get(n)) for n in CONVERTERS.names()]
     elif fmt != "ours":
         candidates.append((fmt, CONVERTERS.get(fmt)))
-    return load_best_match(model, raw, candidates, path)
+    return load_best_match(model, raw, candidates, f"{key}: {path}" if key else path)

@@ -314,6 +314,30 @@ def test_build_errors_name_the_valid_choices():
         build_attack("apgd", eps=8.0, stepz=3)
 
 
+@pytest.mark.parametrize("name,opts,message", [
+    ("pgd", {"alpha": "fast", "steps": 2}, "attack 'pgd': alpha must be a number, got 'fast'"),
+    ("pgd", {"alpha": 2.0, "steps": 2, "random_start": "yes"}, "attack 'pgd': random_start must be true or false"),
+    ("pgd", {"alpha": 2.0, "steps": 2, "loss": 3}, "attack 'pgd': loss must be a string, got 3"),
+    ("mim", {"alpha": 2.0, "steps": 2, "decay": "slow"}, "attack 'mim': decay must be a number, got 'slow'"),
+    ("mim", {"alpha": 2.0, "steps": 2, "decay": -0.5}, "attack 'mim': decay must be >= 0"),
+    ("apgd", {"prr": 1}, "attack 'apgd': prr must be true or false, got 1"),
+    ("multitask", {"alpha": 2.0, "steps": 1, "decay": [1]}, "attack 'multitask': decay must be a number or null"),
+    ("transfer", {"inner": "pgd", "alpha": "x", "source_forward": print}, "attack 'transfer': alpha must be a number or null"),
+    ("transfer", {"inner": "pgd", "alpha": 1.0, "steps": 1, "inner_options": {"random_start": 2},
+                  "source_forward": print}, "attack 'pgd': random_start must be true or false"),
+])
+def test_option_types_follow_the_attack_signature(name, opts, message):
+    with pytest.raises(SetupError) as e:
+        build_attack(name, eps=8.0, **opts)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_exponent_floats_are_numbers_and_null_stays_allowed():
+    a = build_attack("pgd", eps=8.0, alpha="1e-1", steps=2)       # YAML 1.1 reads 1e-1 as a string
+    assert a.options["alpha"] == 0.1 and a.kwargs["alpha"] == pytest.approx(0.1 / 255)
+    assert build_attack("multitask", eps=8.0, alpha=2.0, steps=1, decay=None).options["decay"] is None
+
+
 # ----------------------------------------------------------------------------- ensembles
 
 def test_ensemble_members():

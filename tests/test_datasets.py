@@ -326,6 +326,52 @@ def test_unreadable_image(tmp_path):
     one_line(e, "point_1_view_0_domain_depth_zbuffer.png", "not a readable image")
 
 
+def test_truncated_images_and_labels_are_errors(tmp_path):
+    import cv2
+    fx.make_voc(str(tmp_path))
+    jpg = tmp_path / "JPEGImages" / "2008_000001.jpg"
+    Image.fromarray(fx.rgb(1)).save(jpg, quality=95)  # noise: a long scan to cut into
+    data = jpg.read_bytes()
+    jpg.write_bytes(data[:(data.rfind(b"\xff\xda") + len(data)) // 2])
+    assert cv2.imread(str(jpg)).shape == (fx.H, fx.W, 3)  # what cv2 makes of it: half an image, no error
+    ds = build_dataset(cfg_for("voc2012", str(tmp_path)), "val")   # the header is intact
+    with pytest.raises(SetupError) as e:
+        ds[0]
+    one_line(e, "cannot read image", "2008_000001.jpg: the file is truncated")
+    fx.make_voc(str(tmp_path / "v2"))
+    lbl = tmp_path / "v2" / "SegmentationClassAug" / "2008_000001.png"
+    lbl.write_bytes(lbl.read_bytes()[:-30])
+    with pytest.raises(SetupError) as e:
+        build_dataset(cfg_for("voc2012", str(tmp_path / "v2")), "val")[0]
+    one_line(e, "cannot read label", "2008_000001.png: image file is truncated")
+    fx.make_taskonomy(str(tmp_path / "tk"))
+    png = tmp_path / "tk" / "depth_zbuffer" / "point_1_view_0_domain_depth_zbuffer.png"
+    png.write_bytes(png.read_bytes()[:-12])  # only the IEND chunk missing
+    ds = build_dataset(cfg_for("taskonomy", str(tmp_path / "tk"), "data.tasks=[depth_zbuffer]"), "train")
+    with pytest.raises(SetupError) as e:
+        ds[0]
+    one_line(e, "point_1_view_0_domain_depth_zbuffer.png: the file is truncated")
+
+
+def test_strict_decoding_gives_the_pixels_of_cv2_imread(tiny_cfg):
+    import cv2
+    from datasets.list_dataset import decode_image, read_image
+    ds = build_dataset(tiny_cfg(), "val")
+    for img_path, lbl_path in ds.items:
+        for path, flags in ((img_path, cv2.IMREAD_COLOR), (lbl_path, cv2.IMREAD_UNCHANGED)):
+            a, b = decode_image(path, flags), cv2.imread(path, flags)
+            assert a.dtype == b.dtype and np.array_equal(a, b), path
+        ref = cv2.cvtColor(cv2.imread(img_path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        assert np.array_equal(read_image(img_path), ref)
+    d16 = fx.tk_depth()
+    path = os.path.join(os.path.dirname(ds.items[0][1]), "..", "d16.png")
+    fx.write_gray(path, d16)  # 16-bit PNG through the taskonomy reader's flags
+    try:
+        assert np.array_equal(decode_image(path, cv2.IMREAD_UNCHANGED), d16)
+    finally:
+        os.remove(path)
+
+
 def test_unknown_task(tmp_path):
     fx.make_cityscapes(str(tmp_path))
     with pytest.raises(SetupError) as e:

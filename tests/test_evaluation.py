@@ -123,8 +123,8 @@ def test_bad_attacks_and_mismatched_checkpoint(trained, tmp_path):
     path, exp = trained
     with pytest.raises(SetupError, match="unknown attack 'pgdd'.*valid:.*pgd"):
         run_test(load_config(path, ["test.attacks=[pgdd]"]))
-    with pytest.raises(SetupError, match="eps must be > 0"):
-        run_test(load_config(path, ["test.eps=[0]"]))
+    with pytest.raises(SetupError, match="'test.eps' must be a list of one or more items, each a number > 0"):
+        run_test(load_config(path, ["test.eps=[0]"]))  # refused with the config, before anything runs
     with pytest.raises(SetupError, match="steps must be an integer >= 1"):
         run_test(load_config(path, ["test.attacks=[{name: pgd, steps: 0, alpha: 1}]"]))
     other = tmp_path / "other"

@@ -2,8 +2,10 @@
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -16,11 +18,15 @@ SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "tool_train", "*", "*.sh")) +
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "config", "*", "*.yaml")) if "/_base_/" not in p)
 
 
-def launch(script, *args, cwd, **env):
+def launch_env(**env) -> dict:
     e = {k: v for k, v in os.environ.items() if k not in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
     e.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, **env)
-    return subprocess.run(["sh", os.path.join(ROOT, script), *args], cwd=cwd, env=e, capture_output=True,
-                          text=True, timeout=240)
+    return e
+
+
+def launch(script, *args, cwd, **env):
+    return subprocess.run(["sh", os.path.join(ROOT, script), *args], cwd=cwd, env=launch_env(**env),
+                          capture_output=True, text=True, timeout=240)
 
 
 @pytest.mark.parametrize("script", SCRIPTS + [os.path.join(ROOT, "tools", s) for s in ("launch.sh", "slurm_example.sh")],
@@ -250,3 +256,79 @@ def test_more_processes_than_gpus(monkeypatch):
     assert preflight.check("test", cfg, 2, 1, ["test.batch_size=10"]) == "exp/synthetic/pspnet18_none"
     with pytest.raises(SetupError, match=r"test.batch_size=10 is not divisible .* \(2 per node x 2 node\(s\) = 4\)"):
         preflight.check("test", cfg, 2, 2, [])
+
+
+def test_preflight_refuses_a_fresh_run_into_an_exp_dir_with_checkpoints(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import preflight
+    from utils.errors import SetupError
+    cfg = os.path.join(ROOT, "config", "synthetic", "synthetic_pspnet18_none.yaml")
+    exp = tmp_path / "exp"
+    assert preflight.check("train", cfg, 1, 1, [f"exp_dir={exp}"]) == str(exp)  # nothing there yet
+    os.makedirs(exp / "model")
+    (exp / "model" / "epoch_3.pth").write_bytes(b"an earlier run")
+    with pytest.raises(SetupError, match=r"already holds checkpoints of a run \(model/: epoch_3.pth\)"):
+        preflight.check("train", cfg, 1, 1, [f"exp_dir={exp}"])
+    for ok in (["train.resume=auto"], ["train.overwrite=true"]):
+        assert preflight.check("train", cfg, 1, 1, [f"exp_dir={exp}", *ok]) == str(exp)
+    assert preflight.check("test", cfg, 1, 1, [f"exp_dir={exp}"]) == str(exp)
+
+def processes() -> dict:
+    """{pid: (parent pid, state letter, command line)} from /proc."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        out[int(d)] = (int(fields[1]), fields[0], cmd)
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_killing_the_launcher_ends_every_rank(tmp_path):
+    """torchrun starts each rank in a session of its own: when torchrun is SIGKILLed, the ranks must
+    notice and end by themselves instead of training on (and writing checkpoints) as orphans."""
+    exp = str(tmp_path / "exp")
+    args = tiny(tmp_path) + ["device=cpu", "train.epochs=1000", "train.eval_freq=0"]
+    job = subprocess.Popen(["sh", os.path.join(ROOT, "tool_train/synthetic/pspnet18_none.sh"), *args], cwd=tmp_path,
+                           env=launch_env(NGPU="2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    agent, ranks = None, []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # both ranks started and rank 0 logging that it trains
+            procs = processes()
+            agent = next((p for p, (_, _, cmd) in procs.items() if "torch.distributed.run" in cmd and exp in cmd), None)
+            ranks = [p for p, (pp, _, cmd) in procs.items() if pp == agent and "train.py" in cmd]
+            logs = glob.glob(os.path.join(exp, "train-*.log"))
+            if len(ranks) == 2 and logs and "training pspnet" in open(logs[0]).read():
+                break
+            assert job.poll() is None, "the launch ended early"
+            time.sleep(0.5)
+        assert agent and len(ranks) == 2, "the two ranks did not start training in time"
+        os.kill(agent, signal.SIGKILL)
+        deadline = time.time() + 20
+        alive = ranks
+        while alive and time.time() < deadline:
+            time.sleep(0.2)
+            procs = processes()
+            alive = [p for p in ranks if p in procs and procs[p][1] != "Z"]
+        assert not alive, f"rank processes {alive} survived their launcher"
+    finally:
+        for pid in ranks + ([agent] if agent else []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        job.wait(timeout=30)

@@ -268,6 +268,20 @@ def test_unknown_convnext_variant_is_a_setup_error(tmp_path):
         build_model(load_config(str(exp)))
 
 
+
+@pytest.mark.parametrize("name", ["pspnet", "deeplabv3", "pspnet_ddcat", "deeplabv3_ddcat"])
+def test_semseg_models_want_crops_on_the_stride_8_grid(name, tiny_cfg):
+    with pytest.raises(SetupError, match=rf"^config key 'data.crop_size' is \[34, 34\] but {name} needs \(h-1\) and "
+                                         rf"\(w-1\) divisible by 8, e.g. \[33, 33\]$"):
+        build_model(tiny_cfg(f"model.name={name}", "data.crop_size=[34,34]"))
+    with pytest.raises(SetupError, match=r"'test.crop_size' is \[40, 49\] .* e.g. \[41, 49\]$"):
+        build_model(tiny_cfg(f"model.name={name}", "test.crop_size=[40,49]"))
+    build_model(tiny_cfg(f"model.name={name}", "data.crop_size=[34,34]", "data.transform=none"))  # no crop taken
+    if name.endswith("_ddcat"):
+        with pytest.raises(SetupError, match="'model.aux' must be true"):
+            build_model(tiny_cfg(f"model.name={name}", "model.aux=false"))
+
+
 # ------------------------------------------------------------------ weights
 
 def rename_keys(state, fn):

@@ -9,6 +9,8 @@ import torch
 from engine.cli import main
 from engine.trainer import PolyWithWarmup, Trainer
 from utils.checkpoint import REQUIRED, load_checkpoint
+from utils.config import load_config
+from utils.errors import SetupError
 
 
 def train(path, *overrides):
@@ -65,6 +67,21 @@ def test_resume_gives_same_weights_and_checkpoint_contents(tiny_config, tmp_path
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert load_checkpoint(str(part / "model" / "last.pth"))["iteration"] == 8  # continued, not restarted
+
+
+def test_one_run_per_exp_dir_and_overwrite_replaces_it_at_its_first_checkpoint(tiny_config, tmp_path):
+    path, exp = tiny_config(), tmp_path / "exp"
+    Trainer(load_config(path, [f"exp_dir={exp}"]))
+    assert not exp.exists()  # building a run writes nothing: config.yaml and events come with the first checkpoint
+    train(path, f"exp_dir={exp}", "train.eval_freq=0")
+    assert sorted(os.listdir(exp / "model")) == ["epoch_1.pth", "epoch_2.pth", "last.pth"]
+    with pytest.raises(SetupError, match="already holds checkpoints .*train.resume=auto.*train.overwrite=true"):
+        Trainer(load_config(path, [f"exp_dir={exp}"]))
+    train(path, f"exp_dir={exp}", "train.eval_freq=0", "train.overwrite=true", "train.epochs=1")
+    # the earlier run's epoch_2.pth is gone instead of sitting next to the new run's files
+    assert sorted(os.listdir(exp / "model")) == ["epoch_1.pth", "last.pth"]
+    assert load_checkpoint(str(exp / "model" / "last.pth"))["config"]["train"]["epochs"] == 1
+    assert load_config(str(exp / "config.yaml")).train.epochs == 1
 
 
 def test_poly_schedule_values():

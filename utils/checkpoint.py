@@ -1,4 +1,5 @@
-"""Training checkpoints: written atomically, read with weights_only=True, newest valid one found on resume.
+"""Checkpoints: written atomically; every checkpoint or weights file (train.resume, test.checkpoint,
+model.weights, model.pretrained) read by one function with weights_only=True; newest valid one found on resume.
 
 A checkpoint holds: model, optimizer, scheduler, epoch (completed), iteration, rng, config
 (and `scaler` with fp16 mixed precision). Files in ``<exp_dir>/model``: ``last.pth`` (newest),
@@ -12,7 +13,8 @@ import os
 import pickle
 import re
 import signal
-from typing import List, Optional, Tuple
+import warnings
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -68,17 +70,57 @@ def save_checkpoint(state: dict, path: str) -> None:
         pass
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read one of our training checkpoints; SetupError if missing, unreadable or incomplete."""
+def _first_sentence(e: BaseException) -> str:
+    """'RuntimeError: PytorchStreamReader failed ...': the type and the first sentence, kept short."""
+    text = " ".join(str(e).split()).split(". ")[0][:120]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def read_checkpoint(path: str, key: Optional[str] = None) -> Any:
+    """The one reader of every checkpoint and weights file: ``torch.load(weights_only=True)`` on CPU.
+
+    SetupError with one line, prefixed with the config `key` when given, if the file is missing, a
+    folder, empty, truncated or not a PyTorch file, or holds pickled code (objects other than
+    tensors and plain containers: such a file is refused and nothing of it is loaded).
+    """
+    where = f"{key}: " if key else ""
+    if os.path.isdir(path):
+        raise SetupError(f"{where}{path} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
-        raise SetupError(f"checkpoint not found: {path}")
+        raise SetupError(f"{where}checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise SetupError(f"{where}cannot read {path}: the file is empty")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as e:
-        raise SetupError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: our message says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            raise SetupError(f"{where}{path} holds code (pickled objects other than tensors"
+                             + (f", e.g. {found.group(1)}" if found else "")
+                             + "); refused: it was not loaded") from None
+        raise SetupError(f"{where}cannot read {path}: truncated or not a PyTorch file ({_first_sentence(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            UnicodeDecodeError) as e:  # what torch.load raises on a cut or foreign file
+        raise SetupError(f"{where}cannot read {path}: truncated or not a PyTorch file ({_first_sentence(e)})") from None
+
+
+def load_weights_file(path: str, key: Optional[str] = None) -> dict:
+    """A file of weights (a state dict, or a checkpoint holding one); see `read_checkpoint`."""
+    obj = read_checkpoint(path, key)
+    if not isinstance(obj, Mapping):
+        raise SetupError(f"{key + ': ' if key else ''}{path} holds a {type(obj).__name__}, not a state dict")
+    return dict(obj)
+
+
+def load_checkpoint(path: str, key: Optional[str] = None) -> dict:
+    """One of our training checkpoints (`REQUIRED` keys); see `read_checkpoint`."""
+    ckpt = read_checkpoint(path, key)
     missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise SetupError(f"{path} is not a training checkpoint of this project (missing {', '.join(missing)})")
+        raise SetupError(f"{key + ': ' if key else ''}{path} is not a training checkpoint of this project "
+                         f"(missing {', '.join(missing)})")
     return ckpt
 
 
@@ -119,27 +161,45 @@ def remove_stale_temporaries(folder: str) -> None:
 
 
 def newest_valid(folder: str, iters_per_epoch: int, log=None) -> Optional[Tuple[str, dict]]:
-    """(path, checkpoint) of the newest readable training checkpoint in `folder`, or None.
+    """(path, checkpoint) of the newest readable training checkpoint in `folder`; None when the
+    folder holds no checkpoint, SetupError when it holds some but none is readable.
 
     last.pth first; if it cannot be read, the epoch_/iter_ checkpoint with the most progress.
     """
-    for path in list_checkpoints(folder, iters_per_epoch):
+    files = list_checkpoints(folder, iters_per_epoch)
+    first_error = ""
+    for path in files:
         try:
             return path, load_checkpoint(path)
         except SetupError as e:
+            first_error = first_error or str(e)
             if log is not None:
                 log.warning(f"skipping unreadable checkpoint: {e}")
+    if files:  # starting afresh would write over them
+        raise SetupError(f"train.resume=auto: none of the {len(files)} checkpoint(s) in {folder} is readable "
+                         f"({first_error}); resume from a good file with train.resume=PATH, or start afresh "
+                         f"with train.resume=null train.overwrite=true")
     return None
 
 
 def resolve_resume(resume: Optional[str], exp_dir: str, iters_per_epoch: int = 1,
                    log=None) -> Optional[Tuple[str, dict]]:
     """`train.resume`: null -> None; 'auto' -> the newest valid checkpoint in <exp_dir>/model
-    (None when there is none); else that path, which must exist and be readable."""
+    (None when there is none, see `newest_valid`); else that path, which must be readable."""
     if resume in (None, "", False):
         return None
     if resume == "auto":
         return newest_valid(os.path.join(exp_dir, "model"), iters_per_epoch, log)
-    if not os.path.isfile(resume):
-        raise SetupError(f"train.resume: checkpoint not found: {resume}")
-    return resume, load_checkpoint(resume)
+    return resume, load_checkpoint(resume, "train.resume")
+
+
+def check_fresh_run(exp_dir: str, resume: Optional[str], overwrite: bool) -> None:
+    """Refuse a fresh run (`resume` null) into an exp_dir whose model/ already holds checkpoints,
+    unless `overwrite`: its files would be replaced one by one and mixed with the new run's."""
+    if resume not in (None, "", False) or overwrite:
+        return
+    found = list_checkpoints(os.path.join(exp_dir, "model"))
+    if found:
+        names = ", ".join(os.path.basename(p) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise SetupError(f"exp_dir {exp_dir} already holds checkpoints of a run (model/: {names}): continue it "
+                         f"with train.resume=auto, pick another exp_dir, or set train.overwrite=true to replace it")

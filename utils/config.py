@@ -5,13 +5,19 @@ Every key an experiment may set is declared, with its default and a comment, in
 naming the closest valid key, and a value whose type differs from the default's is an error too.
 A default of ``null`` accepts any type; a default of ``{}`` is an open mapping whose contents are
 checked by whoever reads it (e.g. attack options are checked against the attack's signature).
+Beyond types, ``RULES`` and ``CROSS_RULES`` below say which values make sense (ranges, list
+lengths, choices); `load_config` applies them to file and command-line values alike, so every
+entry point refuses the same configs before it writes anything.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
-from typing import Any, Iterable, List, Mapping, Sequence
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -155,6 +161,248 @@ def validate(cfg: Mapping, schema: Mapping, source: str, prefix: str = "") -> No
                              f"(like the default {d!r}), got {_type_name(v)} {v!r}")
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What a config value must be: `ok(value)` and the words for the error message."""
+    ok: Callable[[Any], bool]
+    text: str
+    numeric: bool = False  # holds numbers (exponent strings are read as floats)
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float (bool excluded)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def number(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
+           integer: bool = False) -> Rule:
+    """A finite number (an int when `integer`) in the interval from lo to hi (ends open or closed)."""
+    def ok(v: Any) -> bool:
+        if not (_integer(v) if integer else is_number(v)):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    kind = "an integer" if integer else "a number"
+    if lo > -math.inf and hi < math.inf:
+        text = f"{kind} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo > -math.inf:
+        text = f"{kind} {'>' if lo_open else '>='} {lo:g}"
+    elif hi < math.inf:
+        text = f"{kind} {'<' if hi_open else '<='} {hi:g}"
+    else:
+        text = kind
+    return Rule(ok, text, numeric=not integer)
+
+
+def positive(integer: bool = False) -> Rule:
+    """A number > 0 (an integer >= 1 when `integer`)."""
+    return number(1, integer=True) if integer else number(0, lo_open=True)
+
+
+def fraction(lo_open: bool = False, hi_open: bool = False) -> Rule:
+    """A number in [0, 1], either end open."""
+    return number(0, 1, lo_open, hi_open)
+
+
+def one_of(*choices: Any) -> Rule:
+    """One of `choices`, of the same type (so 1 is not True)."""
+    return Rule(lambda v: any(v == c and type(v) is type(c) for c in choices),
+                "one of " + ", ".join("null" if c is None else str(c) for c in choices))
+
+
+def text(nonempty: bool = True) -> Rule:
+    """A string (not blank, unless `nonempty` is false)."""
+    return Rule(lambda v: isinstance(v, str) and (bool(v.strip()) or not nonempty),
+                "a non-empty string" if nonempty else "a string")
+
+
+def optional(rule: Rule) -> Rule:
+    """null, or what `rule` accepts."""
+    return Rule(lambda v: v is None or rule.ok(v), f"null or {rule.text}", rule.numeric)
+
+
+def list_of(item: Rule, n: Optional[int] = None, ordered: bool = False, nonempty: bool = True) -> Rule:
+    """A list of `n` items (any number, at least one when `nonempty`), each as `item`;
+    non-decreasing when `ordered` (a [lo, hi] range)."""
+    def ok(v: Any) -> bool:
+        if not isinstance(v, (list, tuple)) or (n is not None and len(v) != n) or (nonempty and not v):
+            return False
+        return all(item.ok(x) for x in v) and (not ordered or all(a <= b for a, b in zip(v, v[1:])))
+    count = f"{n} " if n is not None else ("one or more " if nonempty else "")
+    what = f"a list of {count}{'items' if n != 1 else 'item'}, each {item.text}"
+    return Rule(ok, what + (", lo <= hi" if ordered else ""), item.numeric)
+
+
+def mapping_of(value: Rule) -> Rule:
+    """A mapping of string keys to values as `value`."""
+    return Rule(lambda v: isinstance(v, Mapping) and all(isinstance(k, str) and value.ok(x) for k, x in v.items()),
+                f"a mapping of names to {value.text}")
+
+
+INT_GE0, INT_GE1 = number(0, integer=True), positive(integer=True)
+PAIR = list_of(INT_GE1, n=2)  # [h, w]
+PATH = optional(text())
+
+# Semantic rules by dotted key, on top of the type check against default.yaml (see its comments
+# for meanings). Names resolved by a registry (data.name, model.name, train.method, attacks) are
+# checked by that registry; attack options by attacks.base.Attack.
+RULES: Dict[str, Rule] = {
+    "exp_dir": text(),
+    "seed": INT_GE0,
+    "device": one_of("auto", "cpu", "cuda"),
+    "data.name": text(),
+    "data.root": text(),
+    "data.classes": INT_GE1,
+    "data.ignore_label": INT_GE0,
+    "data.train_list": text(nonempty=False),
+    "data.val_list": text(nonempty=False),
+    "data.test_list": text(nonempty=False),
+    "data.workers": INT_GE0,
+    "data.tasks": list_of(text(), nonempty=False),
+    "data.transform": one_of("semseg", "pirat", "crop_flip", "none"),
+    "data.crop_size": PAIR,
+    "data.scale_range": list_of(positive(), n=2, ordered=True),
+    "data.rotate_range": list_of(number(-180, 180), n=2, ordered=True),
+    "data.base_size": INT_GE1,
+    "data.eval_transform": one_of("none", "semseg", "sea"),
+    "data.eval_crop": PAIR,
+    "data.taskonomy.size": INT_GE1,
+    "data.taskonomy.split_point": INT_GE0,
+    "data.synthetic.num_train": INT_GE1,
+    "data.synthetic.num_val": INT_GE1,
+    "data.synthetic.size": number(8, 129, integer=True),
+    "data.synthetic.seed": INT_GE0,
+    "model.name": text(),
+    "model.layers": one_of(18, 34, 50, 101, 152),
+    "model.width": positive(),
+    "model.output_stride": one_of(8, 16, 32),
+    "model.bins": list_of(INT_GE1),
+    "model.atrous_rates": list_of(INT_GE1),
+    "model.backbone": text(),
+    "model.drop_path": optional(fraction(hi_open=True)),
+    "model.dropout": fraction(hi_open=True),
+    "model.mean": optional(list_of(number(), n=3)),
+    "model.std": optional(list_of(positive(), n=3)),
+    "model.pretrained": PATH,
+    "model.arch": text(),
+    "model.tasks": list_of(text()),
+    "model.task_channels": mapping_of(INT_GE1),
+    "model.shared_until": one_of("layer8", "layer5"),
+    "model.fpd.fpn_width": INT_GE1,
+    "model.fpd.dropout": fraction(hi_open=True),
+    "model.fpd.logit_scale": positive(),
+    "model.weights": PATH,
+    "train.method": text(),
+    "train.epochs": INT_GE1,
+    "train.batch_size": INT_GE1,
+    "train.optimizer": one_of("sgd", "adamw"),
+    "train.lr": positive(),
+    "train.head_lr_mult": positive(),
+    "train.momentum": fraction(hi_open=True),
+    "train.weight_decay": number(0),
+    "train.scheduler": one_of("poly"),
+    "train.power": number(0),
+    "train.warmup_iters": INT_GE0,
+    "train.warmup_ratio": fraction(),
+    "train.aux_weight": number(0),
+    "train.save_freq": INT_GE1,
+    "train.eval_freq": INT_GE0,
+    "train.print_freq": INT_GE1,
+    "train.resume": PATH,
+    "train.val_batch_size": INT_GE1,
+    "train.save_iter_freq": INT_GE0,
+    # YAML reads a bare `off` as false
+    "train.amp": one_of(None, False, "off", "none", "fp32", "bf16", "fp16"),
+    "train.debug_nan_at_iter": optional(INT_GE1),
+    "test.split": one_of("val", "train", "test"),
+    "test.checkpoint": PATH,
+    "test.result_dir": PATH,
+    "test.protocol": one_of("whole", "semseg", "sea"),
+    "test.crop_size": optional(PAIR),
+    "test.stride_rate": fraction(lo_open=True),
+    "test.batch_size": INT_GE1,
+    "test.num_images": optional(INT_GE1),
+    "test.eps": list_of(positive()),
+    "test.attacks": list_of(Rule(lambda v: isinstance(v, (str, Mapping)), "an attack name or mapping"),
+                            nonempty=False),
+    "test.class_weights": optional(list_of(number(0))),
+    "test.examples": INT_GE0,
+}
+
+
+def _cross_rules(cfg: Mapping) -> List[Tuple[str, str]]:
+    """(key, problem) for values that only make sense together with another key."""
+    d, m, t = cfg["data"], cfg["model"], cfg["test"]
+    out = []
+    if 0 <= d["ignore_label"] < d["classes"]:
+        out.append(("data.ignore_label", f"is the class id {d['ignore_label']} of 0..{d['classes'] - 1}; "
+                                         f"use a value >= data.classes (e.g. 255)"))
+    if (m["mean"] is None) != (m["std"] is None):
+        unset, other = ("model.std", "model.mean") if m["std"] is None else ("model.mean", "model.std")
+        out.append((unset, f"is null but {other} is set: give both (normalisation inside the model) or neither"))
+    if t["class_weights"] is not None and len(t["class_weights"]) != d["classes"]:
+        out.append(("test.class_weights", f"needs one weight per class (data.classes = {d['classes']}), "
+                                          f"got {len(t['class_weights'])}"))
+    return out
+
+
+def _get(cfg: Mapping, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _has(tree: Mapping, dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+# YAML 1.1 (PyYAML) reads 1e12 or -1e-3 as strings: it wants a dot and a signed exponent.
+_EXP_FLOAT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
+
+
+def yaml_float(value: Any) -> Any:
+    """'1e12' -> 1e12 (floats YAML 1.1 leaves as strings); any other value unchanged."""
+    if isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
+        return float(value)
+    return value
+
+
+def _is_float_default(default: Any) -> bool:
+    return isinstance(default, float) or (isinstance(default, (list, tuple)) and bool(default)
+                                           and all(isinstance(d, float) for d in default))
+
+
+def _coerce_floats(cfg: dict, schema: Mapping, rules: Mapping[str, Rule], prefix: str = "") -> None:
+    """In place: exponent-only float strings become floats where the key holds floats (schema default
+    or a numeric rule), so `train.lr=1e-4` means what it says."""
+    for k, v in cfg.items():
+        full, d = f"{prefix}{k}", schema.get(k)
+        if isinstance(v, dict) and isinstance(d, Mapping) and d:
+            _coerce_floats(v, d, rules, full + ".")
+        elif _is_float_default(d) or (full in rules and rules[full].numeric):
+            cfg[k] = [yaml_float(x) for x in v] if isinstance(v, list) else yaml_float(v)
+
+
+def check_values(cfg: Mapping, source: Callable[[str], str]) -> None:
+    """Raise SetupError for the first value that breaks `RULES` or a cross-key rule;
+    `source(key)` names where the key was set (the file or the command line)."""
+    for key, rule in RULES.items():
+        value = _get(cfg, key)
+        if not rule.ok(value):
+            raise SetupError(f"{source(key)}: config key '{key}' must be {rule.text}, got {value!r}")
+    for key, problem in _cross_rules(cfg):
+        raise SetupError(f"{source(key)}: config key '{key}' {problem}")
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict:
     """['train.lr=0.1', 'test.eps=[4,8]'] -> nested dict; values parse as YAML scalars/flow lists."""
     out: dict = {}
@@ -180,10 +428,12 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     """Load an experiment config: defaults <- `_base_` chain <- file <- `key=value` overrides."""
     schema = _read_yaml(DEFAULT_PATH)
     data = _resolve_bases(path)
-    validate(data, schema, path)
     cli = parse_overrides(overrides)
-    validate(cli, schema, "command line")
+    for tree, source in ((data, path), (cli, "command line")):
+        _coerce_floats(tree, schema, RULES)
+        validate(tree, schema, source)
     cfg = _wrap(merge(merge(schema, data), cli))
+    check_values(cfg, lambda key: "command line" if _has(cli, key) else path)
     cfg.path = path
     return cfg
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from typing import List
 
 import torch
@@ -51,9 +54,40 @@ def select_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+PARENT_POLL_SECONDS = 1.0
+_watching = False
+
+
+def exit_with_parent(poll: float = PARENT_POLL_SECONDS) -> None:
+    """End this process soon after its parent dies (a daemon thread polls the parent pid).
+
+    torchrun starts every rank in a session of its own, so when the launcher itself is killed
+    (SIGKILL, OOM killer) nothing would stop the ranks: they would go on training and writing
+    checkpoints. Checkpoints are written atomically, so exiting at any moment leaves no partial file.
+    """
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:  # re-parented: the launcher is gone
+                try:
+                    print(f"error: the launcher (pid {parent}) has ended; stopping rank {rank()}", file=sys.stderr,
+                          flush=True)
+                finally:
+                    os._exit(1)
+            time.sleep(poll)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def init_distributed(device: torch.device) -> None:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise.
+    Such a process also ends when its launcher dies (`exit_with_parent`)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
+        exit_with_parent()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
 
 

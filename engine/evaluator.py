@@ -102,10 +102,7 @@ def training_label_counts(cfg) -> np.ndarray:
 def balanced_class_weights(cfg) -> List[float]:
     """Weights of ``mask-ce-bal``: ``test.class_weights``, else SEA's published vector for the dataset
     (VOC, ADE20K), else 1/N_c of the training split's label frequencies."""
-    if cfg.test.class_weights:
-        if len(cfg.test.class_weights) != cfg.data.classes:
-            raise SetupError(f"test.class_weights has {len(cfg.test.class_weights)} values for "
-                             f"{cfg.data.classes} classes")
+    if cfg.test.class_weights:  # (one per class: checked with the config)
         return list(cfg.test.class_weights)
     return (published_class_weights(cfg.data.name, cfg.data.classes)
             or class_weights_from_counts(training_label_counts(cfg)).tolist())

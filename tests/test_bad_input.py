@@ -185,9 +185,7 @@ CASES = [
          ("train.resume:", "not a training checkpoint", "missing model, optimizer"), prepare=weights_only),
     Case("eval_bad_label_in_second_batch", "test.py",
          ("data.root={case}/data", "test.checkpoint={case}/class3.pth", "test.batch_size=3", "test.attacks=[]"),
-         ("val_0004.png", "[9]"), prepare=other_predictions, may_add=".*",
-         marks=(pytest.mark.xfail(reason="the evaluator writes its PNGs in place until results go to a temporary "
-                                         "folder", strict=True),)),
+         ("val_0004.png", "[9]"), prepare=other_predictions, may_add=".*"),
 ]
 
 

@@ -193,9 +193,13 @@ def test_balanced_weights_published_estimated_or_given(tmp_path):
     assert weights("voc2012/voc2012_pspnet_none.yaml") == list(VOC)
     assert weights("ade20k/ade20k_upernet_none.yaml") == list(ADE20K)
     assert weights("voc2012/voc2012_pspnet_none.yaml", f"test.class_weights=[{','.join(['1.0'] * 21)}]") == [1.0] * 21
-    with pytest.raises(SetupError, match="test.class_weights has 2 values for 21 classes"):
-        balanced_class_weights(load_config(os.path.join(root, "config", "voc2012", "voc2012_pspnet_none.yaml"),
-                                           ["test.class_weights=[1.0,2.0]"]))
+    with pytest.raises(SetupError, match="test.class_weights' needs one weight per class"):
+        load_config(os.path.join(root, "config", "voc2012", "voc2012_pspnet_none.yaml"), ["test.class_weights=[1.0,2.0]"])
+    assert len(balanced_class_weights(load_config(os.path.join(root, "config", "synthetic",
+                                                               "synthetic_pspnet18_none.yaml"),
+                                                  [f"exp_dir={tmp_path}", "data.root=" + str(tmp_path / "syn"),
+                                                   "data.synthetic.num_train=4", "data.synthetic.num_val=2",
+                                                   "data.synthetic.size=33"]))) == 6  # estimated
 
 
 class _FakeMultitask(__import__("torch").nn.Module):

@@ -329,6 +329,7 @@ RULES: Dict[str, Rule] = {
     "test.attacks": list_of(Rule(lambda v: isinstance(v, (str, Mapping)), "an attack name or mapping"),
                             nonempty=False),
     "test.class_weights": optional(list_of(number(0))),
+    "test.attack_tasks": list_of(text()),
     "test.examples": INT_GE0,
 }
 

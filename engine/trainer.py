@@ -83,6 +83,19 @@ def build_scheduler(cfg, optimizer, max_iters: int):
                                                                       t.warmup_ratio))
 
 
+def check_training_tasks(model: nn.Module, dataset) -> None:
+    """Every output of a multitask model must have a training target (an output without one never
+    learns, and DDP stops on its unused parameters); a single-output model trains on segmentation only."""
+    data_tasks = list(getattr(dataset, "tasks", []))
+    if getattr(model, "multitask", False):
+        if sorted(data_tasks) != sorted(model.tasks):
+            raise SetupError(f"model.tasks {list(model.tasks)} and data.tasks {data_tasks} must list the same tasks: "
+                             "every output of a multitask model is trained")
+    elif [t for t in data_tasks if t != "segmentsemantic"]:
+        raise SetupError(f"data.tasks {data_tasks}: model '{type(model).__name__}' has a single segmentation output; "
+                         "use a multitask model (drn_multitask, taskonomy_resnet) or data.tasks: []")
+
+
 class Trainer:
     """Builds everything from the config, validates the inputs, then runs `fit()`.
 
@@ -107,6 +120,7 @@ class Trainer:
             raise SetupError(f"train.batch_size={t.batch_size} exceeds the {len(self.train_set)} training images")
         self.max_iters = t.epochs * self.iters_per_epoch
         model = build_model(cfg)
+        check_training_tasks(model, self.train_set)
         if cfg.model.pretrained and not cfg.model.weights:
             load_pretrained(model, cfg.model.pretrained)
         if cfg.model.weights:

@@ -90,3 +90,21 @@ def test_poly_schedule_values():
     assert f(9) == 0.0
     w = PolyWithWarmup(max_iters=10, power=1.0, warmup=2, ratio=0.0)
     assert [w(s) for s in range(4)] == pytest.approx([0.5, 1.0, 1 - 1 / 8, 1 - 2 / 8])
+
+
+def test_outputs_and_training_targets_must_match(tmp_path):
+    from tests import data_fixtures as fx
+    from utils.config import load_config
+    from utils.errors import SetupError
+    fx.make_cityscapes(str(tmp_path / "cs"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = os.path.join(root, "config", "cityscapes", "cityscapes_drn_multitask_none.yaml")
+    common = [f"data.root={tmp_path / 'cs'}", f"exp_dir={tmp_path / 'exp'}", "data.workers=0", "data.crop_size=[17,17]",
+              "train.batch_size=2"]
+    with pytest.raises(SetupError, match=r"model.tasks \['segmentsemantic', 'depth_zbuffer', 'autoencoder'\] and "
+                                         r"data.tasks \['segmentsemantic', 'depth_zbuffer'\] must list the same"):
+        Trainer(load_config(cfg, [*common, "data.tasks=[segmentsemantic,depth_zbuffer]"]))
+    single = os.path.join(root, "config", "cityscapes", "cityscapes_drn_none.yaml")
+    with pytest.raises(SetupError, match="has a single segmentation output"):
+        Trainer(load_config(single, [*common, "data.tasks=[segmentsemantic,depth_zbuffer]"]))
+    assert not os.path.exists(tmp_path / "exp" / "model")

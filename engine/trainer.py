@@ -271,7 +271,7 @@ class Trainer:
 
     def train_epoch(self) -> Dict[str, float]:
         from tqdm import tqdm
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         self.sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
         done = self.iteration - self.epoch * self.iters_per_epoch  # > 0 when resumed mid-epoch

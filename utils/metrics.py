@@ -154,13 +154,13 @@ def worst_case_miou(inter: Array, union: Array, max_rounds: int = 100000,
         top = order[:1]
         top_val = float(best[top[0]])
         m = order.size
-        chosen, chosen_val = top, top_val
+        chosen = top
         while m > 1:                                    # try many swaps at once, best first
             idx = order[:m]
             val = float(miou(RI + dI[best_a[idx], idx].sum(0), RU + dU[best_a[idx], idx].sum(0)))
             if val < cur - tol:
                 if val < top_val:
-                    chosen, chosen_val = idx, val
+                    chosen = idx
                 break
             m //= 2
         RI = RI + dI[best_a[chosen], chosen].sum(0)

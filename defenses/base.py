@@ -2,21 +2,83 @@
 
 The engine does backward and the optimiser step; a defense never touches the loader or optimiser.
 `logs` holds detached scalar tensors (reduced and printed by the engine, no `.item()` here).
+
+Adversarial methods set ``default_attack`` (their paper's training attack, config units: eps and
+alpha in 1/255); ``train.attack`` overrides any of its options or names another attack from
+``attacks/`` (SegPGD-AT, APGD-AT are a config change). ``adversarial(model, x, y, index)`` runs it
+the one way every method must: on the unwrapped module (no DDP all-reduce per attack step), in
+eval mode with every parameter frozen (no gradient reaches a parameter, BatchNorm statistics do not
+move), gradients w.r.t. the input only, random starts seeded by (seed, epoch, image index); the
+model is back in train mode afterwards.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks import Attack, attack_mode, build_attack
+from utils import dist
+from utils.errors import SetupError
+
+
+def pixel_accuracy(logits: torch.Tensor, y: torch.Tensor, ignore: int = 255) -> torch.Tensor:
+    """Fraction of valid pixels whose argmax is the label (detached scalar tensor, no host sync)."""
+    valid = y != ignore
+    hit = (logits.detach().argmax(1) == y) & valid
+    return hit.sum().float() / valid.sum().clamp_min(1).float()
+
 
 class Defense:
+    default_attack: Optional[dict] = None  # adversarial methods: {name, eps, ...} in config units
+    find_unused_parameters = False         # a method whose loss leaves parameters unused says so (DDP)
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.ignore = cfg.data.ignore_label
         self.aux_weight = cfg.train.aux_weight
+        self.epoch = 0
+        self.attack: Optional[Attack] = self.build_train_attack(cfg) if self.default_attack is not None else None
+
+    def build_train_attack(self, cfg) -> Attack:
+        """The method's default attack with ``train.attack`` merged over it (another ``name`` replaces
+        the default's options except eps)."""
+        given = dict(cfg.train.attack or {})
+        opts = dict(self.default_attack)
+        if given.get("name", opts["name"]) != opts["name"]:
+            opts = {"name": given["name"], "eps": opts["eps"]}
+        opts.update(given)
+        name = opts.pop("name")
+        opts.pop("label", None)
+        if "eps" not in opts:
+            raise SetupError("train.attack needs eps (in 1/255)")
+        return build_attack(name, seed=cfg.seed, label="train", **opts)
+
+    def prepare(self, model: nn.Module) -> None:
+        """Called once with the freshly built model, before any weights are loaded: refuse a model the
+        method does not fit (one-line SetupError), or initialise what the method initialises."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch about to run (0-based); it seeds the training attack's random draws."""
+        self.epoch = epoch
+
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y, index: torch.Tensor,
+                    forward=None) -> torch.Tensor:
+        """x_adv for the batch (detached). `forward(net, x)` picks what the attack differentiates
+        (default: the eval-mode output, i.e. the main logits, or the outputs dict of a multitask model)."""
+        net = dist.unwrap(model)
+        keys: Sequence = [(self.epoch, int(i)) for i in index.tolist()]
+        with attack_mode(net):
+            fwd = net if forward is None else (lambda inp: forward(net, inp))
+            x_adv = self.attack(fwd, x, y, keys)
+        return x_adv.detach()
+
+    def describe(self) -> str:
+        """One line for the training log: the method and its attack."""
+        name = self.cfg.train.method
+        return name if self.attack is None else f"{name}, training attack {self.attack}"
 
     def seg_loss(self, outputs: Dict[str, torch.Tensor], y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """CE(main) + aux_weight * CE(aux) with the ignore label (ddcat.md §1.4)."""

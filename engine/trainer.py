@@ -119,8 +119,10 @@ class Trainer:
         if self.iters_per_epoch == 0:
             raise SetupError(f"train.batch_size={t.batch_size} exceeds the {len(self.train_set)} training images")
         self.max_iters = t.epochs * self.iters_per_epoch
+        self.defense = build_defense(cfg)
         model = build_model(cfg)
         check_training_tasks(model, self.train_set)
+        self.defense.prepare(model)
         if cfg.model.pretrained and not cfg.model.weights:
             load_pretrained(model, cfg.model.pretrained)
         if cfg.model.weights:
@@ -132,7 +134,6 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, self.max_iters)
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.defense = build_defense(cfg)
         self.epoch, self.iteration, self.skipped = 0, 0, 0
         resume = resolve_resume(t.resume, cfg.exp_dir, self.iters_per_epoch, self.log)
         if resume:
@@ -274,6 +275,7 @@ class Trainer:
         t = self.cfg.train
         self.sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
+        self.defense.set_epoch(self.epoch)
         done = self.iteration - self.epoch * self.iters_per_epoch  # > 0 when resumed mid-epoch
         self.sampler.skip(done * self.batch)
         self.model.train()
@@ -338,7 +340,7 @@ class Trainer:
 
     def fit(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        self.log.info(f"training {cfg.model.name} with method '{t.method}' for {t.epochs} epochs "
+        self.log.info(f"training {cfg.model.name} with method {self.defense.describe()} for {t.epochs} epochs "
                       f"({self.iters_per_epoch} iterations each, {dist.world_size()} process(es), device {self.device})")
         while self.epoch < t.epochs:
             start = time.time()

@@ -296,6 +296,7 @@ RULES: Dict[str, Rule] = {
     "model.fpd.logit_scale": positive(),
     "model.weights": PATH,
     "train.method": text(),
+    "train.attack": mapping_of(Rule(lambda v: True, "any value")),
     "train.epochs": INT_GE1,
     "train.batch_size": INT_GE1,
     "train.optimizer": one_of("sgd", "adamw"),

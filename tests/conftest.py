@@ -11,7 +11,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 intra-op threads; OMP_NUM_THREADS=1 when other jobs share the cores (oversubscribed OpenMP
+# threads spin and can make a step 20x slower)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
 
 from utils.config import load_config  # noqa: E402
 

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, Subset
 from attacks import Attack, attack_mode, build_attack
 from attacks.ensemble import expand_attacks, needs_class_weights
 from attacks.losses import class_weights_from_counts
-from attacks.multitask import MASK_SUFFIX
+from attacks.multitask import merge_task_losses, published_task_losses, task_targets
 from attacks.sea_weights import published_class_weights
 from datasets import build_dataset
 from datasets.palettes import class_names, palette
@@ -149,7 +149,8 @@ def build_attack_runs(cfg, device: torch.device = torch.device("cpu"), model: Op
     """Expand ``test.attacks`` x ``test.eps`` into runs; ensembles into their members.
 
     Adds class weights to balanced-CE members (``balanced_class_weights``), the attacked tasks to
-    multitask attacks (``test.attack_tasks`` unless the entry sets ``tasks``), the source model of
+    multitask attacks (``test.attack_tasks`` unless the entry sets ``tasks``) with each task's training
+    loss (``attacks.multitask.published_task_losses``), the source model of
     transfer attacks (``source_config`` / ``source_checkpoint``) and each run's random seed
     (``seed`` and the run's key).
     """
@@ -173,8 +174,12 @@ def build_attack_runs(cfg, device: torch.device = torch.device("cpu"), model: Op
                 key = f"{g.label}/{label}@{e}" if g.is_ensemble else f"{label}@{e}"
                 attack = build_attack(name, seed=cfg.seed, label=key, eps=eps, **opts)
                 tasks = _attacked_tasks(cfg, label, opts, attack, model, targets)
-                if attack.multitask:
-                    attack = build_attack(name, seed=cfg.seed, label=key, eps=eps, **dict(opts, tasks=tasks))
+                if attack.multitask:  # each task's training loss (attacks/multitask.py), names in opts change the kind
+                    losses = merge_task_losses(published_task_losses(
+                        cfg.data.name, targets, getattr(dataset, "seg_class_weights", None), cfg.model.std),
+                        opts.get("task_losses"))
+                    attack = build_attack(name, seed=cfg.seed, label=key, eps=eps,
+                                          **dict(opts, tasks=tasks, task_losses=losses))
                 runs.append(AttackRun(key, f"{g.label}@{e}", e, attack, tasks))
     return runs
 
@@ -236,9 +241,7 @@ def attack_targets(group: dict, attack: Attack):
     """The label map, or for a multitask attack {task: target, "<task>_mask": valid mask}."""
     if not attack.multitask:
         return group["label"]
-    y = dict(group["targets"])
-    y.update({t + MASK_SUFFIX: m for t, m in group["masks"].items() if y[t].is_floating_point()})
-    return y
+    return task_targets(group["targets"], group["masks"])
 
 
 def evaluate(model: nn.Module, loader, classes: int, ignore: int, runs: Sequence[AttackRun] = (),

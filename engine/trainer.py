@@ -75,12 +75,32 @@ class PolyWithWarmup:
         return max(1.0 - frac, 0.0) ** self.power
 
 
+class StepWithWarmup:
+    """lr factor for 0-based step s (iteration s + 1, in epoch s // iters_per_epoch + 1): the linear warmup
+    of PolyWithWarmup, then gamma^k with k the number of milestones <= the epochs finished before it
+    (MTRobust's `step` and piecewise-constant schedules, mtl_fpd.md §A2.4)."""
+
+    def __init__(self, iters_per_epoch: int, milestones, gamma: float, warmup: int = 0, ratio: float = 1e-6):
+        self.iters_per_epoch, self.milestones, self.gamma = max(iters_per_epoch, 1), list(milestones), gamma
+        self.warmup, self.ratio = warmup, ratio
+
+    def __call__(self, step: int) -> float:
+        it = step + 1
+        if it <= self.warmup:
+            return self.ratio + (1 - self.ratio) * it / self.warmup
+        epochs_done = step // self.iters_per_epoch
+        return self.gamma ** sum(1 for m in self.milestones if m <= epochs_done)
+
+
 def build_scheduler(cfg, optimizer, max_iters: int):
     t = cfg.train
-    if t.scheduler != "poly":
-        raise SetupError(f"train.scheduler '{t.scheduler}' unknown; valid: poly")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyWithWarmup(max_iters, t.power, t.warmup_iters,
-                                                                      t.warmup_ratio))
+    if t.scheduler == "poly":
+        factor = PolyWithWarmup(max_iters, t.power, t.warmup_iters, t.warmup_ratio)
+    elif t.scheduler == "step":
+        factor = StepWithWarmup(max_iters // t.epochs, t.lr_milestones, t.lr_gamma, t.warmup_iters, t.warmup_ratio)
+    else:
+        raise SetupError(f"train.scheduler '{t.scheduler}' unknown; valid: poly, step")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def check_training_tasks(model: nn.Module, dataset) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.cli import main
-from engine.trainer import PolyWithWarmup, Trainer
+from engine.trainer import PolyWithWarmup, StepWithWarmup, Trainer
 from utils.checkpoint import REQUIRED, load_checkpoint
 from utils.config import load_config
 from utils.errors import SetupError
@@ -90,6 +90,14 @@ def test_poly_schedule_values():
     assert f(9) == 0.0
     w = PolyWithWarmup(max_iters=10, power=1.0, warmup=2, ratio=0.0)
     assert [w(s) for s in range(4)] == pytest.approx([0.5, 1.0, 1 - 1 / 8, 1 - 2 / 8])
+
+
+def test_step_schedule_values():
+    """MTRobust's step schedules (mtl_fpd.md §A2.4): x gamma after each milestone epoch, stepped per iteration."""
+    f = StepWithWarmup(iters_per_epoch=3, milestones=[2, 4], gamma=0.1)
+    assert [f(s) for s in range(15)] == pytest.approx([1.0] * 6 + [0.1] * 6 + [0.01] * 3)
+    w = StepWithWarmup(iters_per_epoch=2, milestones=[1], gamma=0.5, warmup=2, ratio=0.0)
+    assert [w(s) for s in range(4)] == pytest.approx([0.5, 1.0, 0.5, 0.5])
 
 
 def test_outputs_and_training_targets_must_match(tmp_path):

@@ -4,7 +4,13 @@ Six classes: background, disc, square, triangle, ring, cross. Shapes have random
 textured, randomly coloured backgrounds, so the class is given by the shape, not the colour. Each
 image is a deterministic function of (seed, split, index). On disk: ``JPEGImages/*.jpg``,
 ``SegmentationClass/*.png`` (single-channel ids, 255 on a thin band around every object) and
-``list/{train,val}.txt`` with ``image label`` per line, i.e. exactly what the VOC loader reads.
+``list/{train,val}.txt`` with ``image label`` per line, i.e. exactly what the VOC loader reads;
+``Depth/*.png`` holds a depth map per image (16-bit, millimetres) drawn with the shapes: the
+background a ground plane receding upwards (4 m at the bottom row, 16 m at the top), every shape
+flat, 1 m in front of the ground where its bottom touches it.
+
+With ``data.tasks`` (segmentsemantic, depth_zbuffer, autoencoder) it is a multitask dataset
+(datasets/multitask.py): depth in metres (all valid), reconstruction = the image itself.
 """
 from __future__ import annotations
 
@@ -18,12 +24,17 @@ import numpy as np
 
 from utils.errors import SetupError
 
-from .list_dataset import SegDataset, check_items, read_list
+from .list_dataset import SegDataset, check_items, read_image, read_label, read_list
+from .multitask import AUTOENCODER, SEG_TASK, MultiTaskDataset, check_tasks
 from .registry import register_dataset
-from .transforms import build_transform
+from .transforms import build_multi_transform, build_transform
 
 SPLIT_OFFSET = {"train": 0, "val": 1}
 VERSION = 3  # bump when rendering changes, so stale data on disk is refused
+TASKS = (SEG_TASK, "depth_zbuffer", AUTOENCODER)
+DEPTH_DIR = "Depth"  # written with the images since depth maps exist (older datasets lack the folder)
+DEPTH_UNIT = 1000.0  # stored value per metre
+DEPTH_NEAR, DEPTH_FAR, DEPTH_FRONT = 4.0, 16.0, 1.0  # ground at the bottom / top row; shapes in front of it
 
 
 def _shape_polygon(cls: int, r: float, angle: float) -> list:
@@ -53,9 +64,16 @@ def _fill_pattern(cls: int, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     return np.zeros_like(dx)                                                   # disc, ring: solid
 
 
-def render(rng: np.random.Generator, size: int) -> tuple:
-    """One (RGB uint8 HxWx3, label uint8 HxW) sample."""
+def ground_depth(row, size: int):
+    """Depth in metres of the ground plane at image row(s) `row`: DEPTH_NEAR at the bottom, DEPTH_FAR at the top."""
+    return DEPTH_NEAR + (DEPTH_FAR - DEPTH_NEAR) * (1.0 - np.clip(row, 0, size - 1) / (size - 1))
+
+
+def render(rng: np.random.Generator, size: int, depth: bool = False) -> tuple:
+    """One (RGB uint8 HxWx3, label uint8 HxW) sample; with `depth` also its depth map (float32 HxW,
+    metres). The depth map draws nothing from `rng`: image and label are the same either way."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dmap = ground_depth(yy, size).astype(np.float32) if depth else None
     c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
     kind = rng.integers(3)
     if kind == 0:  # stripes
@@ -89,9 +107,13 @@ def render(rng: np.random.Generator, size: int) -> tuple:
         other = np.clip(colour + rng.choice([-1, 1]) * rng.uniform(0.25, 0.45), 0, 1)
         img[mask > 0] = (colour * (1 - fill) + other * fill)[mask > 0]
         lbl[mask > 0] = cls
+        if dmap is not None:  # flat, standing in front of the ground where its bottom (cy + r) touches it
+            dmap[mask > 0] = ground_depth(cy + r, size) - DEPTH_FRONT
     img = np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
     kernel = np.ones((3, 3), np.uint8)
     lbl[cv2.dilate(lbl, kernel) != cv2.erode(lbl, kernel)] = 255  # thin ignore band, as in VOC
+    if dmap is not None:
+        return (img * 255).round().astype(np.uint8), lbl, dmap
     return (img * 255).round().astype(np.uint8), lbl
 
 
@@ -111,15 +133,16 @@ def ensure_synthetic(root: str, num_train: int, num_val: int, size: int, seed: i
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".synthetic-")
-    for d in ("JPEGImages", "SegmentationClass", "list"):
+    for d in ("JPEGImages", "SegmentationClass", DEPTH_DIR, "list"):
         os.makedirs(os.path.join(tmp, d))
     for split, n in (("train", num_train), ("val", num_val)):
         lines = []
         for i in range(n):
-            img, lbl = render(np.random.default_rng([seed, SPLIT_OFFSET[split], i]), size)
+            img, lbl, dmap = render(np.random.default_rng([seed, SPLIT_OFFSET[split], i]), size, depth=True)
             name = f"{split}_{i:04d}"
             cv2.imwrite(os.path.join(tmp, "JPEGImages", name + ".jpg"), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
             cv2.imwrite(os.path.join(tmp, "SegmentationClass", name + ".png"), lbl)
+            cv2.imwrite(os.path.join(tmp, DEPTH_DIR, name + ".png"), np.round(dmap * DEPTH_UNIT).astype(np.uint16))
             lines.append(f"JPEGImages/{name}.jpg SegmentationClass/{name}.png\n")
         with open(os.path.join(tmp, "list", f"{split}.txt"), "w") as f:
             f.writelines(lines)
@@ -135,13 +158,40 @@ def ensure_synthetic(root: str, num_train: int, num_val: int, size: int, seed: i
             raise
 
 
+def depth_path(root: str, image: str) -> str:
+    """JPEGImages/<name>.jpg -> Depth/<name>.png."""
+    return os.path.join(root, DEPTH_DIR, os.path.splitext(os.path.basename(image))[0] + ".png")
+
+
+def read_depth(path: str):
+    """(depth in metres HxW float32, valid mask HxW float32: stored value > 0)."""
+    raw = read_label(path).astype(np.float32)
+    return raw / DEPTH_UNIT, (raw > 0).astype(np.float32)
+
+
 @register_dataset("synthetic")
-def build_synthetic(cfg, split: str) -> SegDataset:
+def build_synthetic(cfg, split: str):
     d, s = cfg.data, cfg.data.synthetic
     if d.classes != 6:
         raise SetupError(f"data.classes must be 6 for the synthetic dataset, got {d.classes}")
     ensure_synthetic(d.root, s.num_train, s.num_val, s.size, s.seed)
     list_file = {"train": d.train_list, "val": d.val_list, "test": d.test_list}[split]
-    transform = build_transform(d, split)
     items = check_items(read_list(d.root, list_file), os.path.join(d.root, list_file))
-    return SegDataset(items, d.classes, d.ignore_label, transform, cfg.seed)
+    if not d.tasks:
+        return SegDataset(items, d.classes, d.ignore_label, build_transform(d, split), cfg.seed)
+    tasks = check_tasks(d.tasks, TASKS, "synthetic")
+    if "depth_zbuffer" in tasks and not os.path.isdir(os.path.join(d.root, DEPTH_DIR)):
+        raise SetupError(f"data.root {d.root} holds a synthetic dataset written without depth maps (an older "
+                         f"version): delete it to have it written again with {DEPTH_DIR}/, or point data.root elsewhere")
+    mt_items = []
+    for img, lbl in items:
+        item = {"image": img, SEG_TASK: lbl}
+        if "depth_zbuffer" in tasks:
+            item["depth_zbuffer"] = depth_path(d.root, img)
+            if not os.path.isfile(item["depth_zbuffer"]):
+                raise SetupError(f"synthetic: image {img} has no depth map (expected {item['depth_zbuffer']})")
+        mt_items.append(item)
+    readers = {SEG_TASK: lambda item: (read_label(item[SEG_TASK]), None),
+               "depth_zbuffer": lambda item: read_depth(item["depth_zbuffer"])}
+    return MultiTaskDataset(mt_items, tasks, read_image, readers, d.classes, d.ignore_label,
+                            build_multi_transform(d, split), cfg.seed)

@@ -227,6 +227,55 @@ def test_taskonomy_resize_nearest_and_split(tmp_path):
     assert (m[:2, :2] == 0).all() and m.sum() == 64 - 4      # 2x2 blocks: fully invalid or fully valid
 
 
+# ---------------------------------------------------------------- synthetic multitask targets
+def test_synthetic_renders_unchanged_with_depth_maps(tiny_cfg):
+    """Images and labels are bit for bit those rendered before depth maps existed (the README's demo numbers
+    depend on them: sha256 of renders taken then); the depth map of the same render is read back in metres:
+    the ground 4 m at the bottom row, 16 m at the top, every shape flat, in front of the ground."""
+    import hashlib
+    from datasets.synthetic import render
+    h = hashlib.sha256()
+    for split in (0, 1):
+        for i in range(6):
+            img, lbl = render(np.random.default_rng([0, split, i]), 41)
+            h.update(img.tobytes())
+            h.update(lbl.tobytes())
+    img, lbl, depth = render(np.random.default_rng([0, 0, 7]), 97, depth=True)
+    h.update(img.tobytes())
+    h.update(lbl.tobytes())
+    assert h.hexdigest() == "9d593fa7c950c5f5337730e4c13fdb01ab5b698967451609c73c10d7dc68665b"
+    cfg = tiny_cfg("data.tasks=[segmentsemantic,depth_zbuffer,autoencoder]", "data.transform=none")
+    ds = build_dataset(cfg, "train")
+    s = ds[1]
+    img, lbl, depth = render(np.random.default_rng([0, 0, 1]), 41, depth=True)
+    assert torch.equal(s["label"], torch.from_numpy(lbl).long())
+    d = s["targets"]["depth_zbuffer"][0].numpy()
+    assert np.abs(d - depth).max() <= 0.0005 and (s["masks"]["depth_zbuffer"] == 1).all()
+    assert torch.equal(s["targets"]["autoencoder"], s["image"]) and list(s["targets"]) == list(ds.tasks)
+    ground = lbl == 0
+    assert np.allclose(d[40][ground[40]], 4.0) and np.allclose(d[0][ground[0]], 16.0)
+    shapes = (lbl > 0) & (lbl < 255)
+    assert 1 <= len(np.unique(depth[shapes])) <= 3 and (depth[shapes] < 15).all()   # 1-3 flat shapes
+    rows = np.nonzero(shapes.any(1))[0]
+    assert (depth[shapes].max() < 16 - 12 * rows.min() / 40)   # in front of the ground behind their top row
+
+
+def test_synthetic_without_depth_maps_is_one_line_error(tmp_path):
+    """A synthetic dataset written before depth maps existed: segmentation and reconstruction still load;
+    asking for depth is a one-line error saying what to do."""
+    import shutil
+    root = tmp_path / "syn"
+    over = [f"data.root={root}", "data.synthetic.num_train=2", "data.synthetic.num_val=1", "data.synthetic.size=17",
+            "data.transform=none"]
+    build_dataset(load_config(DEFAULT, over), "train")
+    shutil.rmtree(root / "Depth")
+    ds = build_dataset(load_config(DEFAULT, [*over, "data.tasks=[segmentsemantic,autoencoder]"]), "train")
+    assert ds[0]["targets"]["autoencoder"].shape == (3, 17, 17)
+    with pytest.raises(SetupError) as e:
+        build_dataset(load_config(DEFAULT, [*over, "data.tasks=[segmentsemantic,depth_zbuffer]"]), "train")
+    one_line(e, str(root), "without depth maps", "delete it")
+
+
 # ---------------------------------------------------------------- transforms
 def test_pirat_transform_pads_label_with_ignore():
     cfg = load_config(DEFAULT, ["data.base_size=10", "data.crop_size=[30,30]", "data.scale_range=[1.0,1.0]"])

@@ -10,6 +10,11 @@ the one way every method must: on the unwrapped module (no DDP all-reduce per at
 eval mode with every parameter frozen (no gradient reaches a parameter, BatchNorm statistics do not
 move), gradients w.r.t. the input only, random starts seeded by (seed, epoch, image index); the
 model is back in train mode afterwards.
+
+On multitask data (batches with ``targets``) every method's clean loss is the weighted multitask loss
+of ``train.mtl`` (main tasks 1/|M|, auxiliary tasks lambda/|aux|; defenses/multitask.py) over the
+published per-task losses (attacks/multitask.py); the trainer hands the training set to
+``set_dataset`` first, so its tasks and class weights are known (and checked) before any step.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from torch import nn
 from attacks import Attack, attack_mode, build_attack
 from utils import dist
 from utils.errors import SetupError
+
+from .multitask import MultitaskObjective, build_objective
 
 
 def pixel_accuracy(logits: torch.Tensor, y: torch.Tensor, ignore: int = 255) -> torch.Tensor:
@@ -41,6 +48,8 @@ class Defense:
         self.aux_weight = cfg.train.aux_weight
         self.epoch = 0
         self.attack: Optional[Attack] = self.build_train_attack(cfg) if self.default_attack is not None else None
+        self.seg_class_weights = None  # Taskonomy's semseg_prior_factor (set_dataset)
+        self.objective: Optional[MultitaskObjective] = None  # the multitask loss (set_dataset or first batch)
 
     def build_train_attack(self, cfg) -> Attack:
         """The method's default attack with ``train.attack`` merged over it (another ``name`` replaces
@@ -55,6 +64,13 @@ class Defense:
         if "eps" not in opts:
             raise SetupError("train.attack needs eps (in 1/255)")
         return build_attack(name, seed=cfg.seed, label="train", **opts)
+
+    def set_dataset(self, dataset) -> None:
+        """Called once with the training set, before `prepare`: a multitask dataset's tasks (and
+        segmentation class weights) give the multitask loss, checked here (one-line SetupError)."""
+        self.seg_class_weights = getattr(dataset, "seg_class_weights", None)
+        tasks = list(getattr(dataset, "tasks", []))
+        self.objective = build_objective(self.cfg, tasks, self.seg_class_weights) if tasks else None
 
     def prepare(self, model: nn.Module) -> None:
         """Called once with the freshly built model, before any weights are loaded: refuse a model the
@@ -78,7 +94,8 @@ class Defense:
     def describe(self) -> str:
         """One line for the training log: the method and its attack."""
         name = self.cfg.train.method
-        return name if self.attack is None else f"{name}, training attack {self.attack}"
+        text = name if self.attack is None else f"{name}, training attack {self.attack}"
+        return text + (f"; multitask loss {self.objective.describe()}" if self.objective is not None else "")
 
     def seg_loss(self, outputs: Dict[str, torch.Tensor], y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """CE(main) + aux_weight * CE(aux) with the ignore label (ddcat.md §1.4)."""
@@ -92,23 +109,12 @@ class Defense:
         return loss, logs
 
     def multitask_loss(self, outputs: Dict[str, torch.Tensor], batch: dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Mean over tasks (MTRobust's `--equally` weighting, mtl_fpd.md §A2.3) of the per-task losses:
-        segmentation CE with the ignore label; dense tasks L1 averaged over the valid pixels.
-
-        The reference averages L1*mask over *all* pixels, so invalid pixels dilute the loss; the
-        masked mean used here weights every valid pixel the same whatever the mask covers.
-        """
-        losses, logs = [], {}
-        for task, target in batch["targets"].items():
-            out = outputs[task]
-            if target.dtype == torch.long:
-                loss = F.cross_entropy(out, target, ignore_index=self.ignore)
-            else:
-                mask = batch["masks"][task].to(out.dtype)
-                loss = ((out - target).abs() * mask).sum() / (mask.sum() * out.shape[1]).clamp_min(1)
-            losses.append(loss)
-            logs[f"loss_{task}"] = loss.detach()
-        return torch.stack(losses).mean(), logs
+        """The weighted multitask loss (``train.mtl``, mtl_fpd.md §A2.3) of the published per-task losses
+        (the ones the multitask attack ascends); logs each task's loss as ``loss_<task>``."""
+        if self.objective is None or sorted(self.objective.tasks) != sorted(batch["targets"]):
+            self.objective = build_objective(self.cfg, list(batch["targets"]), self.seg_class_weights)
+        loss, per_task = self.objective(outputs, batch["targets"], batch["masks"])
+        return loss, {f"loss_{t}": v.detach() for t, v in per_task.items()}
 
     def task_loss(self, outputs, batch: dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Single-task segmentation loss, or the multitask one when the batch has ``targets``."""

@@ -142,6 +142,7 @@ class Trainer:
         self.defense = build_defense(cfg)
         model = build_model(cfg)
         check_training_tasks(model, self.train_set)
+        self.defense.set_dataset(self.train_set)
         self.defense.prepare(model)
         if cfg.model.pretrained and not cfg.model.weights:
             load_pretrained(model, cfg.model.pretrained)

@@ -239,7 +239,7 @@ def list_of(item: Rule, n: Optional[int] = None, ordered: bool = False, nonempty
 def mapping_of(value: Rule) -> Rule:
     """A mapping of string keys to values as `value`."""
     return Rule(lambda v: isinstance(v, Mapping) and all(isinstance(k, str) and value.ok(x) for k, x in v.items()),
-                f"a mapping of names to {value.text}")
+                f"a mapping of names to {value.text}", value.numeric)
 
 
 INT_GE0, INT_GE1 = number(0, integer=True), positive(integer=True)
@@ -321,6 +321,13 @@ RULES: Dict[str, Rule] = {
     # YAML reads a bare `off` as false
     "train.amp": one_of(None, False, "off", "none", "fp32", "bf16", "fp16"),
     "train.debug_nan_at_iter": optional(INT_GE1),
+    "train.mtl.main_tasks": list_of(text(), nonempty=False),
+    "train.mtl.mt_lambda": number(0),
+    "train.mtl.task_lambdas": mapping_of(number(0)),
+    "train.mtl.equally": one_of(True, False),
+    "train.mtl.adversarial": one_of(True, False),
+    "train.mtl.attack_tasks": list_of(text(), nonempty=False),
+    "train.mtl.mix_clean": fraction(hi_open=True),
     "test.split": one_of("val", "train", "test"),
     "test.checkpoint": PATH,
     "test.result_dir": PATH,
@@ -394,7 +401,8 @@ def _coerce_floats(cfg: dict, schema: Mapping, rules: Mapping[str, Rule], prefix
         if isinstance(v, dict) and isinstance(d, Mapping) and d:
             _coerce_floats(v, d, rules, full + ".")
         elif _is_float_default(d) or (full in rules and rules[full].numeric):
-            cfg[k] = [yaml_float(x) for x in v] if isinstance(v, list) else yaml_float(v)
+            cfg[k] = [yaml_float(x) for x in v] if isinstance(v, list) else \
+                {kk: yaml_float(x) for kk, x in v.items()} if isinstance(v, dict) else yaml_float(v)
 
 
 def check_values(cfg: Mapping, source: Callable[[str], str]) -> None:

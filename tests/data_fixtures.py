@@ -191,8 +191,15 @@ def tk_seg(h: int = TK_SIZE, w: int = TK_SIZE) -> np.ndarray:
     return s
 
 
+# semseg_prior_factor.npy: 17 rebalancing weights (class 0 about 0.5 as published, the others 7..9)
+TK_PRIOR = np.array([0.542] + [7.0 + 0.125 * k for k in range(16)], np.float32)
+
+
 def make_taskonomy(root: str, seg_folder: str = "segment_semantic") -> None:
-    """TK_POINTS; rgb, depth_zbuffer with invalid values, segmentation, curvature, edge texture."""
+    """TK_POINTS; rgb, depth_zbuffer with invalid values, segmentation, curvature, edge texture; the other
+    dense domains of the MTRobust test models (flat values) and semseg_prior_factor.npy (TK_PRIOR)."""
+    os.makedirs(root, exist_ok=True)
+    np.save(os.path.join(root, "semseg_prior_factor.npy"), TK_PRIOR)
     for point, (h, w) in TK_POINTS.items():
         name = f"point_{point}_view_0_domain_{{}}.png"
         write_rgb(os.path.join(root, "rgb", name.format("rgb")), rgb(point, h, w))
@@ -203,6 +210,13 @@ def make_taskonomy(root: str, seg_folder: str = "segment_semantic") -> None:
         write_rgb(os.path.join(root, "principal_curvature", name.format("principal_curvature")), curv)
         edge = np.full((h, w), 2000, np.uint16)
         write_gray(os.path.join(root, "edge_texture", name.format("edge_texture")), edge)
+        euclid = tk_depth(h, w)
+        euclid[euclid < 64500] += 7
+        write_gray(os.path.join(root, "depth_euclidean", name.format("depth_euclidean")), euclid)
+        for domain, value in (("edge_occlusion", 40), ("keypoints2d", 100), ("keypoints3d", 30000)):
+            write_gray(os.path.join(root, domain, name.format(domain)), np.full((h, w), value, np.uint16))
+        write_gray(os.path.join(root, "reshading", name.format("reshading")), np.full((h, w), 180, np.uint8))
+        write_rgb(os.path.join(root, "normal", name.format("normal")), np.full((h, w, 3), (128, 100, 200), np.uint8))
 
 
 # The smallest settings each model builder accepts, without ImageNet weights, to run experiment configs on

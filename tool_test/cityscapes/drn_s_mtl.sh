@@ -1,0 +1,5 @@
+#!/bin/sh
+# Evaluate (clean and the configured attacks; every task scored): DRN-D-22 multitask "s", mtl on Cityscapes.
+# Usage: [NGPU=n] sh tool_test/cityscapes/drn_s_mtl.sh [test.checkpoint=FILE_OR_FOLDER] [section.key=value ...]
+. "$(dirname "$0")/../../tools/launch.sh"
+launch test config/cityscapes/cityscapes_drn_s_mtl.yaml "$@"

@@ -1,0 +1,5 @@
+#!/bin/sh
+# Train: Taskonomy ResNet-18, segmentation + edge_texture (lambda 0.01), multitask training (mtl).
+# Usage: [NGPU=n] [NNODES=m NODE_RANK=r MASTER_ADDR=host] sh tool_train/taskonomy/resnet18_edge_texture_mtl.sh [section.key=value ...]
+. "$(dirname "$0")/../../tools/launch.sh"
+launch train config/taskonomy/taskonomy_resnet18_edge_texture_mtl.yaml "$@"

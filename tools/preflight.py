@@ -52,7 +52,7 @@ def check(kind: str, config: str, nproc: int, nnodes: int, overrides: Sequence[s
                              f"({nproc} per node x {nnodes} node(s) = {world})")
     resume = cfg.train.resume
     if kind == "train":
-        from utils.checkpoint import check_fresh_run  # (imports torch: only when needed, like visible_gpus)
+        from utils.checkpoint import check_fresh_run
         if resume not in (None, "", False, "auto") and not os.path.isfile(resume):
             raise SetupError(f"train.resume: checkpoint not found: {resume}")
         check_fresh_run(cfg.exp_dir, resume, cfg.train.overwrite)

@@ -16,8 +16,6 @@ import signal
 import warnings
 from typing import Any, List, Mapping, Optional, Tuple
 
-import torch
-
 from .errors import SetupError
 
 REQUIRED = ("model", "optimizer", "scheduler", "epoch", "iteration", "rng", "config")
@@ -55,6 +53,7 @@ def save_checkpoint(state: dict, path: str) -> None:
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     kill_at = int(os.environ.get(KILL_IN_SAVE_ENV, 0) or 0)
+    import torch  # here, not at module level: the launch check (tools/preflight.py) reads folders without torch
     with open(tmp, "wb") as f:
         torch.save(state, _KillAfter(f, 4096) if kill_at == _saves else f)
         f.flush()
@@ -90,6 +89,7 @@ def read_checkpoint(path: str, key: Optional[str] = None) -> Any:
         raise SetupError(f"{where}checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
         raise SetupError(f"{where}cannot read {path}: the file is empty")
+    import torch
     try:
         with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: our message says it all
             warnings.simplefilter("ignore")

@@ -69,9 +69,10 @@ class DDCAT(Defense):
                              f"model.name '{self.cfg.model.name}' has none (use pspnet_ddcat or deeplabv3_ddcat)")
 
     def describe(self) -> str:
-        mask = "without" if self.mask_ignore else "with"
+        mask = (f"the pixels not labelled {self.ignore}" if self.mask_ignore
+                else "every pixel, ignore-labelled ones included")
         return (describe_split("ddcat", self.attack, self.adv_fraction, self.cfg.train.batch_size)
-                + f"; mask CE {mask} ignore-labelled pixels")
+                + f"; mask CE over {mask}")
 
     @torch.no_grad()
     def division_labels(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,22 @@
 """Training methods: the shared adversarial step (frozen parameters, BN statistics, train mode,
-seeded starts, train.attack overrides) and each registered method."""
+seeded starts, train.attack overrides) and each registered method (sat and ddcat: checked against
+the published BIM and division labels written out by hand, and closed-form gradients)."""
 from __future__ import annotations
 
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from datasets import build_dataset
 from defenses import DEFENSES, build_defense
 from defenses.base import Defense, pixel_accuracy
+from defenses.sat import clean_count
+from models import build_model
+from models.ddcat import _DDCATMixin
+from models.pspnet import ContextSegmentor, conv_head
 from utils.config import load_config
 from utils.errors import SetupError
 
@@ -69,14 +76,6 @@ def test_unknown_method_lists_the_valid_ones(tiny_cfg):
 
 
 # ---------------------------------------------------------------- sat and ddcat (ddcat.md §2, §3)
-import torch.nn.functional as F  # noqa: E402
-
-from datasets import build_dataset  # noqa: E402
-from defenses.sat import clean_count  # noqa: E402
-from models import build_model  # noqa: E402
-from models.ddcat import _DDCATMixin  # noqa: E402
-from models.pspnet import ContextSegmentor, conv_head  # noqa: E402
-
 EPS, ALPHA = 7.65 / 255, 2.55 / 255  # the published BIM: eps 0.03, 3 steps of 0.01, no random start
 SMALL = ["model.layers=18", "model.width=0.0625", "data.crop_size=[17,17]"]
 

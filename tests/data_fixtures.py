@@ -211,6 +211,8 @@ def make_taskonomy(root: str, seg_folder: str = "segment_semantic") -> None:
 TINY_MODELS = {
     "pspnet": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
     "deeplabv3": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+    "pspnet_ddcat": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+    "deeplabv3_ddcat": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
     "upernet_convnext": ["model.backbone=convnext_t_cvst", "model.width=0.25", "model.pretrained=null"],
     "drn_seg": ["model.arch=drn_d_22", "model.pretrained=null"],
     "drn_multitask": ["model.arch=drn_d_22", "model.pretrained=null"],

@@ -1,13 +1,23 @@
 """Training methods: the shared adversarial step (frozen parameters, BN statistics, train mode,
-seeded starts, train.attack overrides) and each registered method."""
+seeded starts, train.attack overrides) and each registered method (sat and ddcat: checked against
+the published BIM and division labels written out by hand, and closed-form gradients)."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from datasets import build_dataset
 from defenses import DEFENSES, build_defense
 from defenses.base import Defense, pixel_accuracy
+from defenses.sat import clean_count
+from models import build_model
+from models.ddcat import _DDCATMixin
+from models.pspnet import ContextSegmentor, conv_head
+from utils.config import load_config
 from utils.errors import SetupError
 
 
@@ -63,3 +73,301 @@ def test_unknown_method_lists_the_valid_ones(tiny_cfg):
     with pytest.raises(SetupError, match="unknown training method .*'nonee'.*valid: .*none"):
         build_defense(tiny_cfg("train.method=nonee"))
     assert "none" in DEFENSES.names()
+
+
+# ---------------------------------------------------------------- sat and ddcat (ddcat.md §2, §3)
+EPS, ALPHA = 7.65 / 255, 2.55 / 255  # the published BIM: eps 0.03, 3 steps of 0.01, no random start
+SMALL = ["model.layers=18", "model.width=0.0625", "data.crop_size=[17,17]"]
+
+
+def synthetic_batch(cfg, n: int, start: int = 0) -> dict:
+    """n training images of the synthetic fixture (augmented crops, fixed by seed, epoch and index)."""
+    ds = build_dataset(cfg, "train")
+    return torch.utils.data.default_collate([ds[i] for i in range(start, start + n)])
+
+
+def bim_by_hand(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> torch.Tensor:
+    """The published BIM written out: eval mode, CE(main logits) per image, sign steps, clip to the
+    eps ball and [0,1] (the per-image mean over H*W only scales each image's gradient)."""
+    was = net.training
+    net.eval()
+    xa = x.clone()
+    for _ in range(steps):
+        xa.requires_grad_(True)
+        loss = F.cross_entropy(net(xa), y, ignore_index=255, reduction="none").flatten(1).mean(1).sum()
+        g, = torch.autograd.grad(loss, xa)
+        xa = torch.min(torch.max(xa.detach() + ALPHA * g.sign(), x - EPS), x + EPS).clamp(0, 1)
+    net.train(was)
+    return xa
+
+
+def routed_argmax_by_hand(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """argmax of f_a where argmax f_m == 1, of f_n elsewhere; eval mode."""
+    was = net.training
+    net.eval()
+    with torch.no_grad():
+        o = net.outputs(x)
+    net.train(was)
+    return torch.where(o["mask"].argmax(1) == 1, o["adv"].argmax(1), o["out"].argmax(1))
+
+
+def bn_state(net: nn.Module) -> dict:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def attack_phase_probe(net: nn.Module, checked: list):
+    """A pre-hook on the training forward: by then the attack (and DDC-AT's routed forwards) must
+    have left no gradient on any parameter, every parameter trainable, BN statistics unchanged."""
+    before = bn_state(net)
+
+    def hook(module, args):
+        if module.training:
+            assert all(p.grad is None and p.requires_grad for p in module.parameters())
+            assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+            checked.append(args[0].detach().clone())
+    return net.register_forward_pre_hook(hook)
+
+
+def test_sat_and_ddcat_clean_count():
+    assert [clean_count(b, f) for b, f in [(4, 0.5), (3, 0.5), (1, 0.5), (2, 0.5), (4, 1.0), (4, 0.0), (8, 0.25),
+                                           (16, 0.5)]] == [2, 1, 0, 1, 0, 4, 6, 8]
+
+
+def test_sat_attacks_only_the_adversarial_part_with_the_published_bim(tiny_cfg):
+    cfg = tiny_cfg("train.method=sat", *SMALL)
+    torch.manual_seed(0)
+    net = build_model(cfg).train()
+    batch = synthetic_batch(cfg, 4)
+    x, y = batch["image"], batch["label"]
+    defense = build_defense(cfg)
+    defense.prepare(net)
+    assert "adversarial share 0.5" in defense.describe() and "steps=3" in defense.describe()
+    by_hand = bim_by_hand(net, x[2:], y[2:])  # before the step moves the BN statistics
+    assert (by_hand - x[2:]).abs().max() > 0.5 * EPS
+    net.eval()
+    with torch.no_grad():
+        clean, adv = (F.cross_entropy(net(v), y[2:], ignore_index=255) for v in (x[2:], by_hand))
+    net.train()
+    seen: list = []
+    probe = attack_phase_probe(net, seen)
+    torch.manual_seed(1)
+    loss, logs = defense.loss(net, batch)
+    probe.remove()
+    (mixed,) = seen
+    # the first half untouched, the second half the published BIM of those images, nothing else attacked
+    assert torch.equal(mixed[:2], x[:2])
+    assert defense.attack.counter.forward == defense.attack.counter.backward == 3 * 2
+    assert torch.allclose(mixed[2:], by_hand, atol=1e-6)
+    # really adversarial: the eval-mode loss of those images is higher than on the clean images
+    assert adv > clean, (clean, adv)
+    # the loss is CE(main) + 0.4 CE(aux) of one train-mode forward of the mixed batch (same dropout draws)
+    torch.manual_seed(1)
+    out = net(mixed)
+    direct = F.cross_entropy(out["out"], y, ignore_index=255) + 0.4 * F.cross_entropy(out["aux"], y, ignore_index=255)
+    assert torch.allclose(loss, direct, rtol=1e-6)
+    assert set(logs) == {"loss_main", "loss_aux", "loss_clean", "loss_adv", "acc_clean", "acc_adv"}
+    assert torch.allclose(logs["loss_adv"], F.cross_entropy(out["out"][2:], y[2:], ignore_index=255), rtol=1e-5)
+    assert logs["loss_adv"] != logs["loss_clean"] and all(not v.requires_grad for v in logs.values())
+    # one iteration touches every parameter of the plain model (main and aux heads, backbone)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_sat_keeps_freeze_bn_layers_in_eval_mode(tiny_cfg):
+    """train.freeze_bn: BN layers stay in eval mode through the attack (attack_mode restores each
+    module's own mode), so their statistics never move."""
+    cfg = tiny_cfg("train.method=sat", *SMALL)
+    torch.manual_seed(0)
+    net = build_model(cfg).train()
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.eval()
+    stats = bn_state(net)
+    loss, _ = build_defense(cfg).loss(net, synthetic_batch(cfg, 2))
+    assert net.training and not any(m.training for m in bns)
+    assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def ddcat_setup(tmp_path_factory, synthetic_root):
+    """A small DDC-AT PSPNet-18 after a few DDC-AT iterations (so its predictions are not constant),
+    its weights, and a synthetic batch with ignore pixels."""
+    from conftest import TINY
+    path = tmp_path_factory.mktemp("ddcat") / "tiny.yaml"
+    path.write_text(TINY.format(exp=path.parent / "exp", data=synthetic_root))
+    cfg = load_config(str(path), ["train.method=ddcat", "model.name=pspnet_ddcat", *SMALL])
+    torch.manual_seed(0)
+    net = build_model(cfg).train()
+    defense = build_defense(cfg)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    warm = synthetic_batch(cfg, 4, start=4)
+    for _ in range(12):
+        loss, _ = defense.loss(net, warm)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return path, {k: v.clone() for k, v in net.state_dict().items()}, synthetic_batch(cfg, 4)
+
+
+def ddcat_model(ddcat_setup, *overrides):
+    path, state, batch = ddcat_setup
+    cfg = load_config(str(path), ["train.method=ddcat", "model.name=pspnet_ddcat", *SMALL, *overrides])
+    net = build_model(cfg)
+    net.load_state_dict(state)
+    torch.manual_seed(3)  # a fresh mask head: it routes pixels to both branches (the warm-up sent all to f_n)
+    for m in net.mask1.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return cfg, net.train(), {k: v.clone() for k, v in batch.items()}
+
+
+def test_ddcat_division_labels_equal_a_direct_computation(ddcat_setup):
+    cfg, net, batch = ddcat_model(ddcat_setup)
+    x, y = batch["image"], batch["label"]
+    defense = build_defense(cfg)
+    mixed, m, n = defense.training_batch(net, batch)
+    assert n == 2 and net.training
+    x_adv = bim_by_hand(net, x, y)  # the attack is on the main branch f_n (the eval-mode output)
+    flips = (routed_argmax_by_hand(net, x_adv) != routed_argmax_by_hand(net, x)).long()
+    assert 0 < flips[:2].sum() < flips[:2].numel()  # both labels occur
+    assert torch.equal(m[:2], flips[:2])
+    assert not m[2:].any() and flips[2:].any()  # the adversarial part: mask label 0 everywhere
+    assert torch.equal(mixed[:2], x[:2]) and torch.allclose(mixed[2:], x_adv[2:], atol=1e-6)
+    assert (mixed[2:] - x[2:]).abs().max() > 0.5 * EPS
+
+
+class _Calls:
+    """(training, grad enabled, rows) of every forward of a module."""
+
+    def __init__(self, module: nn.Module):
+        self.calls: list = []
+        self.handle = module.register_forward_hook(
+            lambda mod, args, out: self.calls.append((mod.training, torch.is_grad_enabled(), args[0].shape[0])))
+
+
+@pytest.mark.parametrize("mask_ignore", [False, True])
+def test_ddcat_iteration_gradients_by_closed_form(ddcat_setup, mask_ignore):
+    """One DDC-AT iteration: the attack leaves parameters and BN statistics alone; the routed forwards
+    are two no-grad eval forwards of the clean half; the training forward routes by the mask head's own
+    train-mode (dropout) prediction; d loss / d o_n, o_a, o_m equal the closed forms: f_n and f_a get
+    (softmax - onehot) / N on the valid pixels routed to them only, f_m the gradient of its own CE."""
+    cfg, net, batch = ddcat_model(ddcat_setup, f"train.ddcat.mask_ignore={str(mask_ignore).lower()}")
+    x, y = batch["image"], batch["label"]
+    assert (y == 255).any()
+    # the expected division labels, computed on the same weights before the step
+    x_adv = bim_by_hand(net, x, y)
+    m_train = (routed_argmax_by_hand(net, x_adv) != routed_argmax_by_hand(net, x)).long()
+    m_train[2:] = 0
+    defense = build_defense(cfg)
+    captured: dict = {}
+
+    def keep(module, args, out):
+        if module.training:
+            for t in out.values():
+                t.retain_grad()
+            captured.update(out)
+    hooks = [net.register_forward_hook(keep)]
+    mask_calls, dropout_calls = _Calls(net.mask1), _Calls(net.mask1[3])
+    seen: list = []
+    hooks += [attack_phase_probe(net, seen), mask_calls.handle, dropout_calls.handle]
+    loss, logs = defense.loss(net, batch)
+    for h in hooks:
+        h.remove()
+    assert mask_calls.calls == [(False, False, 2), (False, False, 2), (True, True, 4)]
+    assert dropout_calls.calls[-1][0]  # the routing comes from the mask head with dropout on
+    assert defense.attack.counter.forward == 3 * 4  # the whole batch: clean half for M, the rest to train on
+    mask_params = list(net.mask1.parameters())
+    o_m = captured["mask"]
+    mask_ce_alone = (F.cross_entropy(o_m, m_train.masked_fill(y == 255, 255), ignore_index=255) if mask_ignore
+                     else F.cross_entropy(o_m, m_train))
+    loss.backward(retain_graph=True)
+
+    o_n, o_a, aux = captured["out"].detach(), captured["adv"].detach(), captured["aux"].detach()
+    pick = (o_m.detach().argmax(1) == 1)[:, None]
+    assert pick.any() and (~pick).any()
+    valid = (y != 255)[:, None].float()
+    onehot = F.one_hot(y.clamp(max=cfg.data.classes - 1), cfg.data.classes).permute(0, 3, 1, 2).float()
+    g_ce = (F.softmax(o_n, 1) - onehot) * valid / valid.sum(), (F.softmax(o_a, 1) - onehot) * valid / valid.sum()
+    assert torch.allclose(captured["out"].grad, torch.where(pick, 0.0, g_ce[0]), atol=1e-9)
+    assert torch.allclose(captured["adv"].grad, torch.where(pick, g_ce[1], 0.0), atol=1e-9)
+    assert captured["out"].grad[pick.expand_as(o_n)].abs().max() == 0 < captured["out"].grad.abs().max()
+    assert captured["adv"].grad[~pick.expand_as(o_a)].abs().max() == 0 < captured["adv"].grad.abs().max()
+    g_aux = 0.4 * (F.softmax(aux, 1) - onehot) * valid / valid.sum()
+    assert torch.allclose(captured["aux"].grad, g_aux, atol=1e-9)
+    mask_valid = valid if mask_ignore else torch.ones_like(valid)
+    g_mask = (F.softmax(o_m.detach(), 1) - F.one_hot(m_train, 2).permute(0, 3, 1, 2)) * mask_valid / mask_valid.sum()
+    assert torch.allclose(o_m.grad, g_mask, atol=1e-9)
+    at_ignored = o_m.grad.permute(0, 2, 3, 1)[y == 255]
+    assert bool(at_ignored.abs().max() == 0) == mask_ignore  # ignored pixels count unless mask_ignore
+    # (after the checks above: torch.autograd.grad also adds to the retained output gradients)
+    for p, g in zip(mask_params, torch.autograd.grad(mask_ce_alone, mask_params)):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-9) and g.abs().sum() > 0
+    assert all(p.grad is not None for p in net.parameters())
+    # logs: the three loss terms apart, clean and adversarial parts of the routed output apart
+    assert torch.allclose(loss, logs["loss_routed"] + logs["loss_mask"] + 0.4 * logs["loss_aux"])
+    assert torch.allclose(logs["loss_mask"], mask_ce_alone.detach())
+    assert logs["flip_share"] == m_train[:2].float().mean()
+    assert logs["routed_to_fa"] == pick.float().mean()
+    assert {"loss_clean", "loss_adv", "acc_clean", "acc_adv"} <= set(logs)
+
+
+def test_ddcat_needs_a_ddcat_model_and_sat_a_plain_one(tiny_config):
+    from engine.trainer import Trainer
+    for method, model, words in (("ddcat", "pspnet", "train.method 'ddcat' needs a DDC-AT model"),
+                                 ("sat", "pspnet_ddcat", "train.method 'sat' trains the plain model")):
+        path = tiny_config(name=f"{method}.yaml", exp=f"exp_{method}")
+        cfg = load_config(path, [f"train.method={method}", f"model.name={model}"])
+        trainer = Trainer.__new__(Trainer)
+        with pytest.raises(SetupError, match=words) as e:
+            trainer.__init__(cfg)
+        assert "\n" not in str(e.value)
+        assert not hasattr(trainer, "optimizer") and not os.path.exists(cfg.exp_dir)  # before any step
+    for bad, key in (("train.sat.adv_fraction=1.5", "train.sat.adv_fraction"),
+                     ("train.ddcat.adv_fraction=-0.1", "train.ddcat.adv_fraction"),
+                     ("train.ddcat.mask_ignore=maybe", "train.ddcat.mask_ignore")):
+        with pytest.raises(SetupError, match=f"config key '{key}' must be"):
+            load_config(tiny_config(), [bad])
+
+
+class _TinyPSP(ContextSegmentor):
+    """Two convolutions and the semseg heads: the PSPNet shape at a size that trains in seconds."""
+
+    def __init__(self, classes: int):
+        super().__init__([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+        self.backbone = nn.Sequential(nn.Conv2d(3, 12, 3, 2, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.ctx = nn.Sequential(nn.Conv2d(12, 24, 3, 1, 2, dilation=2), nn.BatchNorm2d(24), nn.ReLU())
+        self.cls, self.aux = conv_head(24, 16, classes, 0.1), conv_head(12, 8, classes, 0.1)
+
+    def features(self, x):
+        c3 = self.backbone(x)
+        return c3, self.ctx(c3)
+
+
+class _TinyPSPDDCAT(_DDCATMixin, _TinyPSP):
+    def __init__(self, classes: int):
+        super().__init__(classes)
+        self._add_branches(classes)
+
+
+@pytest.mark.parametrize("method", ["sat", "ddcat"])
+def test_sat_and_ddcat_lower_the_training_loss(tiny_cfg, method):
+    """200 iterations on 8 synthetic images (two batches of 4, 17x17) with a tiny model: the training
+    loss and the adversarial part's loss fall."""
+    cfg = tiny_cfg(f"train.method={method}", "data.crop_size=[17,17]")
+    torch.manual_seed(0)
+    net = (_TinyPSPDDCAT if method == "ddcat" else _TinyPSP)(cfg.data.classes).train()
+    defense = build_defense(cfg)
+    defense.prepare(net)
+    batches = [synthetic_batch(cfg, 4, start=s) for s in (0, 4)]
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    losses, adv = [], []
+    for it in range(200):
+        loss, logs = defense.loss(net, batches[it % 2])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        adv.append(float(logs["loss_adv"]))
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.6 * first, (first, last)
+    assert sum(adv[-20:]) < 0.7 * sum(adv[:20]), (adv[:20], adv[-20:])

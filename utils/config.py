@@ -309,6 +309,7 @@ RULES: Dict[str, Rule] = {
     "train.warmup_iters": INT_GE0,
     "train.warmup_ratio": fraction(),
     "train.aux_weight": number(0),
+    "train.clip_grad_norm": number(0),
     "train.save_freq": INT_GE1,
     "train.eval_freq": INT_GE0,
     "train.print_freq": INT_GE1,

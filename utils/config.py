@@ -319,6 +319,12 @@ RULES: Dict[str, Rule] = {
     # YAML reads a bare `off` as false
     "train.amp": one_of(None, False, "off", "none", "fp32", "bf16", "fp16"),
     "train.debug_nan_at_iter": optional(INT_GE1),
+    "train.fpd.noise_eps": number(0),
+    "train.fpd.threshold": number(0),
+    "train.fpd.ce_weight": number(0),
+    "train.fpd.l2_weight": number(0),
+    "train.fpd.cycle_l2_weight": number(0),
+    "train.fpd.phase1_params": one_of("all_but_head", "restoration_only"),
     "test.split": one_of("val", "train", "test"),
     "test.checkpoint": PATH,
     "test.result_dir": PATH,

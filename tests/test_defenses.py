@@ -206,7 +206,7 @@ def test_fpd_attack_is_frozen_and_labelled_by_the_models_predictions(tiny_cfg):
     assert float(logs["loss_l2_adv"]) == pytest.approx(float(mse(ref["restored"][2:], x_adv)), rel=1e-4)
     assert float(mse(ref["restored"][2:], x)) != pytest.approx(float(logs["loss_l2_adv"]), rel=1e-4)
     assert logs["loss_clean"] != logs["loss_adv"] and phase is None
-    assert float(loss) == pytest.approx(float(logs["loss_clean"] + logs["loss_adv"]) / 2, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(logs["loss_clean"] + logs["loss_adv"]) / 2, rel=1e-6)
     # cycle step on the adversarial image's restoration, detached
     next(steps)
     assert torch.allclose(inputs[-1], ref["restored"][2:], atol=1e-6) and not inputs[-1].requires_grad

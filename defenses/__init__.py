@@ -4,6 +4,7 @@ from .registry import DEFENSES, register_defense
 from . import none  # noqa: F401  (registers)
 from . import sat  # noqa: F401  (registers)
 from . import ddcat  # noqa: F401  (registers)
+from . import fpd  # noqa: F401  (registers)
 
 
 def build_defense(config) -> Defense:

@@ -6,7 +6,8 @@ import os
 import shutil
 import signal
 import time
-from typing import Dict, List, Optional, Tuple
+import warnings
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -47,17 +48,43 @@ def amp_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
     raise SetupError(f"train.amp '{amp}' unknown; valid: bf16, fp16, off")
 
 
-def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (semseg) or AdamW (PIR-AT); head groups at `head_lr_mult` x lr (ddcat.md §1.6)."""
+def build_optimizer(cfg, model: nn.Module, only: Optional[Set[int]] = None) -> torch.optim.Optimizer:
+    """SGD (semseg) or AdamW (PIR-AT); head groups at `head_lr_mult` x lr (ddcat.md §1.6).
+    `only`: ids of the parameters of one training phase (`build_optimizers`); the others are left out."""
     t = cfg.train
     groups = model.param_groups(t.head_lr_mult) if hasattr(model, "param_groups") else \
         [{"params": list(model.parameters()), "lr_mult": 1.0}]
+    if only is not None:
+        groups = [dict(g, params=[p for p in g["params"] if id(p) in only]) for g in groups]
     groups = [dict(g, lr=t.lr * g["lr_mult"]) for g in groups if g["params"]]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
     raise SetupError(f"train.optimizer '{t.optimizer}' unknown; valid: sgd, adamw")
+
+
+def build_optimizers(cfg, model: nn.Module, defense) -> Dict[Optional[str], torch.optim.Optimizer]:
+    """{None: the optimiser}, or one optimiser per training phase a method declares
+    (`Defense.param_phases`: {phase: parameter names}), each with its own state and lr schedule."""
+    phases = defense.param_phases(model)
+    if not phases:
+        return {None: build_optimizer(cfg, model)}
+    params = dict(model.named_parameters())
+    return {phase: build_optimizer(cfg, model, only={id(params[n]) for n in names}) for phase, names in phases.items()}
+
+
+def phase_summary(model: nn.Module, phases: Dict[str, List[str]]) -> List[str]:
+    """One log line per phase: how many parameters it updates and the ones it leaves alone."""
+    names = [n for n, _ in model.named_parameters()]
+    lines = []
+    for phase, updated in phases.items():
+        kept = set(updated)
+        frozen = [n for n in names if n not in kept]
+        size = sum(p.numel() for n, p in model.named_parameters() if n in kept)
+        lines.append(f"phase {phase}: updates {len(kept)} of {len(names)} parameter tensors ({size:,} values)"
+                     + (f"; not: {', '.join(frozen[:8])}{' ...' if len(frozen) > 8 else ''}" if frozen else ""))
+    return lines
 
 
 class PolyWithWarmup:
@@ -81,6 +108,24 @@ def build_scheduler(cfg, optimizer, max_iters: int):
         raise SetupError(f"train.scheduler '{t.scheduler}' unknown; valid: poly")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyWithWarmup(max_iters, t.power, t.warmup_iters,
                                                                       t.warmup_ratio))
+
+
+def phase_states(objs: Dict[Optional[str], object]) -> dict:
+    """Checkpoint entry of the optimisers (or schedulers): the one state dict, or {"phases": {phase: state}}."""
+    if None in objs:
+        return objs[None].state_dict()
+    return {"phases": {k: o.state_dict() for k, o in objs.items()}}
+
+
+def load_phase_states(objs: Dict[Optional[str], object], state: dict, path: str) -> None:
+    """Inverse of `phase_states`; a checkpoint of other phases (another method or setting) is an error."""
+    saved = list(state["phases"]) if isinstance(state, dict) and "phases" in state else [None]
+    if saved != list(objs):
+        name = lambda ps: "one optimiser" if ps == [None] else f"phases {ps}"  # noqa: E731
+        raise SetupError(f"train.resume: {path} holds {name(saved)}, this run has {name(list(objs))} "
+                         "(train.method or its settings changed?)")
+    for k, o in objs.items():
+        o.load_state_dict(state if k is None else state["phases"][k])
 
 
 def check_training_tasks(model: nn.Module, dataset) -> None:
@@ -130,8 +175,11 @@ class Trainer:
         self.model = model.to(self.device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.max_iters)
+        # one optimiser and lr schedule, or one per training phase of the method (`self.optimizer` /
+        # `self.scheduler`: the first, whose lr is logged)
+        self.optimizers = build_optimizers(cfg, self.model, self.defense)
+        self.schedulers = {k: build_scheduler(cfg, o, self.max_iters) for k, o in self.optimizers.items()}
+        self.optimizer, self.scheduler = next(iter(self.optimizers.values())), next(iter(self.schedulers.values()))
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.epoch, self.iteration, self.skipped = 0, 0, 0
@@ -180,8 +228,8 @@ class Trainer:
     def _restore(self, path: str, ckpt: dict) -> None:
         from models.weights import load_strict
         load_strict(self.model, ckpt["model"], path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        load_phase_states(self.optimizers, ckpt["optimizer"], path)
+        load_phase_states(self.schedulers, ckpt["scheduler"], path)
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
@@ -195,8 +243,8 @@ class Trainer:
                       + (f" ({done} iterations into epoch {self.epoch + 1})" if done else ""))
 
     def state(self) -> dict:
-        state = {"model": dist.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
+        state = {"model": dist.unwrap(self.model).state_dict(), "optimizer": phase_states(self.optimizers),
+                 "scheduler": phase_states(self.schedulers), "epoch": self.epoch, "iteration": self.iteration,
                  "skipped": self.skipped, "rng": get_rng_state(), "config": self.cfg.to_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -230,23 +278,48 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, batch: dict) -> Optional[Dict[str, torch.Tensor]]:
-        """One optimisation step; returns the detached logs, or None when a non-finite loss was skipped.
-
-        Finiteness is tested on the device every iteration (agreed by all processes through a tiny
-        all-reduce); the one host sync reads it after the backward has been queued.
-        """
+        """One iteration: the method's optimisation steps (one for most methods, `Defense.steps`), each
+        backward, clipped and stepped before the next is asked for; returns the detached logs (`loss`:
+        the sum of the steps' losses), or None when a non-finite loss was skipped (with the
+        iteration's remaining steps)."""
         t = self.cfg.train
         if t.channels_last:
             batch = channels_last(batch)
-        with self._autocast():
-            loss, logs = self.defense.loss(self.model, batch)
+        steps = self.defense.steps(self.model, batch)
+        logs: Dict[str, torch.Tensor] = {}
+        total = None
+        while True:
+            with self._autocast():
+                step = next(steps, None)
+            if step is None:
+                return dict(logs, loss=total)
+            loss, step_logs, phase = step
+            if not self._optimize(loss, phase):
+                steps.close()
+                return None
+            logs.update(step_logs)
+            total = loss.detach() if total is None else total + loss.detach()
+
+    def _optimize(self, loss: torch.Tensor, phase: Optional[str] = None) -> bool:
+        """backward, `train.clip_grad_norm`, step of the phase's optimiser; False when the loss was
+        non-finite and the step skipped.
+
+        Finiteness is tested on the device every step (agreed by all processes through a tiny
+        all-reduce); the one host sync reads it after the backward has been queued.
+        """
+        t = self.cfg.train
+        if phase not in self.optimizers:
+            raise RuntimeError(f"training method {t.method} stepped phase {phase!r}; its phases: "
+                               f"{list(self.optimizers)}")
+        optimizer = self.optimizers[phase]
         if t.debug_nan_at_iter is not None and self.iteration + 1 == int(t.debug_nan_at_iter):
             loss = loss * float("nan")  # test hook
         bad = dist.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-        self.optimizer.zero_grad(set_to_none=True)
+        # every parameter's gradient, not only the phase's: none is left over from another phase's step
+        self.model.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if bool(bad.item()):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
             if not t.skip_nonfinite:
                 raise FloatingPointError(
                     f"non-finite loss ({float(loss.detach()):g}) at iteration {self.iteration + 1} (epoch "
@@ -254,18 +327,26 @@ class Trainer:
             self.skipped += 1
             self.log.warning(f"non-finite loss at iteration {self.iteration + 1}: step skipped "
                              f"({self.skipped} skipped so far)")
-            return None
+            return False
+        if t.clip_grad_norm:
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.clip_grad_norm)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
-        return dict(logs, loss=loss.detach())
+            optimizer.step()
+        return True
 
-    def _log_scalars(self, sums: Dict[str, torch.Tensor], count: int, prefix: str) -> Dict[str, float]:
+    def _log_scalars(self, sums: Dict[str, torch.Tensor], counts: Dict[str, int], prefix: str) -> Dict[str, float]:
+        """Means over processes and iterations; each key over the iterations that logged it (a method
+        may log some terms only in some iterations, the same ones on every process)."""
         keys = sorted(sums)
-        vec = dist.all_reduce_sum(torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=self.device)]))
-        vals = {k: float(v) / max(float(vec[-1]), 1.0) for k, v in zip(keys, vec[:-1].tolist())}
+        vec = dist.all_reduce_sum(torch.stack([sums[k] for k in keys] +
+                                              [torch.tensor(float(counts[k]), device=self.device) for k in keys]))
+        vec = vec.tolist()
+        vals = {k: vec[i] / max(vec[len(keys) + i], 1.0) for i, k in enumerate(keys)}
         for k, v in vals.items():
             self._scalar(f"{prefix}/{k}", v, self.iteration)
         return vals
@@ -285,28 +366,34 @@ class Trainer:
                     m.eval()
         window: Dict[str, torch.Tensor] = {}
         total: Dict[str, torch.Tensor] = {}
-        n_window = n_total = 0
+        n_window: Dict[str, int] = {}
+        n_total: Dict[str, int] = {}
         kill_at = int(os.environ.get(KILL_AT_ITER_ENV, 0) or 0)
         bar = tqdm(self.loader, disable=not dist.is_main(), desc=f"epoch {self.epoch + 1}/{t.epochs}",
                    leave=False, initial=done, total=self.iters_per_epoch)
         for batch in bar:
             logs = self.train_step(to_device(batch, self.device))
-            self.scheduler.step()  # also after a skipped step: the schedule follows the iteration count
+            # every schedule follows the iteration count, also after a skipped step and for a phase whose
+            # optimiser has not stepped yet (torch warns about the latter)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                for scheduler in self.schedulers.values():
+                    scheduler.step()
             self.iteration += 1
             if logs is not None:
                 for k, v in logs.items():
                     window[k] = window.get(k, 0.0) + v.float()
                     total[k] = total.get(k, 0.0) + v.float()
-                n_window += 1
-                n_total += 1
+                    n_window[k] = n_window.get(k, 0) + 1
+                    n_total[k] = n_total.get(k, 0) + 1
             if self.iteration % t.print_freq == 0 and window:
-                vals = self._log_scalars(window, n_window * dist.world_size(), "train")
+                vals = self._log_scalars(window, n_window, "train")
                 lr = self.optimizer.param_groups[0]["lr"]
                 self._scalar("train/lr", lr, self.iteration)
                 self.log.info(f"epoch {self.epoch + 1} iter {self.iteration}/{self.max_iters} lr {lr:.5f} "
                               + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                               + (f" skipped {self.skipped}" if self.skipped else ""))
-                window, n_window = {}, 0
+                window, n_window = {}, {}
             if t.save_iter_freq and self.iteration % t.save_iter_freq == 0 \
                     and self.iteration % self.iters_per_epoch:
                 self.save_iter()
@@ -314,7 +401,7 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook
         if not total:
             return {}
-        return {k: float(v) for k, v in self._log_scalars(total, n_total * dist.world_size(), "train_epoch").items()}
+        return {k: float(v) for k, v in self._log_scalars(total, n_total, "train_epoch").items()}
 
     def validate(self) -> dict:
         """Clean metrics on the val split (segmentation; plus mae / rmse of each regression task of a
@@ -342,6 +429,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.log.info(f"training {cfg.model.name} with method {self.defense.describe()} for {t.epochs} epochs "
                       f"({self.iters_per_epoch} iterations each, {dist.world_size()} process(es), device {self.device})")
+        phases = self.defense.param_phases(dist.unwrap(self.model))
+        for line in phase_summary(dist.unwrap(self.model), phases) if phases else []:
+            self.log.info(line)
         while self.epoch < t.epochs:
             start = time.time()
             train_logs = self.train_epoch()

@@ -47,12 +47,30 @@ def amp_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
     raise SetupError(f"train.amp '{amp}' unknown; valid: bf16, fp16, off")
 
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def decayed_parameters(model: nn.Module) -> set:
+    """ids of the parameters that get weight decay under `train.weight_decay_on: matrices` (PIR-AT's
+    `get_optimizer`, sea.md §4.1): ndim >= 2 and not in a norm layer, i.e. conv and linear weights.
+    Biases, BatchNorm / LayerNorm affine parameters and ConvNeXt layer-scale gammas get none. (PIR-AT
+    tests "norm" in the parameter's name; the layer type says the same without relying on names.)"""
+    norms = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    return {id(p) for p in model.parameters() if p.ndim >= 2 and id(p) not in norms}
+
+
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (semseg) or AdamW (PIR-AT); head groups at `head_lr_mult` x lr (ddcat.md §1.6)."""
+    """SGD (semseg) or AdamW (PIR-AT); head groups at `head_lr_mult` x lr (ddcat.md §1.6); with
+    `train.weight_decay_on: matrices` each group splits into a decayed and an undecayed part."""
     t = cfg.train
     groups = model.param_groups(t.head_lr_mult) if hasattr(model, "param_groups") else \
         [{"params": list(model.parameters()), "lr_mult": 1.0}]
     groups = [dict(g, lr=t.lr * g["lr_mult"]) for g in groups if g["params"]]
+    if t.weight_decay_on == "matrices":
+        decay = decayed_parameters(model)
+        groups = [dict(g, params=ps, weight_decay=wd) for g in groups
+                  for wd, ps in ((t.weight_decay, [p for p in g["params"] if id(p) in decay]),
+                                 (0.0, [p for p in g["params"] if id(p) not in decay])) if ps]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
@@ -75,12 +93,19 @@ class PolyWithWarmup:
         return max(1.0 - frac, 0.0) ** self.power
 
 
-def build_scheduler(cfg, optimizer, max_iters: int):
+def warmup_iterations(cfg, iters_per_epoch: int) -> int:
+    """`train.warmup_iters`, or `train.warmup_epochs` x iterations per epoch (rounded): PIR-AT gives its
+    warmup in epochs (sea.md §4.1, W = WARMUP * iters_per_epoch)."""
+    t = cfg.train
+    return int(t.warmup_iters) or int(round(t.warmup_epochs * iters_per_epoch))
+
+
+def build_scheduler(cfg, optimizer, max_iters: int, iters_per_epoch: Optional[int] = None):
     t = cfg.train
     if t.scheduler != "poly":
         raise SetupError(f"train.scheduler '{t.scheduler}' unknown; valid: poly")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyWithWarmup(max_iters, t.power, t.warmup_iters,
-                                                                      t.warmup_ratio))
+    warmup = warmup_iterations(cfg, max_iters // t.epochs if iters_per_epoch is None else iters_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyWithWarmup(max_iters, t.power, warmup, t.warmup_ratio))
 
 
 def check_training_tasks(model: nn.Module, dataset) -> None:
@@ -131,7 +156,7 @@ class Trainer:
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.max_iters)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.max_iters, self.iters_per_epoch)
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.epoch, self.iteration, self.skipped = 0, 0, 0

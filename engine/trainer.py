@@ -16,7 +16,7 @@ from defenses import build_defense
 from models import build_model, load_pretrained
 from models.weights import load_model_weights
 from utils import dist
-from utils.checkpoint import (check_fresh_run, list_checkpoints, remove_stale_temporaries, resolve_resume,
+from utils.checkpoint import (check_fresh_run, check_init_file, list_checkpoints, remove_stale_temporaries, resolve_resume,
                               save_checkpoint)
 from utils.config import save_config
 from utils.errors import SetupError
@@ -133,6 +133,7 @@ class Trainer:
         t = cfg.train
         self.model_dir = os.path.join(cfg.exp_dir, "model")
         check_fresh_run(cfg.exp_dir, t.resume, t.overwrite)
+        check_init_file(cfg.model)  # a missing (robust) ImageNet init file stops the run before the data is read
         self.device = setup_runtime(cfg)
         seed_all(cfg.seed)  # same init on every process; data order comes from the sampler seed
         self.train_set = build_dataset(cfg, "train")

@@ -2,6 +2,7 @@
 from .base import Defense
 from .registry import DEFENSES, register_defense
 from . import none  # noqa: F401  (registers)
+from . import pirat  # noqa: F401  (registers)
 
 
 def build_defense(config) -> Defense:

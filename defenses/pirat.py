@@ -18,7 +18,9 @@ w.r.t. the input only): the update is the gradient of the adversarial batch's lo
 Logs: `loss_adv`, `acc_adv` (main output on the adversarial batch, the training forward) and
 `loss_aux`; `loss_clean`, `acc_clean` (main output on the clean batch in eval mode). The clean values
 come for free from the attack's first forward when the attack starts at the clean image (PGD without
-random start, as here); an attack with a random start costs one more forward without gradients.
+random start, as here); an attack with a random start costs one more forward without gradients. (Early in
+a run from scratch, while the BatchNorm running statistics are still fresh, the eval-mode clean values
+can trail the training-mode adversarial ones.)
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from . import none  # noqa: F401  (registers)
 from . import sat  # noqa: F401  (registers)
 from . import ddcat  # noqa: F401  (registers)
 from . import fpd  # noqa: F401  (registers)
+from . import pirat  # noqa: F401  (registers)
 
 
 def build_defense(config) -> Defense:

@@ -17,7 +17,7 @@ from defenses import build_defense
 from models import build_model, load_pretrained
 from models.weights import load_model_weights
 from utils import dist
-from utils.checkpoint import (check_fresh_run, list_checkpoints, remove_stale_temporaries, resolve_resume,
+from utils.checkpoint import (check_fresh_run, check_init_file, list_checkpoints, remove_stale_temporaries, resolve_resume,
                               save_checkpoint)
 from utils.config import save_config
 from utils.errors import SetupError
@@ -48,8 +48,21 @@ def amp_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
     raise SetupError(f"train.amp '{amp}' unknown; valid: bf16, fp16, off")
 
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def decayed_parameters(model: nn.Module) -> set:
+    """ids of the parameters that get weight decay under `train.weight_decay_on: matrices` (PIR-AT's
+    `get_optimizer`, sea.md §4.1): ndim >= 2 and not in a norm layer, i.e. conv and linear weights.
+    Biases, BatchNorm / LayerNorm affine parameters and ConvNeXt layer-scale gammas get none. (PIR-AT
+    tests "norm" in the parameter's name; the layer type says the same without relying on names.)"""
+    norms = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    return {id(p) for p in model.parameters() if p.ndim >= 2 and id(p) not in norms}
+
+
 def build_optimizer(cfg, model: nn.Module, only: Optional[Set[int]] = None) -> torch.optim.Optimizer:
-    """SGD (semseg) or AdamW (PIR-AT); head groups at `head_lr_mult` x lr (ddcat.md §1.6).
+    """SGD (semseg) or AdamW (PIR-AT); head groups at `head_lr_mult` x lr (ddcat.md §1.6); with
+    `train.weight_decay_on: matrices` each group splits into a decayed and an undecayed part.
     `only`: ids of the parameters of one training phase (`build_optimizers`); the others are left out."""
     t = cfg.train
     groups = model.param_groups(t.head_lr_mult) if hasattr(model, "param_groups") else \
@@ -57,6 +70,11 @@ def build_optimizer(cfg, model: nn.Module, only: Optional[Set[int]] = None) -> t
     if only is not None:
         groups = [dict(g, params=[p for p in g["params"] if id(p) in only]) for g in groups]
     groups = [dict(g, lr=t.lr * g["lr_mult"]) for g in groups if g["params"]]
+    if t.weight_decay_on == "matrices":
+        decay = decayed_parameters(model)
+        groups = [dict(g, params=ps, weight_decay=wd) for g in groups
+                  for wd, ps in ((t.weight_decay, [p for p in g["params"] if id(p) in decay]),
+                                 (0.0, [p for p in g["params"] if id(p) not in decay])) if ps]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
@@ -102,12 +120,19 @@ class PolyWithWarmup:
         return max(1.0 - frac, 0.0) ** self.power
 
 
-def build_scheduler(cfg, optimizer, max_iters: int):
+def warmup_iterations(cfg, iters_per_epoch: int) -> int:
+    """`train.warmup_iters`, or `train.warmup_epochs` x iterations per epoch (rounded): PIR-AT gives its
+    warmup in epochs (sea.md §4.1, W = WARMUP * iters_per_epoch)."""
+    t = cfg.train
+    return int(t.warmup_iters) or int(round(t.warmup_epochs * iters_per_epoch))
+
+
+def build_scheduler(cfg, optimizer, max_iters: int, iters_per_epoch: Optional[int] = None):
     t = cfg.train
     if t.scheduler != "poly":
         raise SetupError(f"train.scheduler '{t.scheduler}' unknown; valid: poly")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyWithWarmup(max_iters, t.power, t.warmup_iters,
-                                                                      t.warmup_ratio))
+    warmup = warmup_iterations(cfg, max_iters // t.epochs if iters_per_epoch is None else iters_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyWithWarmup(max_iters, t.power, warmup, t.warmup_ratio))
 
 
 def phase_states(objs: Dict[Optional[str], object]) -> dict:
@@ -153,6 +178,7 @@ class Trainer:
         t = cfg.train
         self.model_dir = os.path.join(cfg.exp_dir, "model")
         check_fresh_run(cfg.exp_dir, t.resume, t.overwrite)
+        check_init_file(cfg.model)  # a missing (robust) ImageNet init file stops the run before the data is read
         self.device = setup_runtime(cfg)
         seed_all(cfg.seed)  # same init on every process; data order comes from the sampler seed
         self.train_set = build_dataset(cfg, "train")
@@ -178,7 +204,7 @@ class Trainer:
         # one optimiser and lr schedule, or one per training phase of the method (`self.optimizer` /
         # `self.scheduler`: the first, whose lr is logged)
         self.optimizers = build_optimizers(cfg, self.model, self.defense)
-        self.schedulers = {k: build_scheduler(cfg, o, self.max_iters) for k, o in self.optimizers.items()}
+        self.schedulers = {k: build_scheduler(cfg, o, self.max_iters, self.iters_per_epoch) for k, o in self.optimizers.items()}
         self.optimizer, self.scheduler = next(iter(self.optimizers.values())), next(iter(self.schedulers.values()))
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None

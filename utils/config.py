@@ -307,9 +307,11 @@ RULES: Dict[str, Rule] = {
     "train.head_lr_mult": positive(),
     "train.momentum": fraction(hi_open=True),
     "train.weight_decay": number(0),
+    "train.weight_decay_on": one_of("all", "matrices"),
     "train.scheduler": one_of("poly"),
     "train.power": number(0),
     "train.warmup_iters": INT_GE0,
+    "train.warmup_epochs": number(0),
     "train.warmup_ratio": fraction(),
     "train.aux_weight": number(0),
     "train.clip_grad_norm": number(0),
@@ -355,6 +357,9 @@ def _cross_rules(cfg: Mapping) -> List[Tuple[str, str]]:
     if (m["mean"] is None) != (m["std"] is None):
         unset, other = ("model.std", "model.mean") if m["std"] is None else ("model.mean", "model.std")
         out.append((unset, f"is null but {other} is set: give both (normalisation inside the model) or neither"))
+    if cfg["train"]["warmup_iters"] and cfg["train"]["warmup_epochs"]:
+        out.append(("train.warmup_epochs", f"and train.warmup_iters are both set ({cfg['train']['warmup_epochs']:g} "
+                                           f"epochs, {cfg['train']['warmup_iters']} iterations): set one of them"))
     if t["class_weights"] is not None and len(t["class_weights"]) != d["classes"]:
         out.append(("test.class_weights", f"needs one weight per class (data.classes = {d['classes']}), "
                                           f"got {len(t['class_weights'])}"))

@@ -104,8 +104,11 @@ def pixel_ce(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255) -> 
 
 @contextlib.contextmanager
 def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Model in eval mode with parameters frozen (requires_grad False); both restored on exit."""
-    was_training = model.training
+    """Model in eval mode with parameters frozen (requires_grad False); both restored on exit.
+
+    Every submodule gets its own mode back (not ``model.train()``, which would also switch the
+    BatchNorm layers that ``train.freeze_bn`` keeps in eval mode back to training)."""
+    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in flags:
@@ -115,7 +118,8 @@ def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-        model.train(was_training)
+        for m, t in modes:
+            m.training = t
 
 
 _KIND_TEXT = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}

@@ -2,6 +2,10 @@
 from .base import Defense
 from .registry import DEFENSES, register_defense
 from . import none  # noqa: F401  (registers)
+from . import sat  # noqa: F401  (registers)
+from . import ddcat  # noqa: F401  (registers)
+from . import fpd  # noqa: F401  (registers)
+from . import pirat  # noqa: F401  (registers)
 from . import mtl  # noqa: F401  (registers)
 
 

@@ -2,6 +2,9 @@
 
 The engine does backward and the optimiser step; a defense never touches the loader or optimiser.
 `logs` holds detached scalar tensors (reduced and printed by the engine, no `.item()` here).
+A method that needs more declares it: ``steps(model, batch)`` yields several optimisation steps per
+iteration (each taken before the next is computed), and ``param_phases(model)`` names the parameters
+each phase of the method updates (the engine builds one optimiser and lr schedule per phase).
 
 Adversarial methods set ``default_attack`` (their paper's training attack, config units: eps and
 alpha in 1/255); ``train.attack`` overrides any of its options or names another attack from
@@ -18,7 +21,7 @@ published per-task losses (attacks/multitask.py); the trainer hands the training
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -124,3 +127,16 @@ class Defense:
 
     def loss(self, model: nn.Module, batch: dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def steps(self, model: nn.Module, batch: dict) -> Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor], Optional[str]]]:
+        """The optimisation steps of one iteration as (loss, logs, phase): the engine runs backward,
+        `train.clip_grad_norm` and the step of `phase`'s optimiser (None: the only one) before it asks
+        for the next, so a later step sees the updated weights. Default: one step on `loss`."""
+        loss, logs = self.loss(model, batch)
+        yield loss, logs, None
+
+    def param_phases(self, model: nn.Module) -> Optional[Dict[str, List[str]]]:
+        """{phase: names of the parameters it updates}, each phase with its own optimiser (state,
+        lr schedule; all saved in checkpoints), or None: one optimiser for every parameter.
+        Called with the bare model (not wrapped for DDP)."""
+        return None

@@ -6,7 +6,8 @@ import os
 import shutil
 import signal
 import time
-from typing import Dict, List, Optional, Tuple
+import warnings
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from defenses import build_defense
 from models import build_model, load_pretrained
 from models.weights import load_model_weights
 from utils import dist
-from utils.checkpoint import (check_fresh_run, list_checkpoints, remove_stale_temporaries, resolve_resume,
+from utils.checkpoint import (check_fresh_run, check_init_file, list_checkpoints, remove_stale_temporaries, resolve_resume,
                               save_checkpoint)
 from utils.config import save_config
 from utils.errors import SetupError
@@ -47,17 +48,61 @@ def amp_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
     raise SetupError(f"train.amp '{amp}' unknown; valid: bf16, fp16, off")
 
 
-def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (semseg) or AdamW (PIR-AT); head groups at `head_lr_mult` x lr (ddcat.md §1.6)."""
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def decayed_parameters(model: nn.Module) -> set:
+    """ids of the parameters that get weight decay under `train.weight_decay_on: matrices` (PIR-AT's
+    `get_optimizer`, sea.md §4.1): ndim >= 2 and not in a norm layer, i.e. conv and linear weights.
+    Biases, BatchNorm / LayerNorm affine parameters and ConvNeXt layer-scale gammas get none. (PIR-AT
+    tests "norm" in the parameter's name; the layer type says the same without relying on names.)"""
+    norms = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    return {id(p) for p in model.parameters() if p.ndim >= 2 and id(p) not in norms}
+
+
+def build_optimizer(cfg, model: nn.Module, only: Optional[Set[int]] = None) -> torch.optim.Optimizer:
+    """SGD (semseg) or AdamW (PIR-AT); head groups at `head_lr_mult` x lr (ddcat.md §1.6); with
+    `train.weight_decay_on: matrices` each group splits into a decayed and an undecayed part.
+    `only`: ids of the parameters of one training phase (`build_optimizers`); the others are left out."""
     t = cfg.train
     groups = model.param_groups(t.head_lr_mult) if hasattr(model, "param_groups") else \
         [{"params": list(model.parameters()), "lr_mult": 1.0}]
+    if only is not None:
+        groups = [dict(g, params=[p for p in g["params"] if id(p) in only]) for g in groups]
     groups = [dict(g, lr=t.lr * g["lr_mult"]) for g in groups if g["params"]]
+    if t.weight_decay_on == "matrices":
+        decay = decayed_parameters(model)
+        groups = [dict(g, params=ps, weight_decay=wd) for g in groups
+                  for wd, ps in ((t.weight_decay, [p for p in g["params"] if id(p) in decay]),
+                                 (0.0, [p for p in g["params"] if id(p) not in decay])) if ps]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
     raise SetupError(f"train.optimizer '{t.optimizer}' unknown; valid: sgd, adamw")
+
+
+def build_optimizers(cfg, model: nn.Module, defense) -> Dict[Optional[str], torch.optim.Optimizer]:
+    """{None: the optimiser}, or one optimiser per training phase a method declares
+    (`Defense.param_phases`: {phase: parameter names}), each with its own state and lr schedule."""
+    phases = defense.param_phases(model)
+    if not phases:
+        return {None: build_optimizer(cfg, model)}
+    params = dict(model.named_parameters())
+    return {phase: build_optimizer(cfg, model, only={id(params[n]) for n in names}) for phase, names in phases.items()}
+
+
+def phase_summary(model: nn.Module, phases: Dict[str, List[str]]) -> List[str]:
+    """One log line per phase: how many parameters it updates and the ones it leaves alone."""
+    names = [n for n, _ in model.named_parameters()]
+    lines = []
+    for phase, updated in phases.items():
+        kept = set(updated)
+        frozen = [n for n in names if n not in kept]
+        size = sum(p.numel() for n, p in model.named_parameters() if n in kept)
+        lines.append(f"phase {phase}: updates {len(kept)} of {len(names)} parameter tensors ({size:,} values)"
+                     + (f"; not: {', '.join(frozen[:8])}{' ...' if len(frozen) > 8 else ''}" if frozen else ""))
+    return lines
 
 
 class PolyWithWarmup:
@@ -73,6 +118,13 @@ class PolyWithWarmup:
             return self.ratio + (1 - self.ratio) * it / self.warmup
         frac = (it - self.warmup) / max(self.max_iters - self.warmup, 1)
         return max(1.0 - frac, 0.0) ** self.power
+
+
+def warmup_iterations(cfg, iters_per_epoch: int) -> int:
+    """`train.warmup_iters`, or `train.warmup_epochs` x iterations per epoch (rounded): PIR-AT gives its
+    warmup in epochs (sea.md §4.1, W = WARMUP * iters_per_epoch)."""
+    t = cfg.train
+    return int(t.warmup_iters) or int(round(t.warmup_epochs * iters_per_epoch))
 
 
 class StepWithWarmup:
@@ -92,15 +144,35 @@ class StepWithWarmup:
         return self.gamma ** sum(1 for m in self.milestones if m <= epochs_done)
 
 
-def build_scheduler(cfg, optimizer, max_iters: int):
+def build_scheduler(cfg, optimizer, max_iters: int, iters_per_epoch: Optional[int] = None):
     t = cfg.train
+    per_epoch = max_iters // t.epochs if iters_per_epoch is None else iters_per_epoch
+    warmup = warmup_iterations(cfg, per_epoch)
     if t.scheduler == "poly":
-        factor = PolyWithWarmup(max_iters, t.power, t.warmup_iters, t.warmup_ratio)
+        factor = PolyWithWarmup(max_iters, t.power, warmup, t.warmup_ratio)
     elif t.scheduler == "step":
-        factor = StepWithWarmup(max_iters // t.epochs, t.lr_milestones, t.lr_gamma, t.warmup_iters, t.warmup_ratio)
+        factor = StepWithWarmup(per_epoch, t.lr_milestones, t.lr_gamma, warmup, t.warmup_ratio)
     else:
         raise SetupError(f"train.scheduler '{t.scheduler}' unknown; valid: poly, step")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def phase_states(objs: Dict[Optional[str], object]) -> dict:
+    """Checkpoint entry of the optimisers (or schedulers): the one state dict, or {"phases": {phase: state}}."""
+    if None in objs:
+        return objs[None].state_dict()
+    return {"phases": {k: o.state_dict() for k, o in objs.items()}}
+
+
+def load_phase_states(objs: Dict[Optional[str], object], state: dict, path: str) -> None:
+    """Inverse of `phase_states`; a checkpoint of other phases (another method or setting) is an error."""
+    saved = list(state["phases"]) if isinstance(state, dict) and "phases" in state else [None]
+    if saved != list(objs):
+        name = lambda ps: "one optimiser" if ps == [None] else f"phases {ps}"  # noqa: E731
+        raise SetupError(f"train.resume: {path} holds {name(saved)}, this run has {name(list(objs))} "
+                         "(train.method or its settings changed?)")
+    for k, o in objs.items():
+        o.load_state_dict(state if k is None else state["phases"][k])
 
 
 def check_training_tasks(model: nn.Module, dataset) -> None:
@@ -128,6 +200,7 @@ class Trainer:
         t = cfg.train
         self.model_dir = os.path.join(cfg.exp_dir, "model")
         check_fresh_run(cfg.exp_dir, t.resume, t.overwrite)
+        check_init_file(cfg.model)  # a missing (robust) ImageNet init file stops the run before the data is read
         self.device = setup_runtime(cfg)
         seed_all(cfg.seed)  # same init on every process; data order comes from the sampler seed
         self.train_set = build_dataset(cfg, "train")
@@ -151,8 +224,11 @@ class Trainer:
         self.model = model.to(self.device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.max_iters)
+        # one optimiser and lr schedule, or one per training phase of the method (`self.optimizer` /
+        # `self.scheduler`: the first, whose lr is logged)
+        self.optimizers = build_optimizers(cfg, self.model, self.defense)
+        self.schedulers = {k: build_scheduler(cfg, o, self.max_iters, self.iters_per_epoch) for k, o in self.optimizers.items()}
+        self.optimizer, self.scheduler = next(iter(self.optimizers.values())), next(iter(self.schedulers.values()))
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.epoch, self.iteration, self.skipped = 0, 0, 0
@@ -201,8 +277,8 @@ class Trainer:
     def _restore(self, path: str, ckpt: dict) -> None:
         from models.weights import load_strict
         load_strict(self.model, ckpt["model"], path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        load_phase_states(self.optimizers, ckpt["optimizer"], path)
+        load_phase_states(self.schedulers, ckpt["scheduler"], path)
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
@@ -216,8 +292,8 @@ class Trainer:
                       + (f" ({done} iterations into epoch {self.epoch + 1})" if done else ""))
 
     def state(self) -> dict:
-        state = {"model": dist.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "iteration": self.iteration,
+        state = {"model": dist.unwrap(self.model).state_dict(), "optimizer": phase_states(self.optimizers),
+                 "scheduler": phase_states(self.schedulers), "epoch": self.epoch, "iteration": self.iteration,
                  "skipped": self.skipped, "rng": get_rng_state(), "config": self.cfg.to_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -251,23 +327,48 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, batch: dict) -> Optional[Dict[str, torch.Tensor]]:
-        """One optimisation step; returns the detached logs, or None when a non-finite loss was skipped.
-
-        Finiteness is tested on the device every iteration (agreed by all processes through a tiny
-        all-reduce); the one host sync reads it after the backward has been queued.
-        """
+        """One iteration: the method's optimisation steps (one for most methods, `Defense.steps`), each
+        backward, clipped and stepped before the next is asked for; returns the detached logs (`loss`:
+        the sum of the steps' losses), or None when a non-finite loss was skipped (with the
+        iteration's remaining steps)."""
         t = self.cfg.train
         if t.channels_last:
             batch = channels_last(batch)
-        with self._autocast():
-            loss, logs = self.defense.loss(self.model, batch)
+        steps = self.defense.steps(self.model, batch)
+        logs: Dict[str, torch.Tensor] = {}
+        total = None
+        while True:
+            with self._autocast():
+                step = next(steps, None)
+            if step is None:
+                return dict(logs, loss=total)
+            loss, step_logs, phase = step
+            if not self._optimize(loss, phase):
+                steps.close()
+                return None
+            logs.update(step_logs)
+            total = loss.detach() if total is None else total + loss.detach()
+
+    def _optimize(self, loss: torch.Tensor, phase: Optional[str] = None) -> bool:
+        """backward, `train.clip_grad_norm`, step of the phase's optimiser; False when the loss was
+        non-finite and the step skipped.
+
+        Finiteness is tested on the device every step (agreed by all processes through a tiny
+        all-reduce); the one host sync reads it after the backward has been queued.
+        """
+        t = self.cfg.train
+        if phase not in self.optimizers:
+            raise RuntimeError(f"training method {t.method} stepped phase {phase!r}; its phases: "
+                               f"{list(self.optimizers)}")
+        optimizer = self.optimizers[phase]
         if t.debug_nan_at_iter is not None and self.iteration + 1 == int(t.debug_nan_at_iter):
             loss = loss * float("nan")  # test hook
         bad = dist.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-        self.optimizer.zero_grad(set_to_none=True)
+        # every parameter's gradient, not only the phase's: none is left over from another phase's step
+        self.model.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if bool(bad.item()):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
             if not t.skip_nonfinite:
                 raise FloatingPointError(
                     f"non-finite loss ({float(loss.detach()):g}) at iteration {self.iteration + 1} (epoch "
@@ -275,18 +376,26 @@ class Trainer:
             self.skipped += 1
             self.log.warning(f"non-finite loss at iteration {self.iteration + 1}: step skipped "
                              f"({self.skipped} skipped so far)")
-            return None
+            return False
+        if t.clip_grad_norm:
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], t.clip_grad_norm)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
-        return dict(logs, loss=loss.detach())
+            optimizer.step()
+        return True
 
-    def _log_scalars(self, sums: Dict[str, torch.Tensor], count: int, prefix: str) -> Dict[str, float]:
+    def _log_scalars(self, sums: Dict[str, torch.Tensor], counts: Dict[str, int], prefix: str) -> Dict[str, float]:
+        """Means over processes and iterations; each key over the iterations that logged it (a method
+        may log some terms only in some iterations, the same ones on every process)."""
         keys = sorted(sums)
-        vec = dist.all_reduce_sum(torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=self.device)]))
-        vals = {k: float(v) / max(float(vec[-1]), 1.0) for k, v in zip(keys, vec[:-1].tolist())}
+        vec = dist.all_reduce_sum(torch.stack([sums[k] for k in keys] +
+                                              [torch.tensor(float(counts[k]), device=self.device) for k in keys]))
+        vec = vec.tolist()
+        vals = {k: vec[i] / max(vec[len(keys) + i], 1.0) for i, k in enumerate(keys)}
         for k, v in vals.items():
             self._scalar(f"{prefix}/{k}", v, self.iteration)
         return vals
@@ -306,28 +415,34 @@ class Trainer:
                     m.eval()
         window: Dict[str, torch.Tensor] = {}
         total: Dict[str, torch.Tensor] = {}
-        n_window = n_total = 0
+        n_window: Dict[str, int] = {}
+        n_total: Dict[str, int] = {}
         kill_at = int(os.environ.get(KILL_AT_ITER_ENV, 0) or 0)
         bar = tqdm(self.loader, disable=not dist.is_main(), desc=f"epoch {self.epoch + 1}/{t.epochs}",
                    leave=False, initial=done, total=self.iters_per_epoch)
         for batch in bar:
             logs = self.train_step(to_device(batch, self.device))
-            self.scheduler.step()  # also after a skipped step: the schedule follows the iteration count
+            # every schedule follows the iteration count, also after a skipped step and for a phase whose
+            # optimiser has not stepped yet (torch warns about the latter)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                for scheduler in self.schedulers.values():
+                    scheduler.step()
             self.iteration += 1
             if logs is not None:
                 for k, v in logs.items():
                     window[k] = window.get(k, 0.0) + v.float()
                     total[k] = total.get(k, 0.0) + v.float()
-                n_window += 1
-                n_total += 1
+                    n_window[k] = n_window.get(k, 0) + 1
+                    n_total[k] = n_total.get(k, 0) + 1
             if self.iteration % t.print_freq == 0 and window:
-                vals = self._log_scalars(window, n_window * dist.world_size(), "train")
+                vals = self._log_scalars(window, n_window, "train")
                 lr = self.optimizer.param_groups[0]["lr"]
                 self._scalar("train/lr", lr, self.iteration)
                 self.log.info(f"epoch {self.epoch + 1} iter {self.iteration}/{self.max_iters} lr {lr:.5f} "
                               + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                               + (f" skipped {self.skipped}" if self.skipped else ""))
-                window, n_window = {}, 0
+                window, n_window = {}, {}
             if t.save_iter_freq and self.iteration % t.save_iter_freq == 0 \
                     and self.iteration % self.iters_per_epoch:
                 self.save_iter()
@@ -335,7 +450,7 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook
         if not total:
             return {}
-        return {k: float(v) for k, v in self._log_scalars(total, n_total * dist.world_size(), "train_epoch").items()}
+        return {k: float(v) for k, v in self._log_scalars(total, n_total, "train_epoch").items()}
 
     def validate(self) -> dict:
         """Clean metrics on the val split (segmentation; plus mae / rmse of each regression task of a
@@ -363,6 +478,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.log.info(f"training {cfg.model.name} with method {self.defense.describe()} for {t.epochs} epochs "
                       f"({self.iters_per_epoch} iterations each, {dist.world_size()} process(es), device {self.device})")
+        phases = self.defense.param_phases(dist.unwrap(self.model))
+        for line in phase_summary(dist.unwrap(self.model), phases) if phases else []:
+            self.log.info(line)
         while self.epoch < t.epochs:
             start = time.time()
             train_logs = self.train_epoch()

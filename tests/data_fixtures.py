@@ -221,13 +221,17 @@ def make_taskonomy(root: str, seg_folder: str = "segment_semantic") -> None:
 
 # The smallest settings each model builder accepts, without ImageNet weights, to run experiment configs on
 # these fixtures: ResNet-18 at quarter width for PSPNet, DeepLabv3 and the Taskonomy ResNet; ConvNeXt-T at
-# quarter width (inputs of at least 32 pixels); DRN-D-22, the smallest DRN (no width option).
+# quarter width (inputs of at least 32 pixels); DRN-D-22, the smallest DRN (no width option); FPD-Seg on ResNet-18
+# at quarter width with a restoration FPN of width 16.
 TINY_MODELS = {
     "pspnet": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
     "deeplabv3": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+    "pspnet_ddcat": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+    "deeplabv3_ddcat": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
     "upernet_convnext": ["model.backbone=convnext_t_cvst", "model.width=0.25", "model.pretrained=null"],
     "drn_seg": ["model.arch=drn_d_22", "model.pretrained=null"],
     "drn_multitask": ["model.arch=drn_d_22", "model.pretrained=null"],
     "taskonomy_resnet": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
+    "fpd_seg": ["model.layers=18", "model.width=0.25", "model.fpd.fpn_width=16", "model.pretrained=null"],
 }
 MAKERS = {"cityscapes": make_cityscapes, "voc2012": make_voc, "ade20k": make_ade20k, "taskonomy": make_taskonomy}

@@ -20,7 +20,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 16 images / batch 4 = 4 iterations per epoch, 2 epochs; an iteration checkpoint every 3 iterations
-RUN = ("train.eval_freq=0", "train.save_iter_freq=3", "train.print_freq=1")
+RUN = ("train.save_iter_freq=3", "train.print_freq=1")
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +147,7 @@ def test_bad_resume_path_is_one_line_error(tiny_config, tmp_path, capsys):
 
 
 def test_bf16_and_channels_last_step_on_cpu(tiny_cfg):
-    cfg = tiny_cfg("train.amp=bf16", "train.channels_last=true", "train.epochs=1", "train.eval_freq=0")
+    cfg = tiny_cfg("train.amp=bf16", "train.channels_last=true", "train.epochs=1")
     t = Trainer(cfg)
     batch = next(iter(t.loader))
     before = {k: v.clone() for k, v in t.model.state_dict().items()}

@@ -4,9 +4,9 @@
 
 One-line error and exit code 2 when: the config is invalid, more processes per node than
 visible GPUs are asked for (or several processes on a node without GPUs, unless ``device=cpu``),
-a global batch size does not divide by the number of processes, ``train.resume`` names a file
-that does not exist, or a fresh training run would write into an exp_dir that already holds
-checkpoints (see ``train.overwrite``). Used by tools/launch.sh.
+a global batch size does not divide by the number of processes, ``train.resume``, ``model.weights``
+or ``model.pretrained`` names a file that does not exist, or a fresh training run would write into
+an exp_dir that already holds checkpoints (see ``train.overwrite``). Used by tools/launch.sh.
 """
 from __future__ import annotations
 
@@ -52,10 +52,11 @@ def check(kind: str, config: str, nproc: int, nnodes: int, overrides: Sequence[s
                              f"({nproc} per node x {nnodes} node(s) = {world})")
     resume = cfg.train.resume
     if kind == "train":
-        from utils.checkpoint import check_fresh_run
+        from utils.checkpoint import check_fresh_run, check_init_file
         if resume not in (None, "", False, "auto") and not os.path.isfile(resume):
             raise SetupError(f"train.resume: checkpoint not found: {resume}")
         check_fresh_run(cfg.exp_dir, resume, cfg.train.overwrite)
+        check_init_file(cfg.model)
     return cfg.exp_dir
 
 

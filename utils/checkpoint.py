@@ -203,3 +203,13 @@ def check_fresh_run(exp_dir: str, resume: Optional[str], overwrite: bool) -> Non
         names = ", ".join(os.path.basename(p) for p in found[:3]) + (", ..." if len(found) > 3 else "")
         raise SetupError(f"exp_dir {exp_dir} already holds checkpoints of a run (model/: {names}): continue it "
                          f"with train.resume=auto, pick another exp_dir, or set train.overwrite=true to replace it")
+
+
+def check_init_file(model_cfg: Mapping) -> None:
+    """The file a fresh model starts from (`model.weights`, else `model.pretrained`, e.g. the robust ImageNet
+    backbone of PIR-AT in initmodel/) must exist: a missing one is the reader's one-line error naming the
+    key, raised before any data is read or process started (its contents are checked when it is loaded)."""
+    key, path = ("model.weights", model_cfg["weights"]) if model_cfg["weights"] else \
+        ("model.pretrained", model_cfg["pretrained"])
+    if path and not os.path.exists(path):
+        raise SetupError(f"{key}: checkpoint not found: {path}")

@@ -297,6 +297,9 @@ RULES: Dict[str, Rule] = {
     "model.weights": PATH,
     "train.method": text(),
     "train.attack": mapping_of(Rule(lambda v: True, "any value")),
+    "train.sat.adv_fraction": fraction(),
+    "train.ddcat.adv_fraction": fraction(),
+    "train.ddcat.mask_ignore": one_of(True, False),
     "train.epochs": INT_GE1,
     "train.batch_size": INT_GE1,
     "train.optimizer": one_of("sgd", "adamw"),
@@ -304,14 +307,17 @@ RULES: Dict[str, Rule] = {
     "train.head_lr_mult": positive(),
     "train.momentum": fraction(hi_open=True),
     "train.weight_decay": number(0),
+    "train.weight_decay_on": one_of("all", "matrices"),
     "train.scheduler": one_of("poly", "step"),
     "train.power": number(0),
     "train.lr_milestones": Rule(lambda v: list_of(INT_GE1, nonempty=False).ok(v) and all(a < b for a, b in zip(v, v[1:])),
                                 "a list of increasing integers >= 1 (epochs)"),
     "train.lr_gamma": number(0, 1, lo_open=True),
     "train.warmup_iters": INT_GE0,
+    "train.warmup_epochs": number(0),
     "train.warmup_ratio": fraction(),
     "train.aux_weight": number(0),
+    "train.clip_grad_norm": number(0),
     "train.save_freq": INT_GE1,
     "train.eval_freq": INT_GE0,
     "train.print_freq": INT_GE1,
@@ -328,6 +334,12 @@ RULES: Dict[str, Rule] = {
     "train.mtl.adversarial": one_of(True, False),
     "train.mtl.attack_tasks": list_of(text(), nonempty=False),
     "train.mtl.mix_clean": fraction(hi_open=True),
+    "train.fpd.noise_eps": number(0),
+    "train.fpd.threshold": number(0),
+    "train.fpd.ce_weight": number(0),
+    "train.fpd.l2_weight": number(0),
+    "train.fpd.cycle_l2_weight": number(0),
+    "train.fpd.phase1_params": one_of("all_but_head", "restoration_only"),
     "test.split": one_of("val", "train", "test"),
     "test.checkpoint": PATH,
     "test.result_dir": PATH,
@@ -355,6 +367,9 @@ def _cross_rules(cfg: Mapping) -> List[Tuple[str, str]]:
     if (m["mean"] is None) != (m["std"] is None):
         unset, other = ("model.std", "model.mean") if m["std"] is None else ("model.mean", "model.std")
         out.append((unset, f"is null but {other} is set: give both (normalisation inside the model) or neither"))
+    if cfg["train"]["warmup_iters"] and cfg["train"]["warmup_epochs"]:
+        out.append(("train.warmup_epochs", f"and train.warmup_iters are both set ({cfg['train']['warmup_epochs']:g} "
+                                           f"epochs, {cfg['train']['warmup_iters']} iterations): set one of them"))
     if t["class_weights"] is not None and len(t["class_weights"]) != d["classes"]:
         out.append(("test.class_weights", f"needs one weight per class (data.classes = {d['classes']}), "
                                           f"got {len(t['class_weights'])}"))

@@ -1,0 +1,6 @@
+#!/bin/sh
+# DDC-AT of the DDC-AT PSPNet (ResNet-18, half width) on the built-in synthetic dataset (CPU demo).
+# Usage: [NGPU=n] sh tool_train/synthetic/pspnet18_ddcat.sh [section.key=value ...]
+# Several CPU processes on a machine without GPUs: NGPU=2 sh tool_train/synthetic/pspnet18_ddcat.sh device=cpu
+. "$(dirname "$0")/../../tools/launch.sh"
+launch train config/synthetic/synthetic_pspnet18_ddcat.yaml "$@"

@@ -1,0 +1,7 @@
+#!/bin/sh
+# PIR-AT-style adversarial training (100 % PGD batches at 6/255) of PSPNet (ResNet-18, half width) on the
+# built-in synthetic dataset (CPU demo).
+# Usage: [NGPU=n] sh tool_train/synthetic/pspnet18_pirat.sh [section.key=value ...]
+# Several CPU processes on a machine without GPUs: NGPU=2 sh tool_train/synthetic/pspnet18_pirat.sh device=cpu
+. "$(dirname "$0")/../../tools/launch.sh"
+launch train config/synthetic/synthetic_pspnet18_pirat.yaml "$@"

@@ -12,7 +12,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
-from attacks.multitask import SEG_TASK, TaskLoss, per_task_losses, task_targets
+from attacks.multitask import SEG_TASK, TaskLoss, per_task_losses, published_task_losses, task_targets
 from utils.errors import SetupError
 
 
@@ -70,7 +70,6 @@ class MultitaskObjective:
 
 def build_objective(cfg, tasks: Sequence[str], seg_class_weights=None) -> MultitaskObjective:
     """The objective of ``train.mtl`` for `tasks` with the published per-task losses of ``data.name``."""
-    from attacks.multitask import published_task_losses
     m = cfg.train.mtl
     weights = task_weights(tasks, list(m.main_tasks), m.mt_lambda, dict(m.task_lambdas), m.equally)
     losses = published_task_losses(cfg.data.name, tasks, seg_class_weights, cfg.model.std)

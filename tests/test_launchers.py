@@ -2,10 +2,14 @@
 import glob
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -63,6 +67,7 @@ def tiny(tmp_path):
 MULTITASK_MODELS = ("drn_multitask", "taskonomy_resnet")  # evaluated per task, attacked with `multitask`
 SEG = "segmentsemantic"
 STEPS = 2
+WORKERS = max(1, min(2, os.cpu_count() or 1))  # launches at a time (each runs one intra-op thread)
 
 
 def experiment(config: str, *overrides: str):
@@ -76,47 +81,87 @@ def pair(config: str):
     return tuple(os.path.join(kind, ds, name[len(ds) + 1:] + ".sh") for kind in ("tool_train", "tool_test"))
 
 
+@dataclass
+class Run:
+    """One experiment launched end to end: its exp_dir, the overrides both launches got, and the two
+    completed processes (test is None when training failed)."""
+    exp: pathlib.Path
+    args: list
+    train: subprocess.CompletedProcess
+    test: Optional[subprocess.CompletedProcess]
+
+
+def attack_overrides(cfg) -> list:
+    """The test launch's extra overrides: one cheap attack (the multitask one for multitask models)."""
+    multitask = cfg.model.name in MULTITASK_MODELS
+    attack = ("{name: multitask, steps: %d, alpha: 1.0}" if multitask else "{name: pgd, steps: %d, alpha: 2.0}") % STEPS
+    return ["test.batch_size=4", "test.eps=[8]", f"test.attacks=[{attack}]"]
+
+
 class Launches:
-    """Dataset fixtures and launcher-trained experiments shared by the tests of a session (each made once)."""
+    """Every experiment's launcher pair (tool_train, then tool_test), run in the background on tiny data
+    as many at a time as there are cores (each launch is single-threaded), in the order the tests ask for
+    them; dataset fixtures are written once per dataset (synthetic: once per experiment)."""
 
-    def __init__(self, base):
-        self.base, self.roots, self.trained = base, {}, {}
+    def __init__(self, base: pathlib.Path):
+        self.base, self.roots, self.jobs = base, {}, {}
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS)
 
-    def overrides(self, config: str):
+    def overrides(self, config: str) -> list:
         """Tiny data (an official-layout fixture, one tree per dataset, or a small synthetic set) and model."""
         cfg = experiment(config)
         name = cfg.data.name
-        if name not in self.roots:
-            self.roots[name] = self.base / "data" / name
-            if name != "synthetic":  # synthetic is written by its loader on first use
-                fx.MAKERS[name](str(self.roots[name]))
-        if name == "synthetic":
+        if name == "synthetic":  # written by its loader on first use: one root per experiment, no races
+            root = self.base / "data" / ("synthetic-" + os.path.splitext(os.path.basename(config))[0])
             data = ["data.synthetic.num_train=4", "data.synthetic.num_val=4", "data.synthetic.size=41",
                     "data.crop_size=[33,33]"]
         else:
+            if name not in self.roots:
+                self.roots[name] = self.base / "data" / name
+                fx.MAKERS[name](str(self.roots[name]))
+            root = self.roots[name]
             crop = 33 if cfg.model.name == "upernet_convnext" else 17
             data = [f"data.crop_size=[{crop},{crop}]", "data.base_size=32", "data.eval_crop=[32,32]",
                     "data.taskonomy.size=32"]
         # device=cpu: the same runs with or without a GPU (and no GPU probe by the launch check)
-        return [f"data.root={self.roots[name]}", *data, "data.workers=0", *fx.TINY_MODELS[cfg.model.name],
-                "device=cpu"]
+        return [f"data.root={root}", *data, "data.workers=0", *fx.TINY_MODELS[cfg.model.name], "device=cpu"]
 
-    def train(self, config: str):
-        """Run the config's tool_train script once, from another working directory: 2 iterations, one
-        validation, one checkpoint. Returns (exp_dir, overrides, completed process)."""
-        if config not in self.trained:
-            exp = self.base / "exp" / os.path.splitext(os.path.basename(config))[0]
+    def start(self, configs) -> None:
+        """Queue every config (fixtures are written here, in the calling thread)."""
+        for config in configs:
+            self.job(config)
+
+    def job(self, config: str) -> Future:
+        if config not in self.jobs:
+            name = os.path.splitext(os.path.basename(config))[0]
+            exp = self.base / "exp" / name
             args = [*self.overrides(config), f"exp_dir={exp}", "train.epochs=1", "train.batch_size=2",
                     "train.val_batch_size=4", "train.eval_freq=1", "train.save_freq=1", "train.print_freq=1"]
-            cwd = self.base / "cwd"
-            cwd.mkdir(exist_ok=True)
-            self.trained[config] = (exp, args, launch(pair(config)[0], *args, cwd=cwd))
-        return self.trained[config]
+            self.jobs[config] = self.pool.submit(self._run, config, exp, args, self.base / "cwd" / name)
+        return self.jobs[config]
+
+    @staticmethod
+    def _run(config: str, exp: pathlib.Path, args: list, cwd: pathlib.Path) -> Run:
+        """tool_train from another working directory (2 iterations, one validation, one checkpoint), then
+        tool_test from yet another one; synthetic tests through torchrun with two CPU processes."""
+        (cwd / "train").mkdir(parents=True)
+        (cwd / "test").mkdir()
+        train = launch(pair(config)[0], *args, cwd=cwd / "train")
+        if train.returncode:
+            return Run(exp, args, train, None)
+        cfg = experiment(config, *args)
+        env = {"NGPU": "2"} if cfg.data.name == "synthetic" else {}
+        return Run(exp, args, train, launch(pair(config)[1], *args, *attack_overrides(cfg), cwd=cwd / "test", **env))
+
+    def run(self, config: str) -> Run:
+        return self.job(config).result()
 
 
 @pytest.fixture(scope="session")
 def launches(tmp_path_factory):
-    return Launches(tmp_path_factory.mktemp("launch"))
+    launches = Launches(tmp_path_factory.mktemp("launch"))
+    yield launches
+    launches.pool.shutdown(cancel_futures=True)
 
 
 def val_size(cfg) -> int:
@@ -124,10 +169,12 @@ def val_size(cfg) -> int:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: os.path.relpath(p, os.path.join(ROOT, "config")))
-def test_launcher_pair_end_to_end(config, launches, tmp_path):
+def test_launcher_pair_end_to_end(config, launches):
     """tool_train then tool_test of one experiment on its official-layout fixture (mixed image sizes and
     orientations, the dataset's own eval transform) with a tiny model; metrics.json as documented."""
-    exp, args, r = launches.train(config)
+    launches.start(CONFIGS)  # the other experiments run in the background meanwhile
+    run = launches.run(config)
+    exp, args, r = run.exp, run.args, run.train
     cfg = experiment(config, *args)
     multitask = cfg.model.name in MULTITASK_MODELS
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -137,13 +184,7 @@ def test_launcher_pair_end_to_end(config, launches, tmp_path):
     log = open(logs[0]).read()
     assert "iter 2/2 " in log and "epoch 1/1 done" in log and log.count("| val mIoU") == 1, log[-2000:]
 
-    attack = ("{name: multitask, steps: %d, alpha: 1.0}" if multitask else "{name: pgd, steps: %d, alpha: 2.0}") % STEPS
-    # synthetic: two CPU processes through torchrun (device=cpu), a free port picked by torchrun itself
-    env = {"NGPU": "2"} if cfg.data.name == "synthetic" else {}
-    elsewhere = tmp_path / "cwd"
-    elsewhere.mkdir()
-    r = launch(pair(config)[1], *args, "test.batch_size=4", "test.eps=[8]", f"test.attacks=[{attack}]",
-               cwd=elsewhere, **env)
+    r = run.test
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # only the resolved config, the two logs, model/, events/ and result/ in exp_dir
     test_logs = glob.glob(str(exp / "test-*.log"))
@@ -155,20 +196,20 @@ def test_launcher_pair_end_to_end(config, launches, tmp_path):
     n, key = val_size(cfg), ("multitask" if multitask else "pgd") + "@8"
     assert m["num_images"] == n and m["split"] == "val" and set(m["attacks"]) == {key}
     clean, attacked = m["clean"], m["attacks"][key]
-    for run in (clean, attacked, m["worst_case"]["8"]):
-        assert all(0 <= run[k] <= 1 for k in ("mIoU", "mAcc", "aAcc")), run
-        assert len(run["iou_per_class"]) == cfg.data.classes
+    for result in (clean, attacked, m["worst_case"]["8"]):
+        assert all(0 <= result[k] <= 1 for k in ("mIoU", "mAcc", "aAcc")), result
+        assert len(result["iou_per_class"]) == cfg.data.classes
     assert attacked["forward_passes"] == attacked["backward_passes"] == STEPS * n
     if not multitask:
         assert "tasks" not in clean and "attacked_tasks" not in attacked
         return
     tasks = list(cfg.data.tasks) or [SEG]
     assert attacked["attacked_tasks"] == list(cfg.test.attack_tasks) == [SEG]
-    for run in (clean, attacked):
-        assert list(run["tasks"]) == tasks
-        for t, tm in run["tasks"].items():
+    for result in (clean, attacked):
+        assert list(result["tasks"]) == tasks
+        for t, tm in result["tasks"].items():
             if t == SEG:
-                assert all(tm[k] == run[k] for k in ("mIoU", "mAcc", "aAcc"))
+                assert all(tm[k] == result[k] for k in ("mIoU", "mAcc", "aAcc"))
             else:  # errors over the valid pixels of every image
                 assert all(np.isfinite(tm[k]) and tm[k] >= 0 for k in ("mae", "mse", "rmse")), (t, tm)
                 assert tm["elements"] > 0 and np.isclose(tm["rmse"] ** 2, tm["mse"])
@@ -194,7 +235,8 @@ def test_multitask_attack_tasks_scored_per_task(launches, tmp_path):
     from datasets import build_dataset
     from engine.evaluator import build_attack_runs, run_test
     from models import build_model
-    exp, args, r = launches.train(MULTITASK_CONFIG)
+    run = launches.run(MULTITASK_CONFIG)
+    exp, args, r = run.exp, run.args, run.train
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # the experiment's own attacks (MTRobust's PGD and MIM on the segmentation output) build as configured
     cfg = experiment(MULTITASK_CONFIG, *args)
@@ -243,19 +285,20 @@ def test_bad_launch_is_one_line_error(tmp_path, env, args, message):
     assert not (tmp_path / "exp").exists()  # nothing started, nothing written
 
 
-def test_more_processes_than_gpus(monkeypatch):
+def test_more_processes_than_gpus(monkeypatch, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import preflight
     from utils.errors import SetupError
     monkeypatch.setattr(preflight, "visible_gpus", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     cfg = os.path.join(ROOT, "config", "synthetic", "synthetic_pspnet18_none.yaml")
+    exp = [f"exp_dir={tmp_path / 'exp'}"]  # not the config's own exp_dir, which may hold a real run
     with pytest.raises(SetupError, match=r"^NGPU=4 but only 2 GPU\(s\) are visible \(CUDA_VISIBLE_DEVICES=0,1\)$"):
-        preflight.check("train", cfg, 4, 1, [])
-    assert preflight.check("train", cfg, 2, 1, []) == "exp/synthetic/pspnet18_none"
+        preflight.check("train", cfg, 4, 1, exp)
+    assert preflight.check("train", cfg, 2, 1, exp) == str(tmp_path / "exp")
     assert preflight.check("test", cfg, 2, 1, ["test.batch_size=10"]) == "exp/synthetic/pspnet18_none"
     with pytest.raises(SetupError, match=r"test.batch_size=10 is not divisible .* \(2 per node x 2 node\(s\) = 4\)"):
-        preflight.check("test", cfg, 2, 2, [])
+        preflight.check("test", cfg, 2, 2, exp)
 
 
 def test_preflight_refuses_a_fresh_run_into_an_exp_dir_with_checkpoints(tmp_path):

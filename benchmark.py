@@ -1,114 +1,441 @@
-"""Cost of the attack library: one APGD iteration against one forward + backward-to-input of the same
-model and batch, and the worst-case aggregation over attacks. Prints a small table.
+"""Cost of every attack and training method of a config's model against its lower bound.
 
-    python benchmark.py [--device cpu|cuda] [--batch 2] [--size 97] [--threads 1]
+    python benchmark.py --config config/synthetic/synthetic_pspnet18_none.yaml [--batch 4] [--size 97x97]
+                        [--classes 21] [--iters 10] [--device cpu|cuda] [--amp bf16|fp16] [--out rows.json]
 
-On the CPU the APGD figures are process CPU times (so other jobs on the machine do not distort
-them); the aggregation figures are wall times.
+Rows (printed as a table, written as a JSON list with ``--out``):
+  model        forward; forward + backward to the input only (the floor of one attack iteration);
+               one clean training step (forward, backward, optimiser step)
+  attack       one iteration of each attack, ``ratio`` = its time / (forward + input backward). The
+               per-iteration time is taken by difference of two runs (``--iters`` apart), so set-up
+               costs (random starts, the final forward) cancel; FGSM is one step, timed whole.
+  defense      one training step of each method that fits the model (DDC-AT on the config model's
+               ``_ddcat`` variant), ``ratio`` = its time / the clean step of the same model, ``bound``
+               = the method's pass count in clean-step units (``Defense.cost_bound``: (2k+3)/3 for
+               PIR-AT with k attack steps)
+  aggregation  the worst case over attacks for N images x A attacks x C classes (utils.metrics)
+Each figure is the median of ``--repeats`` timed runs after a warm-up: process CPU time on the CPU
+(robust to other jobs sharing the cores; ``--threads`` intra-op threads), wall time on the GPU.
+``peak_mb``: the peak resident memory during the row (CPU; freed memory is returned to the OS and the
+high-water mark reset before each row) or the peak CUDA memory allocated.
 
-Targets: APGD iteration / (forward + input backward) <= 1.15; worst case for 2000 images x 3
-attacks x 151 classes < 2 s on 2 cores.
+Targets (issue "Performance"): every attack iteration <= 1.05; PIR-AT 5 steps <= 1.05 x 13/3.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import ctypes
+import json
+import os
+import re
 import statistics
+import sys
 import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from attacks import attack_mode
-from attacks.apgd import apgd_run
-from models.pspnet import PSPNet
-from utils.metrics import worst_case, worst_case_miou
+from utils.errors import SetupError
 
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+ATTACK_EPS, ATTACK_ALPHA = 8.0, 2.0  # config units (1/255)
 
 
-def _once(fn, device: str) -> float:
-    """Time of one fn() call: process CPU time on the CPU (robust to other jobs sharing the cores),
-    wall time on the GPU."""
-    clock = time.process_time if device == "cpu" else time.perf_counter
-    _sync(device)
-    t = clock()
-    fn()
-    _sync(device)
-    return clock() - t
+@dataclass
+class Row:
+    name: str
+    kind: str                  # model | attack | defense | aggregation
+    median_ms: float
+    ratio: Optional[float]
+    bound: Optional[float]
+    peak_mb: float
 
 
-def bench_apgd(device: str, batch: int, size: int, classes: int = 6, repeats: int = 5, loss: str = "mask-ce"):
-    """(seconds per forward+input-backward, seconds per APGD iteration) on the synthetic-size PSPNet."""
+# ------------------------------------------------------------------ clocks and memory
+class Meter:
+    """Times a callable (median of repeats after one warm-up) and reads its peak memory."""
+
+    def __init__(self, device: torch.device, repeats: int):
+        self.device, self.repeats = device, repeats
+        self.clock = time.process_time if device.type == "cpu" else time.perf_counter
+        self._libc = None
+        if device.type == "cpu" and sys.platform.startswith("linux"):
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                pass
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        if self._libc is not None:
+            self._libc.malloc_trim(0)  # freed blocks back to the OS, so the baseline is live memory
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident size
+        except OSError:
+            pass
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        try:
+            with open("/proc/self/status") as f:
+                return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+        except (OSError, AttributeError):
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def once(self, fn: Callable[[], object]) -> float:
+        self.sync()
+        t = self.clock()
+        fn()
+        self.sync()
+        return self.clock() - t
+
+    def median(self, fn: Callable[[], object]) -> Tuple[float, float]:
+        """(median seconds over the repeats, peak MB) of fn()."""
+        fn()  # warm-up (allocator, lazy initialisation, autotuning)
+        self.reset_peak()
+        times = [self.once(fn) for _ in range(self.repeats)]
+        return statistics.median(times), self.peak_mb()
+
+    def per_iteration(self, run: Callable[[int], object], n1: int, n2: int) -> Tuple[float, float]:
+        """(median seconds per iteration, peak MB) of run(n), by difference of n2 and n1 iterations;
+        the two runs interleave, so a drift hits both alike."""
+        run(n1)
+        self.reset_peak()
+        diffs = []
+        for _ in range(self.repeats):
+            t1 = self.once(lambda: run(n1))
+            t2 = self.once(lambda: run(n2))
+            diffs.append((t2 - t1) / (n2 - n1))
+        return max(statistics.median(diffs), 0.0), self.peak_mb()
+
+
+# ------------------------------------------------------------------ the model and its batch
+def parse_size(text: str) -> Tuple[int, int]:
+    """'97x129' or '97' -> (97, 129) / (97, 97)."""
+    m = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip())
+    if not m:
+        raise SetupError(f"--size must be H or HxW (pixels), got '{text}'")
+    h = int(m.group(1))
+    return h, int(m.group(2) or h)
+
+
+def load_benchmark_config(path: str, classes: Optional[int], overrides=()):
+    """The experiment config with data-independent settings: `classes` overrides data.classes."""
+    from utils.config import load_config
+    extra = list(overrides) + ([f"data.classes={classes}"] if classes else [])
+    cfg = load_config(path, extra)
+    cfg.model.pretrained = None  # benchmark random weights: no ImageNet file needed
+    cfg.model.weights = None
+    return cfg
+
+
+def build_for(cfg, device: torch.device) -> nn.Module:
+    from models import build_model
     torch.manual_seed(0)
-    model = PSPNet(classes, layers=18, width=0.5).to(device)
-    x = torch.rand(batch, 3, size, size, device=device)
-    y = torch.randint(0, classes, (batch, size, size), device=device)
-    y[:, :4] = 255
+    return build_model(cfg).to(device)
+
+
+def make_batch(cfg, model: nn.Module, batch: int, size: Tuple[int, int], device: torch.device) -> dict:
+    """Random images, labels with an ignored band, and for a multitask model a target per output."""
+    g = torch.Generator().manual_seed(0)
+    h, w = size
+    x = torch.rand(batch, 3, h, w, generator=g)
+    y = torch.randint(0, cfg.data.classes, (batch, h, w), generator=g)
+    y[:, : max(h // 16, 1)] = cfg.data.ignore_label
+    out = {"image": x, "label": y, "index": torch.arange(batch)}
+    if getattr(model, "multitask", False):
+        from attacks.multitask import SEG_TASK
+        model.eval()
+        with torch.no_grad():
+            shapes = {t: o.shape for t, o in model(x[:1].to(device)).items()}
+        out["targets"] = {t: (y if t == SEG_TASK else torch.rand((batch,) + tuple(s[1:]), generator=g))
+                          for t, s in shapes.items()}
+        out["masks"] = {t: torch.ones_like(v, dtype=torch.bool) if t != SEG_TASK else None
+                        for t, v in out["targets"].items()}
+        out["masks"] = {t: m for t, m in out["masks"].items() if m is not None}
+    return {k: (v.to(device) if torch.is_tensor(v) else
+                {t: a.to(device) for t, a in v.items()} if isinstance(v, dict) else v) for k, v in out.items()}
+
+
+def autocast(device: torch.device, amp: Optional[str]):
+    import contextlib
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def main_forward(model: nn.Module, amp: Optional[str], device: torch.device) -> Callable:
+    """Eval-mode logits of the segmentation output (float32 under autocast), as attacks see them."""
+    main = getattr(model, "main_output", None) if getattr(model, "multitask", False) else None
+
+    def fwd(x):
+        with autocast(device, amp):
+            out = model(x)
+        out = out[main] if main is not None else out
+        return out.float()
+    return fwd
+
+
+# ------------------------------------------------------------------ rows
+def model_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[str]) -> Tuple[List[Row], float]:
+    """forward, forward + input backward (returned as the attack floor, seconds), clean training step."""
+    from attacks import attack_mode
+    x, y = batch["image"], batch["label"]
+    fwd = main_forward(model, amp, meter.device)
+    ignore = cfg.data.ignore_label
     with attack_mode(model):
+        def forward():
+            with torch.no_grad():
+                fwd(x)
+
         def fwd_bwd():
             xa = x.clone().requires_grad_(True)
-            loss_v = F.cross_entropy(model(xa), y, ignore_index=255)
-            torch.autograd.grad(loss_v, xa)
-
-        def run(n):
-            return lambda: apgd_run(model, x, y, eps=8 / 255, steps=n, loss=loss, prr=False, early_stop=False)
-
-        n1, n2 = 2, 12
-        fwd_bwd(), run(n1)()                                      # warm-up
-        base, per_iter = [], []
-        for _ in range(repeats):                                  # interleaved, so drifts hit both alike
-            base.append(statistics.median(_once(fwd_bwd, device) for _ in range(3)))
-            t1 = _once(run(n1), device)
-            t2 = _once(run(n2), device)
-            per_iter.append((t2 - t1) / (n2 - n1))
-    return statistics.median(base), statistics.median(per_iter)
+            loss = F.cross_entropy(fwd(xa), y, ignore_index=ignore, reduction="none").flatten(1).mean(1).sum()
+            torch.autograd.grad(loss, xa)
+        t_f, m_f = meter.median(forward)
+        t_fb, m_fb = meter.median(fwd_bwd)
+    step = train_step_fn(cfg, model, "none", batch, amp)
+    t_s, m_s = meter.median(step)
+    rows = [Row("forward", "model", t_f * 1e3, None, None, m_f),
+            Row("forward + input backward", "model", t_fb * 1e3, 1.0, None, m_fb),
+            Row("clean training step", "model", t_s * 1e3, None, None, m_s)]
+    return rows, t_fb
 
 
-def bench_worst_case(n: int = 2000, attacks: int = 3, classes: int = 151, seed: int = 0):
-    """Seconds for worst_case_miou and for the full worst_case report on random realistic counts."""
+def attack_specs(cfg, model: nn.Module) -> List[Tuple[str, str, dict]]:
+    """(row name, attack name, options without steps) for every registered attack that applies:
+    the sign attacks, APGD with every loss, the multitask attack on multitask models. Transfer
+    attacks cost their source model's iterations and are left out."""
+    from attacks import ATTACKS, LOSSES
+    sign = {"eps": ATTACK_EPS, "alpha": ATTACK_ALPHA, "random_start": True}
+    specs = []
+    for name in ATTACKS.names():
+        if name in ("transfer", "apgd", "fgsm"):
+            continue
+        if name == "multitask":
+            if getattr(model, "multitask", False):
+                specs.append(("multitask (every output)", name, dict(sign)))
+            continue
+        specs.append((name, name, dict(sign, random_start=name != "mim")))
+    for loss in LOSSES.names():
+        opts = {"eps": ATTACK_EPS, "loss": loss, "prr": False, "early_stop": False, "random_start": True}
+        if loss == "mask-ce-bal":
+            opts["class_weights"] = [1.0 / cfg.data.classes] * cfg.data.classes
+        specs.append((f"apgd {loss}", "apgd", opts))
+    return specs
+
+
+def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[str], floor: float,
+                n1: int, n2: int) -> List[Row]:
+    from attacks import attack_mode, build_attack
+    from attacks.multitask import task_targets
+    x = batch["image"]
+    rows = []
+    with attack_mode(model):
+        fwd = main_forward(model, amp, meter.device)
+        fgsm = build_attack("fgsm", eps=ATTACK_EPS)
+        t, m = meter.median(lambda: fgsm(fwd, x, batch["label"]))
+        rows.append(Row("fgsm (1 step, whole attack)", "attack", t * 1e3, t / floor, None, m))
+        for row_name, name, opts in attack_specs(cfg, model):
+            if name == "multitask":
+                y = task_targets(batch["targets"], batch["masks"])
+
+                def forward(inp):
+                    with autocast(meter.device, amp):
+                        out = model(inp)
+                    return {k: v.float() for k, v in out.items()}
+            else:
+                y, forward = batch["label"], fwd
+
+            def run(n, name=name, opts=opts, y=y, forward=forward):
+                build_attack(name, seed=0, **dict(opts, steps=n))(forward, x, y, keys=batch["index"].tolist())
+            t, m = meter.per_iteration(run, n1, n2)
+            rows.append(Row(row_name, "attack", t * 1e3, t / floor, None, m))
+    return rows
+
+
+def train_step_fn(cfg, model: nn.Module, method: str, batch: dict, amp: Optional[str]) -> Callable[[], None]:
+    """One training iteration of `method` as the engine runs it: each of the method's optimisation
+    steps' backward and optimiser step (plain SGD at a tiny lr keeps the weights near their start)."""
+    from defenses import build_defense
+    from engine.trainer import build_optimizers
+    c = copy.deepcopy(cfg)
+    c.train.method = method
+    c.train.lr, c.train.warmup_epochs = 1e-6, 0
+    defense = build_defense(c)
+    defense.prepare(model)
+    optimizers = build_optimizers(c, model, defense)
+    device = batch["image"].device
+
+    def step():
+        model.train()
+        steps = defense.steps(model, batch)
+        while True:
+            with autocast(device, amp):
+                s = next(steps, None)
+            if s is None:
+                return
+            loss, _, phase = s
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[phase].step()
+    return step
+
+
+def defense_variant(cfg, method: str) -> Optional[str]:
+    """The model the method trains: the config's own, or its DDC-AT variant for ddcat."""
+    name = cfg.model.name
+    if method == "ddcat" and not name.endswith("_ddcat"):
+        from models.registry import MODELS
+        return name + "_ddcat" if name + "_ddcat" in MODELS else None
+    return name
+
+
+def defense_rows(meter: Meter, cfg, batch_size: int, size, amp: Optional[str]) -> List[Row]:
+    """One training step per method that fits the model, against the clean step of the same model."""
+    from defenses import DEFENSES, build_defense
+    rows: List[Row] = []
+    clean: Dict[str, float] = {}
+    for method in DEFENSES.names():
+        if method == "none":
+            continue
+        variant = defense_variant(cfg, method)
+        if variant is None:
+            continue
+        c = copy.deepcopy(cfg)
+        c.model.name = variant
+        c.train.method = method
+        c.train.mtl.adversarial = True  # the adversarial variants of the multitask and FPD methods
+        c.train.fpd.adversarial = c.train.fpd.adversarial if method != "fpd" else True
+        if method == "fpd":
+            c.train.attack = None
+        model = build_for(c, meter.device)
+        try:
+            build_defense(c).prepare(model)
+            step = train_step_fn(c, model, method, make_batch(c, model, batch_size, size, meter.device), amp)
+        except SetupError:
+            continue  # the method does not fit this model
+        if variant not in clean:
+            clean[variant] = meter.median(train_step_fn(c, model, "none",
+                                                        make_batch(c, model, batch_size, size, meter.device), amp))[0]
+        t, m = meter.median(step)
+        d = build_defense(c)
+        k = int(d.attack.options.get("steps") or 1) if d.attack is not None else 0
+        label = f"{method}{f' {k}-step' if k else ''}" + (f" ({variant})" if variant != cfg.model.name else "")
+        rows.append(Row(label, "defense", t * 1e3, t / clean[variant], d.cost_bound(), m))
+    return rows
+
+
+def aggregation_row(meter: Meter, n: int = 2000, attacks: int = 3, classes: int = 151, seed: int = 0) -> Row:
+    """The full worst-case report (local search + summaries) on random realistic counts; wall time."""
+    from utils.metrics import worst_case
     rng = np.random.default_rng(seed)
     present = rng.random((n, classes)) < 0.08                     # ~12 classes per image
     tgt = rng.integers(50, 5000, (n, classes)) * present
     inter = (tgt[None] * rng.uniform(0.0, 1.0, (attacks, n, classes))).astype(np.int64)
     spill = rng.integers(0, 2000, (attacks, n, classes)) * (rng.random((attacks, n, classes)) < 0.1)
-    union = tgt[None] + spill + (tgt[None] - inter) * 0
-    t = time.perf_counter()
-    value, _, moves = worst_case_miou(inter, union)
-    t_search = time.perf_counter() - t
-    t = time.perf_counter()
-    worst_case(inter, union, tgt)
-    t_full = time.perf_counter() - t
-    return t_search, t_full, value, moves
+    union = tgt[None] + spill
+    meter.reset_peak()
+    times = []
+    for _ in range(max(meter.repeats, 1)):
+        t = time.perf_counter()
+        worst_case(inter, union, tgt)
+        times.append(time.perf_counter() - t)
+    return Row(f"worst case, {n} images x {attacks} attacks x {classes} classes", "aggregation",
+               statistics.median(times) * 1e3, None, None, meter.peak_mb())
 
 
-def main() -> None:
+# ------------------------------------------------------------------ report
+def format_rows(rows: List[Row]) -> str:
+    head = ["name", "kind", "median ms", "ratio", "bound", "peak MB"]
+    body = [[r.name, r.kind, f"{r.median_ms:.1f}", "" if r.ratio is None else f"{r.ratio:.3f}",
+             "" if r.bound is None else f"{r.bound:.3f}", f"{r.peak_mb:.0f}"] for r in rows]
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in [head] + body]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def run(config: str, batch: int = 4, size: Tuple[int, int] = (97, 97), classes: Optional[int] = None,
+        iters: int = 10, device: str = "cpu", amp: Optional[str] = None, repeats: int = 3,
+        kinds=("model", "attack", "defense", "aggregation"), aggregation=(2000, 3, 151)) -> List[Row]:
+    """Every row for one config (see the module docstring)."""
+    dev = torch.device(device)
+    meter = Meter(dev, repeats)
+    cfg = load_benchmark_config(config, classes)
+    model = build_for(cfg, dev)
+    data = make_batch(cfg, model, batch, size, dev)
+    rows: List[Row] = []
+    m_rows, floor = model_rows(meter, cfg, model, data, amp)
+    if "model" in kinds:
+        rows += m_rows
+    if "attack" in kinds:
+        rows += attack_rows(meter, cfg, model, data, amp, floor, 2, 2 + iters)
+    if "defense" in kinds:
+        rows += defense_rows(meter, cfg, batch, size, amp)
+    if "aggregation" in kinds:
+        rows.append(aggregation_row(meter, *aggregation))
+    return rows
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--size", type=int, default=97)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--config", required=True, help="experiment YAML (its model, classes, training settings)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", default="97x97", help="HxW of the input")
+    ap.add_argument("--classes", type=int, default=None, help="override data.classes")
+    ap.add_argument("--iters", type=int, default=10, help="attack iterations between the two timed runs")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--amp", default=None, choices=("bf16", "fp16"), help="autocast for forward/backward")
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    base, it = bench_apgd(args.device, args.batch, args.size, repeats=args.repeats)
-    t_search, t_full, value, moves = bench_worst_case()
-    rows = [
-        (f"fwd + input bwd, PSPNet-18 w0.5, {args.batch}x3x{args.size}^2 ({args.device})", f"{base * 1e3:.1f} ms", ""),
-        ("APGD iteration (mask-ce), same model and batch", f"{it * 1e3:.1f} ms", ""),
-        ("  ratio APGD / (fwd + bwd)", f"{it / base:.3f}", "<= 1.15"),
-        (f"worst-case mIoU search, 2000 x 3 x 151 ({moves} moves)", f"{t_search:.3f} s", "< 2 s"),
-        ("full worst-case report (search + summaries)", f"{t_full:.3f} s", "< 2 s"),
-    ]
-    w = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{w}}  {'value':>10}  target")
-    for name, val, target in rows:
-        print(f"{name:<{w}}  {val:>10}  {target}")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads on the CPU (default: torch's)")
+    ap.add_argument("--only", default="model,attack,defense,aggregation", help="comma-separated row kinds")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    a = ap.parse_args(argv)
+    try:
+        if not os.path.isfile(a.config):
+            raise SetupError(f"--config: no such file: {a.config}")
+        size = parse_size(a.size)
+        if a.batch < 2 or a.iters < 1 or a.repeats < 1 or (a.classes is not None and a.classes < 2):
+            raise SetupError("--batch must be >= 2 (training steps with BatchNorm), --iters and --repeats >= 1, "
+                             "--classes >= 2")
+        if a.device == "cuda" and not torch.cuda.is_available():
+            raise SetupError("--device cuda: no GPU is visible")
+        if a.amp == "fp16" and a.device != "cuda":
+            raise SetupError("--amp fp16 needs --device cuda (use bf16 on the CPU)")
+        kinds = tuple(k for k in a.only.split(",") if k)
+        bad = [k for k in kinds if k not in ("model", "attack", "defense", "aggregation")]
+        if bad:
+            raise SetupError(f"--only: unknown row kind(s) {bad}; valid: model, attack, defense, aggregation")
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        rows = run(a.config, a.batch, size, a.classes, a.iters, a.device, a.amp, a.repeats, kinds)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{a.config}: batch {a.batch}x3x{size[0]}x{size[1]}, device {a.device}, amp {a.amp or 'off'}, "
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
+    print(format_rows(rows))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .base import ImageSeeds, PassCounter, counted, input_grad, project, uniform_noise
-from .losses import get_loss, image_loss
+from .losses import PixelTerms, get_loss, image_loss
 from .registry import register_attack
 
 MOMENTUM = 0.75          # a in x + a(u - x) + (1 - a)(x - x_prev)
@@ -62,26 +61,26 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
     B = x.shape[0]
     view = (B,) + (1,) * (x.dim() - 1)
 
-    def grad_at(xa: torch.Tensor, step: int):
+    def grad_at(xa: torch.Tensor, step: int) -> Tuple[PixelTerms, torch.Tensor]:
+        # one forward; the attack loss and the tracked CE / accuracy share its log-softmax and class map
         xa = xa.detach().requires_grad_(True)
-        logits = fwd(xa)
-        per_pixel = loss_fn(logits, y, step=step, steps=n, **loss_kw)
-        return logits.detach(), input_grad(image_loss(per_pixel).sum(), xa, counter)
+        terms = PixelTerms(fwd(xa), y, loss_kw["ignore_index"])
+        per_pixel = loss_fn(terms.logits, y, step=step, steps=n, terms=terms, **loss_kw)
+        return terms, input_grad(image_loss(per_pixel).sum(), xa, counter)
 
-    def tracked(logits: torch.Tensor) -> torch.Tensor:
-        return image_loss(F.cross_entropy(logits, y, ignore_index=loss_kw["ignore_index"], reduction="none"))
+    def tracked(terms: PixelTerms) -> torch.Tensor:
+        return image_loss(terms.ce.detach())
 
-    def accuracy(logits: torch.Tensor) -> torch.Tensor:
+    def accuracy(terms: PixelTerms) -> torch.Tensor:
         # Fix (sea.md §9.1.1): ignored pixels are excluded from numerator and denominator, here and at
         # the initial point alike (the original counted them wrong at init and right in the loop).
-        hit = (logits.argmax(1) == y) & valid
-        return hit.flatten(1).sum(1).to(x.dtype) / n_valid
+        return terms.hit.flatten(1).sum(1).to(x.dtype) / n_valid
 
     x_adv = x_init.detach().clone()
-    logits, g = grad_at(x_adv, 0)
+    terms, g = grad_at(x_adv, 0)
     with torch.no_grad():
-        loss_best = tracked(logits)
-        acc = accuracy(logits)
+        loss_best = tracked(terms)
+        acc = accuracy(terms)
     eta = torch.full(view, 2.0 * eps, dtype=x.dtype, device=x.device)
     x_best, x_best_adv, g_best = x_adv.clone(), x_adv.clone(), g.clone()
     loss_best_last = loss_best.clone()
@@ -98,13 +97,13 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
             x_new = project(x_adv + a * (u - x_adv) + (1 - a) * (x_adv - x_prev), x, eps)
             x_prev, x_adv = x_adv, x_new
         if i < n - 1:
-            logits, g = grad_at(x_adv, i + 1)
+            terms, g = grad_at(x_adv, i + 1)
         else:  # the last iterate's gradient is never used: forward only
             with torch.no_grad():
-                logits = fwd(x_adv)
+                terms = PixelTerms(fwd(x_adv), y, loss_kw["ignore_index"])
         with torch.no_grad():
-            loss_now = tracked(logits)
-            pa = accuracy(logits)
+            loss_now = tracked(terms)
+            pa = accuracy(terms)
             upd = pa <= acc                         # ties -> newer iterate
             acc = torch.minimum(acc, pa)
             x_best_adv = torch.where(upd.view(view), x_adv, x_best_adv)

@@ -21,6 +21,7 @@ class over the *training* split (``utils.metrics.label_counts`` accumulates them
 from __future__ import annotations
 
 import math
+from functools import cached_property
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -28,85 +29,123 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import SetupError
+from utils.metrics import class_map
 from utils.registry import Registry
 
 LOSSES = Registry("loss")
 LOG2 = math.log(2.0)
 
 
-def _prepare(logits: torch.Tensor, y: torch.Tensor, ignore_index: int):
-    """(valid mask [B,H,W] bool, labels with ignored pixels set to 0 for gathering)."""
-    valid = y != ignore_index
-    return valid, torch.where(valid, y, torch.zeros_like(y))
+class PixelTerms:
+    """What the losses of one forward share, each computed once and only when asked for: the
+    log-softmax, the per-pixel CE, the predicted class map and the currently-correct mask.
+
+    An attack iteration builds one for its forward, so the attack loss and the tracked quantities
+    (APGD's CE and pixel accuracy) reuse one log-softmax and one class map instead of recomputing
+    them over every class (the cost that grows with the number of classes)."""
+
+    def __init__(self, logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255):
+        self.logits, self.y, self.ignore_index = logits, y, ignore_index
+        self.valid = y != ignore_index
+        self.yv = torch.where(self.valid, y, torch.zeros_like(y))  # ignored pixels gather class 0
+
+    @cached_property
+    def logp_y(self) -> torch.Tensor:
+        """log softmax(z)_y [B,H,W] (differentiable; class 0 at ignored pixels)."""
+        return F.log_softmax(self.logits, 1).gather(1, self.yv.unsqueeze(1)).squeeze(1)
+
+    @cached_property
+    def ce(self) -> torch.Tensor:
+        """Per-pixel CE, exactly 0 (value and gradient) at ignored pixels: F.cross_entropy(...,
+        reduction='none') bit for bit (nll of the same log-softmax)."""
+        return torch.where(self.valid, -self.logp_y, torch.zeros_like(self.logp_y))
+
+    @cached_property
+    def pred(self) -> torch.Tensor:
+        """Predicted class map [B,H,W] (detached)."""
+        return class_map(self.logits.detach())
+
+    @cached_property
+    def hit(self) -> torch.Tensor:
+        """Bool mask of valid pixels whose prediction is the label."""
+        return (self.pred == self.y) & self.valid
+
+    @cached_property
+    def correct(self) -> torch.Tensor:
+        """`hit` as a detached float mask in the logits' dtype (a factor of the masked losses)."""
+        return self.hit.to(self.logits.dtype)
 
 
-def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Detached float mask of pixels whose argmax equals the label."""
-    return (logits.detach().argmax(1) == y).to(logits.dtype)
+def _terms(logits, y, ignore_index: int, terms: Optional[PixelTerms]) -> PixelTerms:
+    return terms if terms is not None else PixelTerms(logits, y, ignore_index)
 
 
 @LOSSES.register("ce")
-def ce_loss(logits, y, *, ignore_index=255, **_) -> torch.Tensor:
+def ce_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
     """Cross-entropy per pixel; 0 at ignored pixels."""
-    return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")
+    return _terms(logits, y, ignore_index, terms).ce
 
 
 @LOSSES.register("mask-ce")
-def masked_ce_loss(logits, y, *, ignore_index=255, **_) -> torch.Tensor:
+def masked_ce_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
     """CE on pixels that are currently classified correctly; exactly 0 elsewhere."""
-    return _correct(logits, y) * ce_loss(logits, y, ignore_index=ignore_index)
+    t = _terms(logits, y, ignore_index, terms)
+    return t.correct * t.ce
 
 
 @LOSSES.register("mask-ce-bal")
 def masked_balanced_ce_loss(logits, y, *, ignore_index=255, weights: Optional[torch.Tensor] = None,
-                            **_) -> torch.Tensor:
+                            terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
     """w[y] * mask-ce, with w a fixed per-class vector (not renormalised; sign steps make scale moot)."""
     if weights is None:
         raise SetupError("loss 'mask-ce-bal' needs class weights (attack option 'class_weights'); "
                          "get them with attacks.losses.class_weights_from_counts(training label counts)")
-    valid, yv = _prepare(logits, y, ignore_index)
+    t = _terms(logits, y, ignore_index, terms)
     w = torch.as_tensor(weights, dtype=logits.dtype, device=logits.device)
-    return w[yv] * masked_ce_loss(logits, y, ignore_index=ignore_index)
+    return w[t.yv] * (t.correct * t.ce)
 
 
 @LOSSES.register("js")
-def js_loss(logits, y, *, ignore_index=255, **_) -> torch.Tensor:
+def js_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
     """JS(p || e_y) = log 2 + 1/2 [p_y log p_y - (1+p_y) log(1+p_y)], p = softmax(logits).
 
     Computed from log-softmax, so it stays finite where softmax underflows (the two-KL form of the
     original code can give 0 * log 0 = NaN there; sea.md §9.1.2). Bounded in [0, log 2].
     """
-    valid, yv = _prepare(logits, y, ignore_index)
-    logp_y = F.log_softmax(logits, 1).gather(1, yv.unsqueeze(1)).squeeze(1)
+    t = _terms(logits, y, ignore_index, terms)
+    logp_y = t.logp_y
     p_y = logp_y.exp()
     js = LOG2 + 0.5 * (p_y * logp_y - (1 + p_y) * torch.log1p(p_y))
-    return torch.where(valid, js, torch.zeros_like(js))
+    return torch.where(t.valid, js, torch.zeros_like(js))
 
 
 @LOSSES.register("segpgd")
-def segpgd_loss(logits, y, *, ignore_index=255, step: int = 0, steps: int = 1, **_) -> torch.Tensor:
+def segpgd_loss(logits, y, *, ignore_index=255, step: int = 0, steps: int = 1,
+                terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
     """SegPGD: CE weighted (1-l) on correct and l on wrong pixels, l = step/(2*steps), step 0-based."""
     lam = step / (2.0 * max(steps, 1))
-    c = _correct(logits, y)
-    return ((1 - lam) * c + lam * (1 - c)) * ce_loss(logits, y, ignore_index=ignore_index)
+    t = _terms(logits, y, ignore_index, terms)
+    c = t.correct
+    return ((1 - lam) * c + lam * (1 - c)) * t.ce
 
 
 @LOSSES.register("cospgd")
-def cospgd_loss(logits, y, *, ignore_index=255, **_) -> torch.Tensor:
+def cospgd_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
     """CosPGD: CE scaled by the detached cosine between softmax(z) and onehot(y), i.e. p_y / ||p||_2."""
-    valid, yv = _prepare(logits, y, ignore_index)
+    t = _terms(logits, y, ignore_index, terms)
     with torch.no_grad():
         p = F.softmax(logits.detach(), 1)
-        cos = p.gather(1, yv.unsqueeze(1)).squeeze(1) / p.norm(dim=1).clamp_min(1e-12)
-    return cos * ce_loss(logits, y, ignore_index=ignore_index)
+        cos = p.gather(1, t.yv.unsqueeze(1)).squeeze(1) / p.norm(dim=1).clamp_min(1e-12)
+    return cos * t.ce
 
 
 @LOSSES.register("mask-norm-corrlog")
-def masked_norm_correct_logit_loss(logits, y, *, ignore_index=255, **_) -> torch.Tensor:
+def masked_norm_correct_logit_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None,
+                                   **_) -> torch.Tensor:
     """-(z_y / ||z||_2) on currently-correct valid pixels (the loss is minimised w.r.t. the true logit)."""
-    valid, yv = _prepare(logits, y, ignore_index)
-    z_y = logits.gather(1, yv.unsqueeze(1)).squeeze(1) / logits.norm(dim=1).clamp_min(1e-12)
-    return -(valid.to(logits.dtype) * _correct(logits, y)) * z_y
+    t = _terms(logits, y, ignore_index, terms)
+    z_y = logits.gather(1, t.yv.unsqueeze(1)).squeeze(1) / logits.norm(dim=1).clamp_min(1e-12)
+    return -t.correct * z_y
 
 
 def get_loss(name: str) -> Callable[..., torch.Tensor]:
@@ -115,9 +154,11 @@ def get_loss(name: str) -> Callable[..., torch.Tensor]:
 
 
 def pixel_loss(name: str, logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255,
-               weights: Optional[torch.Tensor] = None, step: int = 0, steps: int = 1) -> torch.Tensor:
-    """Per-pixel loss [B,H,W] by name."""
-    return get_loss(name)(logits, y, ignore_index=ignore_index, weights=weights, step=step, steps=steps)
+               weights: Optional[torch.Tensor] = None, step: int = 0, steps: int = 1,
+               terms: Optional[PixelTerms] = None) -> torch.Tensor:
+    """Per-pixel loss [B,H,W] by name; `terms` (of the same logits and labels) shares their work."""
+    return get_loss(name)(logits, y, ignore_index=ignore_index, weights=weights, step=step, steps=steps,
+                          terms=terms)
 
 
 def image_loss(per_pixel: torch.Tensor) -> torch.Tensor:

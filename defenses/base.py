@@ -30,6 +30,7 @@ from torch import nn
 from attacks import Attack, attack_mode, build_attack
 from utils import dist
 from utils.errors import SetupError
+from utils.metrics import class_map
 
 from .multitask import MultitaskObjective, build_objective
 
@@ -37,7 +38,7 @@ from .multitask import MultitaskObjective, build_objective
 def pixel_accuracy(logits: torch.Tensor, y: torch.Tensor, ignore: int = 255) -> torch.Tensor:
     """Fraction of valid pixels whose argmax is the label (detached scalar tensor, no host sync)."""
     valid = y != ignore
-    hit = (logits.detach().argmax(1) == y) & valid
+    hit = (class_map(logits.detach()) == y) & valid
     return hit.sum().float() / valid.sum().clamp_min(1).float()
 
 
@@ -93,6 +94,19 @@ class Defense:
             fwd = net if forward is None else (lambda inp: forward(net, inp))
             x_adv = self.attack(fwd, x, y, keys)
         return x_adv.detach()
+
+    def attack_passes(self) -> float:
+        """Forward-equivalents per attacked image of the training attack (a forward and an input
+        backward count one each): 2 per sign step, 2 per APGD iteration plus its final forward."""
+        if self.attack is None:
+            return 0.0
+        steps = int(self.attack.options.get("steps") or 1)
+        return 2.0 * steps + (1.0 if self.attack.name == "apgd" else 0.0)
+
+    def cost_bound(self) -> Optional[float]:
+        """Pass-count floor of one training iteration in clean-step units (a clean step = 3
+        forward-equivalents: forward, backward); None when the method does not state one."""
+        return 1.0 if self.attack is None else None
 
     def describe(self) -> str:
         """One line for the training log: the method and its attack."""

@@ -44,6 +44,7 @@ from attacks import attack_mode
 from models import route
 from utils import dist
 from utils.errors import SetupError
+from utils.metrics import class_map
 
 from .base import Defense
 from .registry import register_defense
@@ -68,6 +69,11 @@ class DDCAT(Defense):
             raise SetupError(f"train.method 'ddcat' needs a DDC-AT model with main, auxiliary and mask heads; "
                              f"model.name '{self.cfg.model.name}' has none (use pspnet_ddcat or deeplabv3_ddcat)")
 
+    def cost_bound(self) -> float:
+        """(2k + 2 * clean share + 3) / 3: the attack on the whole batch, the two no-grad routed
+        forwards of the clean part, one training step."""
+        return (self.attack_passes() + 2.0 * (1.0 - self.adv_fraction) + 3.0) / 3.0
+
     def describe(self) -> str:
         mask = (f"the pixels not labelled {self.ignore}" if self.mask_ignore
                 else "every pixel, ignore-labelled ones included")
@@ -79,8 +85,8 @@ class DDCAT(Defense):
         """M [B,H,W] (long): 1 where the eval-mode routed prediction of x_adv differs from that of x."""
         net = dist.unwrap(model)
         with attack_mode(net):
-            p_clean = route(net.outputs(x)).argmax(1)
-            p_adv = route(net.outputs(x_adv)).argmax(1)
+            p_clean = class_map(route(net.outputs(x)))
+            p_adv = class_map(route(net.outputs(x_adv)))
         return (p_adv != p_clean).long()
 
     def training_batch(self, model: nn.Module, batch: dict) -> Tuple[torch.Tensor, torch.Tensor, int]:
@@ -108,7 +114,7 @@ class DDCAT(Defense):
         loss = routed + mask + self.aux_weight * aux
         with torch.no_grad():
             logs = {"loss_routed": routed.detach(), "loss_mask": mask.detach(), "loss_aux": aux.detach(),
-                    "routed_to_fa": (outputs["mask"].argmax(1) == 1).float().mean()}
+                    "routed_to_fa": (class_map(outputs["mask"]) == 1).float().mean()}
             if n_clean:
                 logs["flip_share"] = m[:n_clean].float().mean()  # clean pixels labelled for f_a
             logs.update(part_logs(o, y, n_clean, self.ignore))

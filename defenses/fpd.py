@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from attacks import attack_mode, image_seeds
 from utils import dist
 from utils.errors import SetupError
+from utils.metrics import class_map
 
 from .base import Defense, pixel_accuracy
 from .registry import register_defense
@@ -87,6 +88,14 @@ class FPDTraining(Defense):
             ids = {id(p) for p in model.phase1_parameters()}
             restore = [n for n, p in model.named_parameters() if id(p) in ids]
         return {"restore": restore, "joint": names}
+
+    def cost_bound(self) -> float:
+        """Two-phase: 2 (the joint and the cycle step; the gated warm-up is one step). Adversarial
+        fine-tuning: (2k + 1 + 6 + 3) / 3: the attack, the labelling forward, the step on [x; x_adv],
+        the cycle step."""
+        if not self.adv:
+            return 2.0
+        return (self.attack_passes() + 10.0) / 3.0
 
     def describe(self) -> str:
         if self.adv:
@@ -151,7 +160,7 @@ class FPDTraining(Defense):
         """The model's own eval-mode prediction (no label leaking, §B3), ignore pixels of y kept ignored."""
         net = dist.unwrap(model)
         with torch.no_grad(), attack_mode(net):
-            pred = net(x).argmax(1)
+            pred = class_map(net(x))
         return pred.masked_fill(y == self.ignore, self.ignore)
 
     def _adversarial_steps(self, model, batch):

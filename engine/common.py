@@ -19,6 +19,19 @@ def setup_runtime(cfg) -> torch.device:
     return device
 
 
+def amp_dtype(value, device: torch.device, key: str) -> Optional[torch.dtype]:
+    """An amp setting (`train.amp`, `test.amp`) -> autocast dtype (None = fp32). fp16 needs a GPU."""
+    if value in (None, False, "off", "none", "fp32"):
+        return None
+    if value == "bf16":
+        return torch.bfloat16
+    if value == "fp16":
+        if device.type != "cuda":
+            raise SetupError(f"{key}=fp16 needs a GPU; use {key}=bf16 on CPU")
+        return torch.float16
+    raise SetupError(f"{key} '{value}' unknown; valid: bf16, fp16, off")
+
+
 def per_process_batch(global_batch: int, key: str) -> int:
     """Split a global batch across processes; refuse sizes that do not divide."""
     w = dist.world_size()

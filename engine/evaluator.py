@@ -37,7 +37,7 @@ from utils import dist
 from utils.config import load_config
 from utils.errors import SetupError
 from utils.logger import get_logger
-from utils.metrics import confusion_counts, label_counts, regression_sums
+from utils.metrics import class_map, confusion_counts, label_counts, regression_sums
 
 from . import eval_resume
 from .common import group_collate, make_loader, per_process_batch, setup_runtime, to_device
@@ -224,7 +224,7 @@ def segmentation_pred(outputs, label: torch.Tensor, main: Optional[str]) -> torc
     scores = outputs[main] if isinstance(outputs, dict) else outputs
     if scores.shape[-2:] != label.shape[-2:]:
         scores = F.interpolate(scores.float(), size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
-    return scores.argmax(1)
+    return class_map(scores)
 
 
 def run_part(group: dict, outputs, pred: torch.Tensor, classes: int, ignore: int,
@@ -310,7 +310,7 @@ def run_test(cfg) -> dict:
     log = get_logger()
     device = setup_runtime(cfg)
     model, ckpt = load_for_test(cfg, device)
-    protocol = build_protocol(cfg, model)
+    protocol = build_protocol(cfg, model, device)
     dataset = build_dataset(cfg, cfg.test.split)
     reg_tasks = regression_tasks(model, dataset)
     runs = build_attack_runs(cfg, device, model, dataset)

@@ -22,6 +22,8 @@ from attacks import Attack
 from models.inference import merge_windows, slide_inference, split_windows
 from utils.errors import SetupError
 
+from .common import amp_dtype
+
 PROTOCOLS = ("whole", "semseg", "sea")
 EVAL_TRANSFORM = {"semseg": "semseg", "sea": "sea"}  # data.eval_transform each protocol needs
 
@@ -34,16 +36,31 @@ def labels_at(y: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(y[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(y.dtype)
 
 
+def autocast_forward(forward: Callable, dtype: Optional[torch.dtype]) -> Callable:
+    """`forward` under autocast to `dtype` (None: unchanged), its outputs back in float32, so the
+    attack losses and their argmax masks are computed in fp32 (`test.amp`)."""
+    if dtype is None:
+        return forward
+
+    def fwd(x: torch.Tensor):
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            out = forward(x)
+        return {k: v.float() for k, v in out.items()} if isinstance(out, dict) else out.float()
+    return fwd
+
+
 class Protocol:
     """``predict(x)`` -> clean outputs; ``attacked(attack, x, y, keys)`` -> (outputs, x_adv or None).
 
     Outputs are scores [B,C,H,W], or {task: output} for a multitask model. Single-task attacks on a
     multitask model see only its main (segmentation) output; multitask attacks see every output.
-    `keys` (one image index per row) seed the attack's random draws.
+    `keys` (one image index per row) seed the attack's random draws. `amp`: the attacks' forward and
+    backward run under autocast to that dtype; clean inference and the scoring of adversarial images
+    stay fp32, so only the attack's strength can change.
     """
 
-    def __init__(self, model: nn.Module, forward: Callable):
-        self.model, self.forward = model, forward
+    def __init__(self, model: nn.Module, forward: Callable, amp: Optional[torch.dtype] = None):
+        self.model, self.forward, self.amp = model, forward, amp
         self.main = model.main_output if getattr(model, "multitask", False) else None
 
     def predict(self, x: torch.Tensor):
@@ -51,9 +68,10 @@ class Protocol:
 
     def attack_forward(self, attack: Attack) -> Callable:
         """What the attack differentiates: every output for a multitask attack, else the main output."""
+        fwd = autocast_forward(self.forward, self.amp)
         if self.main is None or attack.multitask:
-            return self.forward
-        return lambda x: self.forward(x)[self.main]
+            return fwd
+        return lambda x: fwd(x)[self.main]
 
     def attacked(self, attack: Attack, x: torch.Tensor, y, keys: Sequence[int]) -> Tuple[object, Optional[torch.Tensor]]:
         if isinstance(y, torch.Tensor):
@@ -64,8 +82,8 @@ class Protocol:
 
 
 class SemsegProtocol(Protocol):
-    def __init__(self, model: nn.Module, crop, stride, flip: bool, ignore: int):
-        super().__init__(model, model)
+    def __init__(self, model: nn.Module, crop, stride, flip: bool, ignore: int, amp: Optional[torch.dtype] = None):
+        super().__init__(model, model, amp)
         self.crop, self.stride, self.flip, self.ignore = crop, stride, flip, ignore
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,14 +99,15 @@ class SemsegProtocol(Protocol):
         # every window on its own, labels padded with ignore; window k of image b is row k*B + b
         # and draws from the stream (index_b, k)
         win_keys = [(int(keys[b]), k) for k in range(len(grid.boxes)) for b in range(grid.batch)]
-        xs_adv = attack(self.model, xs, ys, win_keys)
+        xs_adv = attack(autocast_forward(self.model, self.amp), xs, ys, win_keys)
         with torch.no_grad():
             return merge_windows(F.softmax(self.model(xs_adv), 1), grid), None
 
 
-def build_protocol(cfg, model: nn.Module) -> Protocol:
+def build_protocol(cfg, model: nn.Module, device: torch.device = torch.device("cpu")) -> Protocol:
     """The protocol named by ``test.protocol``; checks it matches ``data.eval_transform``."""
     t = cfg.test
+    amp = amp_dtype(t.amp, device, "test.amp")
     if t.protocol not in PROTOCOLS:
         raise SetupError(f"test.protocol '{t.protocol}' unknown; valid: {', '.join(PROTOCOLS)}")
     need = EVAL_TRANSFORM.get(t.protocol)
@@ -103,7 +122,7 @@ def build_protocol(cfg, model: nn.Module) -> Protocol:
     if t.protocol == "semseg":
         if crop is None:
             raise SetupError("test.protocol semseg needs test.crop_size (the sliding window, e.g. [473, 473])")
-        return SemsegProtocol(model, crop, stride, t.flip, cfg.data.ignore_label)
+        return SemsegProtocol(model, crop, stride, t.flip, cfg.data.ignore_label, amp)
     if crop is not None and t.protocol == "whole":
-        return Protocol(model, partial(slide_inference, model, crop=crop, stride=stride))
-    return Protocol(model, model)
+        return Protocol(model, partial(slide_inference, model, crop=crop, stride=stride), amp)
+    return Protocol(model, model, amp)

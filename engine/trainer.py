@@ -25,27 +25,13 @@ from utils.logger import get_logger
 from utils.metrics import summarize
 from utils.rng import get_rng_state, seed_all, set_rng_state
 
-from .common import channels_last, group_collate, make_loader, per_process_batch, setup_runtime, to_device, train_sampler
+from .common import amp_dtype, channels_last, group_collate, make_loader, per_process_batch, setup_runtime, to_device, train_sampler
 from .evaluator import evaluate, regression_tasks
 from .results import task_metrics
 
 # Test hook (fault-injection tests only): SIGKILL the process at the end of this (1-based) iteration.
 KILL_AT_ITER_ENV = "SEGROBUST_TEST_KILL_AT_ITER"
 KEEP_ITER_CHECKPOINTS = 2
-
-
-def amp_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
-    """`train.amp` -> autocast dtype (None = fp32). fp16 needs a GPU (and gets a GradScaler)."""
-    amp = cfg.train.amp
-    if amp in (None, False, "off", "none", "fp32"):
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise SetupError("train.amp=fp16 needs a GPU; use train.amp=bf16 on CPU")
-        return torch.float16
-    raise SetupError(f"train.amp '{amp}' unknown; valid: bf16, fp16, off")
 
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -229,7 +215,7 @@ class Trainer:
         self.optimizers = build_optimizers(cfg, self.model, self.defense)
         self.schedulers = {k: build_scheduler(cfg, o, self.max_iters, self.iters_per_epoch) for k, o in self.optimizers.items()}
         self.optimizer, self.scheduler = next(iter(self.optimizers.values())), next(iter(self.schedulers.values()))
-        self.amp_dtype = amp_dtype(cfg, self.device)
+        self.amp_dtype = amp_dtype(t.amp, self.device, "train.amp")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.epoch, self.iteration, self.skipped = 0, 0, 0
         resume = resolve_resume(t.resume, cfg.exp_dir, self.iters_per_epoch, self.log)

@@ -16,6 +16,7 @@ from typing import Dict, Sequence
 import torch
 
 from utils.errors import SetupError
+from utils.metrics import class_map
 
 from .deeplabv3 import DeepLabV3
 from .pspnet import PSPNet, check_input_sizes, norm_stats
@@ -26,7 +27,7 @@ from .segmentor import upsample
 def route(outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Hard per-pixel routing: f_a where the mask head's argmax is 1, else f_n (not differentiable
     through the choice; ties go to f_n like the published ``max(1)[1]``)."""
-    pick = outputs["mask"].argmax(1, keepdim=True) == 1
+    pick = class_map(outputs["mask"]).unsqueeze(1) == 1
     return torch.where(pick, outputs["adv"], outputs["out"])
 
 

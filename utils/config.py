@@ -354,6 +354,7 @@ RULES: Dict[str, Rule] = {
     "test.class_weights": optional(list_of(number(0))),
     "test.attack_tasks": list_of(text()),
     "test.examples": INT_GE0,
+    "test.amp": one_of(None, False, "off", "none", "fp32", "bf16", "fp16"),
 }
 
 

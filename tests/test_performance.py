@@ -1,0 +1,265 @@
+"""The fast paths give the plain implementation's results: class maps, shared loss terms, APGD and the
+sign attacks against straightforward reference loops; bf16 attacks; benchmark.py's rows and errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import benchmark  # noqa: E402
+from attacks import ATTACKS, LOSSES, build_attack  # noqa: E402
+from attacks.apgd import MOMENTUM, RHO, checkpoint_params, prr_schedule  # noqa: E402
+from attacks.base import project  # noqa: E402
+from attacks.losses import PixelTerms  # noqa: E402
+from utils.metrics import class_map  # noqa: E402
+
+IGN = 255
+SYNTHETIC = os.path.join(ROOT, "config", "synthetic", "synthetic_pspnet18_none.yaml")
+
+
+# ----------------------------------------------------------------------------- class maps, shared terms
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_class_map_equals_argmax_with_ties_and_nan(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 3, (3, 7, 5, 6), generator=g).to(dtype)  # many ties
+    x[0, 4, 1, 1] = float("nan")
+    assert (x == x.max(1, keepdim=True).values).sum(1).max() > 1   # there are ties to break
+    assert torch.equal(class_map(x), x.argmax(1))
+    assert torch.equal(class_map(x, 0), x.argmax(0))
+
+
+@pytest.mark.parametrize("classes", [2, 21, 151])
+def test_shared_ce_is_cross_entropy_bit_for_bit(classes):
+    g = torch.Generator().manual_seed(classes)
+    z = (torch.randn(2, classes, 7, 5, generator=g) * 4).requires_grad_(True)
+    y = torch.randint(0, classes, (2, 7, 5), generator=g)
+    y[:, 0] = IGN
+    plain = F.cross_entropy(z, y, ignore_index=IGN, reduction="none")
+    t = PixelTerms(z, y, IGN)
+    assert torch.equal(t.ce, plain)
+    assert torch.equal(torch.autograd.grad(t.ce.sum(), z)[0], torch.autograd.grad(plain.sum(), z)[0])
+    assert torch.equal(t.hit, (z.argmax(1) == y) & (y != IGN))
+
+
+# ----------------------------------------------------------------------------- reference attacks
+
+def plain_loss(name, z, y, weights=None, step=0, steps=1):
+    """The losses written the plain way: F.cross_entropy and argmax, recomputed at every call."""
+    valid = y != IGN
+    yv = torch.where(valid, y, torch.zeros_like(y))
+    ce = F.cross_entropy(z, y, ignore_index=IGN, reduction="none")
+    corr = (z.detach().argmax(1) == y).to(z.dtype)
+    if name == "ce":
+        return ce
+    if name == "mask-ce":
+        return corr * ce
+    if name == "mask-ce-bal":
+        return torch.as_tensor(weights, dtype=z.dtype)[yv] * (corr * ce)
+    if name == "js":
+        lp = F.log_softmax(z, 1).gather(1, yv[:, None])[:, 0]
+        js = math.log(2) + 0.5 * (lp.exp() * lp - (1 + lp.exp()) * torch.log1p(lp.exp()))
+        return torch.where(valid, js, torch.zeros_like(js))
+    if name == "segpgd":
+        lam = step / (2.0 * max(steps, 1))
+        return ((1 - lam) * corr + lam * (1 - corr)) * ce
+    if name == "cospgd":
+        with torch.no_grad():
+            p = F.softmax(z.detach(), 1)
+            cos = p.gather(1, yv[:, None])[:, 0] / p.norm(dim=1).clamp_min(1e-12)
+        return cos * ce
+    if name == "mask-norm-corrlog":
+        zy = z.gather(1, yv[:, None])[:, 0] / z.norm(dim=1).clamp_min(1e-12)
+        return -(valid.to(z.dtype) * corr) * zy
+    raise KeyError(name)
+
+
+def plain_apgd(model, x, y, eps, steps, loss, noise, weights=None, prr=True):
+    """APGD as the module docstring states it, with nothing shared between the loss, the tracked CE
+    and the accuracy (each from its own F.cross_entropy / argmax)."""
+    B, view = x.shape[0], (x.shape[0], 1, 1, 1)
+    valid = y != IGN
+    n_valid = valid.flatten(1).sum(1).clamp_min(1).float()
+
+    def grad(xa, step, n):
+        xa = xa.detach().requires_grad_(True)
+        z = model(xa)
+        v = plain_loss(loss, z, y, weights, step, n).flatten(1).mean(1).sum()
+        return z.detach(), torch.autograd.grad(v, xa)[0]
+
+    def tracked(z):
+        return F.cross_entropy(z, y, ignore_index=IGN, reduction="none").flatten(1).mean(1)
+
+    def acc(z):
+        return ((z.argmax(1) == y) & valid).flatten(1).sum(1).float() / n_valid
+
+    x_adv = None
+    for n, e in prr_schedule(steps, eps, prr):
+        x_adv = (x + noise * e).clamp(0, 1) if x_adv is None else project(x_adv, x, e)
+        z, g = grad(x_adv, 0, n)
+        loss_best, a_best = tracked(z), acc(z)
+        eta = torch.full(view, 2.0 * e)
+        x_best, x_best_adv, g_best = x_adv.clone(), x_adv.clone(), g.clone()
+        loss_best_last, reduced_last = loss_best.clone(), torch.ones(B, dtype=torch.bool)
+        prev, incr, x_prev = torch.zeros(B), [], x_adv
+        k, k_min, k_decr = checkpoint_params(n)
+        since = 0
+        for i in range(n):
+            with torch.no_grad():
+                a = 1.0 if i == 0 else MOMENTUM
+                u = project(x_adv + eta * g.sign(), x, e)
+                x_prev, x_adv = x_adv, project(x_adv + a * (u - x_adv) + (1 - a) * (x_adv - x_prev), x, e)
+            if i < n - 1:
+                z, g = grad(x_adv, i + 1, n)
+            else:
+                with torch.no_grad():
+                    z = model(x_adv)
+            with torch.no_grad():
+                now, pa = tracked(z), acc(z)
+                x_best_adv = torch.where((pa <= a_best).view(view), x_adv, x_best_adv)
+                a_best = torch.minimum(a_best, pa)
+                incr.append(now > prev)
+                prev = now
+                better = now > loss_best
+                x_best = torch.where(better.view(view), x_adv, x_best)
+                g_best = torch.where(better.view(view), g, g_best)
+                loss_best = torch.where(better, now, loss_best)
+                since += 1
+                if since == k:
+                    osc = torch.stack(incr[-k:]).sum(0) <= RHO * k
+                    reduce = osc | (~reduced_last & (loss_best_last >= loss_best))
+                    reduced_last, loss_best_last = reduce, loss_best.clone()
+                    eta = torch.where(reduce.view(view), eta / 2, eta)
+                    x_adv = torch.where(reduce.view(view), x_best, x_adv)
+                    g = torch.where(reduce.view(view), g_best, g)
+                    since, k = 0, max(k - k_decr, k_min)
+        x_adv = x_best_adv
+    return x_adv
+
+
+class Net(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, classes, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _setup(classes, seed=0):
+    torch.manual_seed(seed)
+    model = Net(classes).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, 3, 11, 13, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)                                     # every pixel correct at the start
+    y[:, :2] = IGN
+    return model, x, y
+
+
+class FixedNoise:
+    """Stands in for the per-image seeds: the same U(-1, 1) pattern, times the radius, for both sides."""
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def uniform(self, like, bound, restart=0):
+        return self.noise * bound
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES.names()))
+@pytest.mark.parametrize("classes", [5, 151])
+def test_apgd_equals_the_plain_implementation(loss, classes):
+    from attacks.apgd import apgd_run
+    model, x, y = _setup(classes)
+    noise = 2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) - 1
+    w = torch.linspace(0.5, 1.5, classes)
+    eps = 8 / 255
+    fast, _ = apgd_run(model, x, y, eps=eps, steps=12, loss=loss, prr=True, class_weights=w, rng=FixedNoise(noise))
+    plain = plain_apgd(model, x, y, eps, 12, loss, noise, weights=w)
+    assert (fast != x).any()                                       # the attack moved the images
+    assert torch.equal(fast, plain)
+
+
+@pytest.mark.parametrize("name,loss", [("pgd", "ce"), ("segpgd", "segpgd"), ("cospgd", "cospgd")])
+def test_sign_attacks_equal_a_plain_loop(name, loss):
+    model, x, y = _setup(21)
+    eps, alpha, steps = 8 / 255, 2 / 255, 4
+    fast = build_attack(name, eps=8.0, alpha=2.0, steps=steps, random_start=False)(model, x, y)
+    xa = x.clone()
+    for t in range(steps):
+        xa.requires_grad_(True)
+        v = plain_loss(loss, model(xa), y, step=t, steps=steps).flatten(1).mean(1).sum()
+        g = torch.autograd.grad(v, xa)[0]
+        xa = project(xa.detach() + alpha * g.sign(), x, eps)
+    assert (fast != x).any() and torch.equal(fast, xa)
+
+
+# ----------------------------------------------------------------------------- bf16 attacks
+
+def test_bf16_attack_strength_within_half_a_point_of_fp32(trained_model, tmp_path):
+    """test.amp=bf16: the attack's forward/backward in bf16, clean inference and scoring in fp32."""
+    from engine.evaluator import run_test
+    from utils.config import load_config
+    out = {}
+    for amp in ("off", "bf16"):
+        cfg = load_config(trained_model.config, [f"exp_dir={tmp_path / amp}", f"test.checkpoint={trained_model.checkpoint}",
+                                                 f"test.amp={amp}", "test.attacks=[{name: pgd, steps: 10, alpha: 2.0}]"])
+        out[amp] = run_test(cfg)
+    fp32, bf16 = out["off"], out["bf16"]
+    assert fp32["clean"] == {**bf16["clean"], "seconds": fp32["clean"]["seconds"]}  # clean untouched
+    a, b = fp32["attacks"]["pgd@8"]["mIoU"], bf16["attacks"]["pgd@8"]["mIoU"]
+    assert a < fp32["clean"]["mIoU"] - 0.1                          # the attack bites
+    assert a != b                                                   # bf16 really ran
+    assert abs(a - b) <= 0.005, (a, b)
+
+
+# ----------------------------------------------------------------------------- benchmark.py
+
+def test_benchmark_rows_cover_every_attack_and_method_with_their_bounds():
+    torch.set_num_threads(1)
+    rows = benchmark.run(SYNTHETIC, batch=2, size=(17, 17), iters=1, repeats=1, aggregation=(50, 3, 151))
+    by = {r.name: r for r in rows}
+    assert [r.name for r in rows if r.kind == "model"] == ["forward", "forward + input backward", "clean training step"]
+    attacks = {r.name for r in rows if r.kind == "attack"}
+    expected = {n for n in ATTACKS.names() if n not in ("apgd", "fgsm", "transfer", "multitask")}
+    assert expected | {f"apgd {loss}" for loss in LOSSES.names()} | {"fgsm (1 step, whole attack)"} == attacks
+    assert {r.name: r.bound for r in rows if r.kind == "defense"} == pytest.approx(
+        {"sat 3-step": (6 * 0.5 + 3) / 3, "pirat 5-step": 13 / 3, "ddcat 3-step (pspnet_ddcat)": (6 + 1 + 3) / 3})
+    floor = by["forward + input backward"].median_ms
+    for r in rows:  # (a per-iteration time is a difference of two runs: it can be ~0 at this size)
+        assert (r.median_ms >= 0 if r.kind == "attack" else r.median_ms > 0) and r.peak_mb > 0, r
+        if r.kind == "attack":
+            assert r.ratio == pytest.approx(r.median_ms / floor)
+    assert all(r.ratio > 1 for r in rows if r.kind == "defense")  # an attack costs more than nothing
+    assert rows[-1].kind == "aggregation" and rows[-1].name.startswith("worst case, 50 images x 3 attacks x 151")
+
+
+def test_benchmark_cli_writes_json_and_refuses_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["--config", SYNTHETIC, "--batch", "2", "--size", "9x17", "--iters", "1", "--repeats", "1",
+            "--only", "model,aggregation", "--classes", "151", "--out", str(out)]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark.py"), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert {tuple(sorted(row)) for row in rows} == {("bound", "kind", "median_ms", "name", "peak_mb", "ratio")}
+    assert [row["kind"] for row in rows] == ["model"] * 3 + ["aggregation"] and "clean training step" in r.stdout
+    out.unlink()
+    for bad, msg in ((["--size", "9y9"], "--size must be H or HxW"), (["--only", "attacks"], "unknown row kind"),
+                     (["--config", "nope.yaml"], "no such file: nope.yaml"), (["--batch", "1"], "--batch must be >= 2")):
+        assert benchmark.main(args + bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and msg in err, err
+        assert not out.exists()

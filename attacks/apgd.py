@@ -4,11 +4,14 @@ One stage: sign steps with momentum 0.75, per-image step size starting at 2*eps,
 checkpoints when the tracked loss (pixel-mean CE) oscillates or stalls, with a restart from the
 highest-CE point. The gradient comes from the attack loss chosen by name; step control and restarts
 use the tracked CE; the point returned per image is the iterate with the lowest pixel accuracy (ties
-go to the newer iterate). PRR runs three stages at 2, 1.5, 1 x eps over int(0.3N), int(0.3N) and the
-rest of the N iterations, each chained from the previous stage's lowest-accuracy point.
+go to the newer iterate, except that the first iterate at 0 accuracy is final). PRR runs three stages
+at 2, 1.5, 1 x eps over int(0.3N), int(0.3N) and the rest of the N iterations, each chained from the
+previous stage's lowest-accuracy point.
 
 Bookkeeping is per image and vectorised (torch.where over the batch), with no host syncs in the loop
-except the optional early-stop test every ``EARLY_STOP_EVERY`` iterations.
+except the optional early-stop test every ``EARLY_STOP_EVERY`` iterations, where the images at 0
+accuracy leave the batch: per image, so a result and its pass counts never depend on the other
+images in the batch (SEA's code stops only when the whole batch is at 0, sea.md §1.3).
 """
 from __future__ import annotations
 
@@ -55,32 +58,36 @@ def prr_schedule(steps: int, eps: float, prr: bool = True) -> List[Tuple[int, fl
 
 
 def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor, eps: float, n: int,
-           loss_fn: Callable, loss_kw: dict, valid: torch.Tensor, n_valid: torch.Tensor, early_stop: bool,
+           loss_fn: Callable, loss_kw: dict, n_valid: torch.Tensor, early_stop: bool,
            counter: Optional[PassCounter]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One APGD run of n iterations at radius eps from x_init; returns (lowest-accuracy point, its accuracy)."""
-    B = x.shape[0]
-    view = (B,) + (1,) * (x.dim() - 1)
+    """One APGD run of n iterations at radius eps from x_init; returns (lowest-accuracy point, its accuracy).
 
-    def grad_at(xa: torch.Tensor, step: int) -> Tuple[PixelTerms, torch.Tensor]:
-        # one forward; the attack loss and the tracked CE / accuracy share its log-softmax and class map
+    With ``early_stop``, every EARLY_STOP_EVERY iterations the images at 0 pixel accuracy leave the
+    batch (their point is final: see FREEZE below), so they cost no more passes and the others run on.
+    """
+    out_x, out_acc = x_init.detach().clone(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    rows = torch.arange(x.shape[0], device=x.device)  # original row of each image still in the batch
+
+    def summary(terms: PixelTerms, n_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(tracked loss: pixel-mean CE, pixel accuracy) per image. Fix (sea.md §9.1.1): ignored pixels
+        are excluded from the accuracy's numerator and denominator, here and at the initial point
+        alike (the original counted them wrong at init and right in the loop)."""
+        with torch.no_grad():
+            return image_loss(terms.ce.detach()), terms.hit.flatten(1).sum(1).to(x.dtype) / n_valid
+
+    def grad_at(xa: torch.Tensor, y: torch.Tensor, n_valid: torch.Tensor, step: int):
+        """(tracked loss, accuracy, input gradient) at xa from one forward: the attack loss and the
+        tracked values share its log-softmax and class map; nothing of the size of the logits
+        outlives the call."""
         xa = xa.detach().requires_grad_(True)
         terms = PixelTerms(fwd(xa), y, loss_kw["ignore_index"])
         per_pixel = loss_fn(terms.logits, y, step=step, steps=n, terms=terms, **loss_kw)
-        return terms, input_grad(image_loss(per_pixel).sum(), xa, counter)
-
-    def tracked(terms: PixelTerms) -> torch.Tensor:
-        return image_loss(terms.ce.detach())
-
-    def accuracy(terms: PixelTerms) -> torch.Tensor:
-        # Fix (sea.md §9.1.1): ignored pixels are excluded from numerator and denominator, here and at
-        # the initial point alike (the original counted them wrong at init and right in the loop).
-        return terms.hit.flatten(1).sum(1).to(x.dtype) / n_valid
+        return (*summary(terms, n_valid), input_grad(image_loss(per_pixel).sum(), xa, counter))
 
     x_adv = x_init.detach().clone()
-    terms, g = grad_at(x_adv, 0)
-    with torch.no_grad():
-        loss_best = tracked(terms)
-        acc = accuracy(terms)
+    loss_best, acc, g = grad_at(x_adv, y, n_valid, 0)
+    B = x.shape[0]
+    view = (B,) + (1,) * (x.dim() - 1)
     eta = torch.full(view, 2.0 * eps, dtype=x.dtype, device=x.device)
     x_best, x_best_adv, g_best = x_adv.clone(), x_adv.clone(), g.clone()
     loss_best_last = loss_best.clone()
@@ -97,14 +104,16 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
             x_new = project(x_adv + a * (u - x_adv) + (1 - a) * (x_adv - x_prev), x, eps)
             x_prev, x_adv = x_adv, x_new
         if i < n - 1:
-            terms, g = grad_at(x_adv, i + 1)
+            loss_now, pa, g = grad_at(x_adv, y, n_valid, i + 1)
         else:  # the last iterate's gradient is never used: forward only
             with torch.no_grad():
-                terms = PixelTerms(fwd(x_adv), y, loss_kw["ignore_index"])
+                loss_now, pa = summary(PixelTerms(fwd(x_adv), y, loss_kw["ignore_index"]), n_valid)
         with torch.no_grad():
-            loss_now = tracked(terms)
-            pa = accuracy(terms)
-            upd = pa <= acc                         # ties -> newer iterate
+            # lowest accuracy, ties -> newer iterate, except at 0 (FREEZE): the first iterate at 0
+            # accuracy is kept, so whether an image runs on after reaching 0 (early stop, or the
+            # other images of its batch still running) never changes its result. SEA's code keeps
+            # the last one, which makes a result depend on the other images in the batch.
+            upd = (pa <= acc) & (acc > 0)
             acc = torch.minimum(acc, pa)
             x_best_adv = torch.where(upd.view(view), x_adv, x_best_adv)
             increases[i] = (loss_now > prev_loss).to(torch.int32)
@@ -123,9 +132,22 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
                 x_adv = torch.where(reduce.view(view), x_best, x_adv)
                 g = torch.where(reduce.view(view), g_best, g)
                 since, k = 0, max(k - k_decr, k_min)
-        if early_stop and (i + 1) % EARLY_STOP_EVERY == 0 and not bool((acc > 0).any()):
-            break
-    return x_best_adv, acc
+        if early_stop and (i + 1) % EARLY_STOP_EVERY == 0 and i < n - 1:
+            done = acc == 0
+            if bool(done.any()):  # (one host sync per EARLY_STOP_EVERY iterations)
+                out_x[rows[done]], out_acc[rows[done]] = x_best_adv[done], acc[done]
+                keep = ~done
+                if not bool(keep.any()):
+                    return out_x, out_acc
+                rows, x, y, n_valid = rows[keep], x[keep], y[keep], n_valid[keep]
+                eta, x_adv, x_prev, g, x_best, x_best_adv, g_best = (
+                    t[keep] for t in (eta, x_adv, x_prev, g, x_best, x_best_adv, g_best))
+                acc, loss_best, loss_best_last, reduced_last, prev_loss = (
+                    t[keep] for t in (acc, loss_best, loss_best_last, reduced_last, prev_loss))
+                increases = increases[:, keep]
+                view = (x.shape[0],) + (1,) * (x.dim() - 1)
+    out_x[rows], out_acc[rows] = x_best_adv, acc
+    return out_x, out_acc
 
 
 def apgd_run(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
@@ -136,8 +158,7 @@ def apgd_run(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     loss_fn = get_loss(loss)
     fwd = counted(forward, counter)
     x = x.detach()
-    valid = y != ignore_index
-    n_valid = valid.flatten(1).sum(1).clamp_min(1).to(x.dtype)
+    n_valid = (y != ignore_index).flatten(1).sum(1).clamp_min(1).to(x.dtype)
     weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=x.dtype, device=x.device)
     loss_kw = {"ignore_index": ignore_index, "weights": weights}
     x_adv, acc = None, None
@@ -147,7 +168,7 @@ def apgd_run(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         else:  # chain: project the previous stage's point onto the smaller ball
             x_adv = project(x_adv, x, eps_s)
         # SegPGD's lambda restarts in each stage (step/steps within the stage), as in the reference.
-        x_adv, acc = _stage(fwd, x, y, x_adv, eps_s, n_s, loss_fn, loss_kw, valid, n_valid, early_stop, counter)
+        x_adv, acc = _stage(fwd, x, y, x_adv, eps_s, n_s, loss_fn, loss_kw, n_valid, early_stop, counter)
     return x_adv.detach(), acc
 
 

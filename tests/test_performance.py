@@ -126,7 +126,7 @@ def plain_apgd(model, x, y, eps, steps, loss, noise, weights=None, prr=True):
                     z = model(x_adv)
             with torch.no_grad():
                 now, pa = tracked(z), acc(z)
-                x_best_adv = torch.where((pa <= a_best).view(view), x_adv, x_best_adv)
+                x_best_adv = torch.where(((pa <= a_best) & (a_best > 0)).view(view), x_adv, x_best_adv)
                 a_best = torch.minimum(a_best, pa)
                 incr.append(now > prev)
                 prev = now
@@ -189,6 +189,34 @@ def test_apgd_equals_the_plain_implementation(loss, classes):
     plain = plain_apgd(model, x, y, eps, 12, loss, noise, weights=w)
     assert (fast != x).any()                                       # the attack moved the images
     assert torch.equal(fast, plain)
+
+
+def test_apgd_early_stop_per_image_changes_no_result_and_no_other_image():
+    """Images at 0 accuracy leave the batch: the points and accuracies equal a run without early stop,
+    and each image's result and passes are those it gets alone in a batch."""
+    from attacks.apgd import apgd_run
+    from attacks.base import PassCounter
+    model, x, y = _setup(5)
+    x = torch.cat([x, x[:1]])
+    y = torch.cat([y, (y[:1] + 1) % 5])                            # the last image: every pixel already wrong
+    noise = 2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) - 1
+    kw = dict(eps=48 / 255, steps=40, loss="mask-ce", prr=False)
+    runs = {}
+    for stop in (False, True):
+        c = PassCounter()
+        runs[stop] = (*apgd_run(model, x, y, early_stop=stop, counter=c, rng=FixedNoise(noise), **kw), c.forward)
+    (x_all, acc_all, f_all), (x_stop, acc_stop, f_stop) = runs[False], runs[True]
+    assert (acc_stop == 0).any() and (acc_stop > 0).any()          # some images stop early, others run on
+    assert f_stop < f_all == 41 * x.shape[0]
+    assert torch.equal(x_stop, x_all) and torch.equal(acc_stop, acc_all)
+    passes = 0
+    for b in range(x.shape[0]):                                     # alone in a batch: the same result
+        c = PassCounter()
+        xb, ab = apgd_run(model, x[b:b + 1], y[b:b + 1], early_stop=True, counter=c,
+                          rng=FixedNoise(noise[b:b + 1]), **kw)
+        assert torch.equal(xb, x_stop[b:b + 1]) and torch.equal(ab, acc_stop[b:b + 1])
+        passes += c.forward
+    assert passes == f_stop
 
 
 @pytest.mark.parametrize("name,loss", [("pgd", "ce"), ("segpgd", "segpgd"), ("cospgd", "cospgd")])

@@ -155,3 +155,37 @@ def write_curve_scalars(curves: dict, writer) -> str:
                 if p[key] is not None:
                     writer.add_scalar(f"{prefix}/{name}/{key}", p[key], int(round(p["eps"] * scale)))
     return prefix
+
+
+def _check_points(points, where: str) -> None:
+    """Raise ValueError unless `points` is a list of {eps: number, mIoU: number|null, aAcc: number|null}."""
+    if not isinstance(points, list) or not points:
+        raise ValueError(f"{where} must be a non-empty list of points")
+    for p in points:
+        if not isinstance(p, dict) or not isinstance(p.get("eps"), (int, float)) or isinstance(p.get("eps"), bool) \
+                or any(k not in p or not (p[k] is None or isinstance(p[k], (int, float))) for k in POINT_KEYS):
+            raise ValueError(f"{where}: point {p!r} is not {{eps: number, mIoU: number|null, aAcc: number|null}}")
+
+
+def read_curves(path: str) -> dict:
+    """A robustness.json written by an evaluation, checked; SetupError naming `path` if it is
+    missing, not JSON or not of that shape."""
+    import json
+
+    from utils.errors import SetupError
+    try:
+        with open(path) as f:
+            curves = json.load(f)
+    except FileNotFoundError:
+        raise SetupError(f"{path}: not found (run test.py with test.attacks set first)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SetupError(f"{path}: not a readable JSON file ({str(e).splitlines()[0]})") from None
+    try:
+        if not isinstance(curves, dict) or not isinstance(curves.get("attacks"), dict):
+            raise ValueError("no 'attacks' mapping")
+        _check_points(curves.get("worst_case"), "'worst_case'")
+        for name, points in curves["attacks"].items():
+            _check_points(points, f"attack '{name}'")
+    except ValueError as e:
+        raise SetupError(f"{path}: not a robustness.json ({e})") from None
+    return curves

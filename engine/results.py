@@ -121,15 +121,17 @@ def _write_json(data: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_plots(metrics: dict, folder: str, writer, log) -> Optional[dict]:
-    """robustness.json (with its ``robustness/...`` tensorboard scalars), robustness.png and
-    per_class.png into `folder` (engine/plots.py); nothing without attacks. Returns the curves."""
+def write_plots(metrics: dict, folder: str, writer, log, draw: bool = True) -> Optional[dict]:
+    """robustness.json (with its ``robustness/...`` tensorboard scalars) and, if `draw`, robustness.png
+    and per_class.png into `folder` (engine/plots.py); nothing without attacks. Returns the curves."""
     from .plots import plot_curves, plot_per_class, robustness_curves, write_curve_scalars
     curves = robustness_curves(metrics)
     if curves is None:
         return None
     _write_json(curves, os.path.join(folder, "robustness.json"))
     write_curve_scalars(curves, writer)
+    if not draw:
+        return curves
     if importlib.util.find_spec("matplotlib") is None:  # the numbers are written; only the pictures need it
         log.warning("matplotlib is not installed: robustness.png and per_class.png not drawn")
         return curves
@@ -164,7 +166,7 @@ def write_results(cfg, metrics: dict, examples: Dict[str, list], folder: str, lo
         cls_rows.append([name] + [pct(m["iou_per_class"][c]) for m in runs.values()])
     log.info("per-class IoU (%):\n" + format_table(cls_rows))
     with SummaryWriter(os.path.join(cfg.exp_dir, "events")) as w:
-        write_plots(metrics, folder, w, log)
+        write_plots(metrics, folder, w, log, draw=cfg.test.plots)
         for k, m in runs.items():
             for key in SEG_METRICS:
                 w.add_scalar(f"test/{k}/{key}", m[key], 0)

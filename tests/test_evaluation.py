@@ -17,6 +17,7 @@ test:
   eps: [4.0, 8.0]
   examples: 4
   save_images: true
+  plots: true
   attacks:
     - {{name: pgd, steps: 2, alpha: 4.0}}
     - {{name: ensemble, label: ens, members: [{{name: pgd, label: pgd1, steps: 1, alpha: 8.0}}, fgsm]}}

@@ -78,6 +78,10 @@ def test_written_json_plotted_lines_and_scalars_agree(tmp_path):
     assert rec.scalars[("robustness/worst_case/mIoU", 4)] == 0.3
     assert ("robustness/worst_case/aAcc", 4) not in rec.scalars           # null: no scalar
     assert len(rec.scalars) == 4 * 3 * 2 - 1
+    # test.plots=false: the numbers without the pictures
+    (tmp_path / "noplots").mkdir()
+    write_plots(metrics_dict(), str(tmp_path / "noplots"), Recorder(), logging.getLogger("t"), draw=False)
+    assert sorted(os.listdir(tmp_path / "noplots")) == ["robustness.json"]
     # radii of 0.5/255: steps in tenths, said by the tag
     half = robustness_curves({"clean": {"mIoU": 1.0, "aAcc": 1.0}, "attacks": {"pgd@0.5": {"mIoU": 0.5, "aAcc": 0.5}},
                               "worst_case": {"0.5": {"mIoU": 0.5, "aAcc": 0.5}}})

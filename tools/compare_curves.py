@@ -46,6 +46,8 @@ def compare(args: Sequence[str], out: Optional[str], attack: str = WORST, labels
     files = [curves_file(a) for a in args]
     if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise SetupError(f"--out {out}: folder {os.path.dirname(os.path.abspath(out))} does not exist")
+    if out and os.path.isdir(out):
+        raise SetupError(f"--out {out}: is a folder; give a .png file name")
     if labels is not None and len(labels) != len(files):
         raise SetupError(f"--labels: {len(labels)} labels for {len(files)} experiments")
     series: Dict[str, List[Point]] = {}

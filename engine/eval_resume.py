@@ -125,7 +125,7 @@ def run_directory(cfg, run_one: Callable) -> Dict[str, dict]:
 def _identity(cfg, ckpt: str, n: int) -> str:
     """Hash of what determines the per-image numbers; a changed checkpoint or setting starts afresh."""
     st = os.stat(ckpt)
-    test = {k: v for k, v in cfg.test.to_dict().items() if k not in ("checkpoint", "save_images", "result_dir")}
+    test = {k: v for k, v in cfg.test.to_dict().items() if k not in ("checkpoint", "save_images", "plots", "result_dir")}
     data = {k: v for k, v in cfg.data.to_dict().items() if k != "workers"}
     blob = json.dumps({"checkpoint": os.path.abspath(ckpt), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                        "test": test, "data": data, "model": cfg.model.to_dict(), "seed": cfg.seed, "n": n,

@@ -322,7 +322,7 @@ def run_test(cfg) -> dict:
     staging = eval_resume.staging_dir(cfg)
     loader = make_loader(Subset(dataset, tracker.todo), per_process_batch(cfg.test.batch_size, "test.batch_size"),
                          cfg.data.workers, cfg.seed, collate_fn=group_collate)
-    pal = palette(cfg.data.name)
+    pal = palette(cfg.data.name, classes)  # the 151-class ADE20K variant shifts the colours as the names
     examples: Dict[str, list] = {}
     clean_preds: Dict[int, np.ndarray] = {}
 
@@ -342,7 +342,8 @@ def run_test(cfg) -> dict:
             for b, i in enumerate(idx):
                 if i in clean_preds and len(examples.setdefault(run, [])) < cfg.test.examples:
                     examples[run].append(example_panel(group["image"][b], x_adv[b], clean_preds[i], preds[b],
-                                                       group["label"][b].cpu().numpy(), pal))
+                                                       group["label"][b].cpu().numpy(), pal, names,
+                                                       cfg.data.ignore_label))
 
     log.info(f"evaluating {ckpt} on {n} {cfg.test.split} images, protocol {cfg.test.protocol}; attacks: "
              f"{', '.join(f'{r.key} {r.attack}' for r in runs) or 'none'}")

@@ -1,6 +1,7 @@
 """From gathered per-image counts to metrics.json, printed tables, example panels and tensorboard."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -113,18 +114,42 @@ def task_table(runs: Dict[str, dict]) -> Optional[str]:
     return format_table(rows)
 
 
+def _write_json(data: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_plots(metrics: dict, folder: str, writer, log, draw: bool = True) -> Optional[dict]:
+    """robustness.json (with its ``robustness/...`` tensorboard scalars) and, if `draw`, robustness.png
+    and per_class.png into `folder` (engine/plots.py); nothing without attacks. Returns the curves."""
+    from .plots import plot_curves, plot_per_class, robustness_curves, write_curve_scalars
+    curves = robustness_curves(metrics)
+    if curves is None:
+        return None
+    _write_json(curves, os.path.join(folder, "robustness.json"))
+    write_curve_scalars(curves, writer)
+    if not draw:
+        return curves
+    if importlib.util.find_spec("matplotlib") is None:  # the numbers are written; only the pictures need it
+        log.warning("matplotlib is not installed: robustness.png and per_class.png not drawn")
+        return curves
+    plot_curves(curves, os.path.join(folder, "robustness.png"))
+    plot_per_class(metrics, os.path.join(folder, "per_class.png"))
+    return curves
+
+
 def write_results(cfg, metrics: dict, examples: Dict[str, list], folder: str, log) -> None:
-    """metrics.json, the resolved config and example panels into `folder` (the evaluation's staging
-    folder); printed tables; tensorboard scalars and panels under ``<exp_dir>/events``."""
+    """metrics.json, robustness curves and per-class chart (``write_plots``), the resolved config and
+    example panels into `folder` (the evaluation's staging folder); printed tables; tensorboard
+    scalars and panels under ``<exp_dir>/events``."""
     from PIL import Image
     from tensorboardX import SummaryWriter
 
     from utils.config import save_config
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, os.path.join(folder, "metrics.json"))
+    _write_json(metrics, os.path.join(folder, "metrics.json"))
     save_config(cfg, os.path.join(folder, "config.yaml"))
     runs = {"clean": metrics["clean"], **metrics["attacks"],
             **{f"worst@{k}": v for k, v in metrics["worst_case"].items()}}
@@ -141,6 +166,7 @@ def write_results(cfg, metrics: dict, examples: Dict[str, list], folder: str, lo
         cls_rows.append([name] + [pct(m["iou_per_class"][c]) for m in runs.values()])
     log.info("per-class IoU (%):\n" + format_table(cls_rows))
     with SummaryWriter(os.path.join(cfg.exp_dir, "events")) as w:
+        write_plots(metrics, folder, w, log, draw=cfg.test.plots)
         for k, m in runs.items():
             for key in SEG_METRICS:
                 w.add_scalar(f"test/{k}/{key}", m[key], 0)

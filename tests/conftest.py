@@ -31,6 +31,7 @@ train: {{epochs: 2, batch_size: 4, val_batch_size: 3, print_freq: 2, lr: 0.01}}
 test:
   batch_size: 3
   eps: [8.0]
+  plots: false              # (drawn in test_evaluation / test_plots; matplotlib costs ~1 s a run)
   attacks: [{{name: pgd, steps: 2, alpha: 4.0}}]
 """
 
@@ -81,6 +82,7 @@ test:
   eps: [8.0]
   save_images: false
   examples: 0
+  plots: false
   attacks: [{{name: pgd, steps: 3, alpha: 4.0}}]
 """
 

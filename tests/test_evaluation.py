@@ -17,6 +17,7 @@ test:
   eps: [4.0, 8.0]
   examples: 4
   save_images: true
+  plots: true
   attacks:
     - {{name: pgd, steps: 2, alpha: 4.0}}
     - {{name: ensemble, label: ens, members: [{{name: pgd, label: pgd1, steps: 1, alpha: 8.0}}, fgsm]}}
@@ -60,6 +61,42 @@ def test_metrics_json_schema_and_outputs(trained):
     assert os.path.isfile(exp / "result" / "examples" / "pgd@8" / "0.png")
     assert os.path.isfile(exp / "result" / "config.yaml")
     assert not os.path.exists(str(exp / "result") + ".partial")              # staged, then published
+    _check_plots(exp, m)
+
+
+def _check_plots(exp, m: dict) -> None:
+    """robustness.json holds metrics.json's numbers; robustness.png / per_class.png are the figures
+    drawn from them (rendering is deterministic); tensorboard got the curves and the titled panels."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from engine.plots import plot_curves, plot_per_class
+    from engine.visualize import tile_scale
+    res = exp / "result"
+    curves = json.loads((res / "robustness.json").read_text())
+    assert set(curves["attacks"]) == {"pgd", "ens", "ens/pgd1", "ens/fgsm"}
+    for name, key in (("pgd", "pgd@{}"), ("ens/fgsm", "ens/fgsm@{}"), ("worst_case", None)):
+        runs = [m["clean"]] + [m["worst_case"][e] if key is None else m["attacks"][key.format(e)] for e in ("4", "8")]
+        points = curves["worst_case"] if key is None else curves["attacks"][name]
+        assert points == [{"eps": e, "mIoU": r["mIoU"], "aAcc": r["aAcc"]} for e, r in zip((0.0, 4.0, 8.0), runs)]
+    for name, fig in (("robustness.png", plot_curves(curves)), ("per_class.png", plot_per_class(m))):
+        fig.savefig(str(exp / name), format="png", dpi=100)
+        assert (res / name).read_bytes() == (exp / name).read_bytes(), name
+    scalars, images = {}, set()
+    for f in os.listdir(exp / "events"):
+        for ev in EventFileLoader(str(exp / "events" / f)).Load():
+            for v in ev.summary.value:
+                kind = v.metadata.plugin_data.plugin_name  # (the loader turns summaries into tensors)
+                if kind == "images":
+                    images.add(v.tag)
+                elif kind == "scalars":
+                    scalars[(v.tag, ev.step)] = v.tensor.float_val[0]
+    for e, run in ((0, m["clean"]), (4, m["attacks"]["pgd@4"]), (8, m["attacks"]["pgd@8"])):
+        assert scalars[("robustness/pgd/mIoU", e)] == pytest.approx(run["mIoU"], rel=1e-6)
+    assert scalars[("robustness/worst_case/aAcc", 8)] == pytest.approx(m["worst_case"]["8"]["aAcc"], rel=1e-6)
+    assert "examples/pgd_8/0" in images                                            # (tensorboardX: '@' -> '_')
+    panel = np.array(Image.open(res / "examples" / "pgd@8" / "0.png"))
+    k = tile_scale(41)
+    assert panel.shape[0] > 41 * k and panel.shape[1] > 6 * 41 * k                # titles, legend, gaps
 
 
 def test_attacked_metrics_identical_for_batch_sizes_1_and_4(trained_model, tmp_path):

@@ -60,7 +60,8 @@ def tiny(tmp_path):
     return [f"exp_dir={tmp_path / 'exp'}", f"data.root={tmp_path / 'data'}", "data.synthetic.num_train=8",
             "data.synthetic.num_val=4", "data.synthetic.size=41", "data.crop_size=[33,33]", "data.workers=0",
             "model.width=0.25", "train.epochs=1", "train.batch_size=4", "train.val_batch_size=2", "test.batch_size=2",
-            "test.attacks=[{name: pgd, steps: 1, alpha: 2.0}]", "test.save_images=false"]
+            "test.attacks=[{name: pgd, steps: 1, alpha: 2.0}]", "test.save_images=false",
+            "test.plots=false"]
 
 
 # ---------------------------------------------------------------- every launcher pair, end to end
@@ -95,7 +96,7 @@ def attack_overrides(cfg) -> list:
     """The test launch's extra overrides: one cheap attack (the multitask one for multitask models)."""
     multitask = cfg.model.name in MULTITASK_MODELS
     attack = ("{name: multitask, steps: %d, alpha: 1.0}" if multitask else "{name: pgd, steps: %d, alpha: 2.0}") % STEPS
-    return ["test.batch_size=4", "test.eps=[8]", f"test.attacks=[{attack}]"]
+    return ["test.batch_size=4", "test.eps=[8]", f"test.attacks=[{attack}]", "test.plots=false"]
 
 
 class Launches:
@@ -250,6 +251,7 @@ def test_multitask_attack_tasks_scored_per_task(launches, tmp_path):
         run_test(experiment(
             MULTITASK_CONFIG, *args, f"exp_dir={tmp_path / 'exp'}", f"test.checkpoint={exp / 'model' / 'last.pth'}",
             f"test.result_dir={out}", "test.batch_size=4", "test.eps=[8]", "test.save_images=false", "test.examples=0",
+            "test.plots=false",
             "test.attacks=[{name: multitask, steps: 2, alpha: 2.0}]", f"test.attack_tasks=[{','.join(attacked)}]"))
         m = json.loads((out / "metrics.json").read_text())
         assert set(m["attacks"]) == {"multitask@8"}

@@ -40,7 +40,7 @@ from utils.logger import get_logger
 from utils.metrics import class_map, confusion_counts, label_counts, regression_sums
 
 from . import eval_resume
-from .common import group_collate, make_loader, per_process_batch, setup_runtime, to_device
+from .common import channels_last, group_collate, make_loader, per_process_batch, setup_runtime, to_device
 from .protocols import Protocol, build_protocol
 from .results import aggregate, write_results
 from .visualize import example_panel, save_color
@@ -248,7 +248,8 @@ def evaluate(model: nn.Module, loader, classes: int, ignore: int, runs: Sequence
              protocol: Optional[Protocol] = None, on_pred: Optional[Callable] = None,
              device: torch.device = torch.device("cpu"), progress: bool = False,
              on_batch: Optional[Callable[[Dict[str, RunStats]], None]] = None,
-             reg_tasks: Sequence[str] = ()) -> Dict[str, RunStats]:
+             reg_tasks: Sequence[str] = (), memory_format: torch.memory_format = torch.contiguous_format
+             ) -> Dict[str, RunStats]:
     """Clean inference and every attack run on each batch; per-run stats (not yet gathered).
 
     Batches are lists of same-size groups (``group_collate``) or plain batches. `protocol` defaults
@@ -263,6 +264,8 @@ def evaluate(model: nn.Module, loader, classes: int, ignore: int, runs: Sequence
     for batch in tqdm(loader, disable=not progress, desc="eval", leave=False):
         for group in batch if isinstance(batch, list) else [batch]:
             group = to_device(group, device)
+            if memory_format != torch.contiguous_format:
+                group = channels_last(group)
             x, y = group["image"], group["label"]
             keys = group["index"].tolist()
             t0 = time.perf_counter()
@@ -310,6 +313,8 @@ def run_test(cfg) -> dict:
     log = get_logger()
     device = setup_runtime(cfg)
     model, ckpt = load_for_test(cfg, device)
+    memory_format = torch.channels_last if cfg.test.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     protocol = build_protocol(cfg, model, device)
     dataset = build_dataset(cfg, cfg.test.split)
     reg_tasks = regression_tasks(model, dataset)
@@ -348,7 +353,8 @@ def run_test(cfg) -> dict:
     log.info(f"evaluating {ckpt} on {n} {cfg.test.split} images, protocol {cfg.test.protocol}; attacks: "
              f"{', '.join(f'{r.key} {r.attack}' for r in runs) or 'none'}")
     stats = evaluate(model, loader, classes, cfg.data.ignore_label, runs, protocol, on_pred=on_pred, device=device,
-                     progress=dist.is_main(), on_batch=tracker.on_batch, reg_tasks=reg_tasks)
+                     progress=dist.is_main(), on_batch=tracker.on_batch, reg_tasks=reg_tasks,
+                     memory_format=memory_format)
     gathered, seconds, passes = tracker.finish(stats)
     seconds = {k: v / dist.world_size() for k, v in seconds.items()}  # mean wall time per process
     seg_task = SEG_TASK if SEG_TASK in target_tasks(dataset) else None

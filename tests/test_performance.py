@@ -236,15 +236,19 @@ def test_sign_attacks_equal_a_plain_loop(name, loss):
 # ----------------------------------------------------------------------------- bf16 attacks
 
 def test_bf16_attack_strength_within_half_a_point_of_fp32(trained_model, tmp_path):
-    """test.amp=bf16: the attack's forward/backward in bf16, clean inference and scoring in fp32."""
+    """test.amp=bf16: the attack's forward/backward in bf16, clean inference and scoring in fp32;
+    test.channels_last: the same numbers up to rounding."""
     from engine.evaluator import run_test
     from utils.config import load_config
     out = {}
-    for amp in ("off", "bf16"):
-        cfg = load_config(trained_model.config, [f"exp_dir={tmp_path / amp}", f"test.checkpoint={trained_model.checkpoint}",
-                                                 f"test.amp={amp}", "test.attacks=[{name: pgd, steps: 10, alpha: 2.0}]"])
-        out[amp] = run_test(cfg)
-    fp32, bf16 = out["off"], out["bf16"]
+    for name, opts in (("fp32", ["test.amp=off"]), ("bf16", ["test.amp=bf16"]), ("nhwc", ["test.channels_last=true"])):
+        cfg = load_config(trained_model.config, [f"exp_dir={tmp_path / name}", f"test.checkpoint={trained_model.checkpoint}",
+                                                 *opts, "test.attacks=[{name: pgd, steps: 5, alpha: 2.0}]"])
+        out[name] = run_test(cfg)
+    nhwc = out["nhwc"]
+    assert abs(nhwc["clean"]["mIoU"] - out["fp32"]["clean"]["mIoU"]) < 1e-3
+    assert abs(nhwc["attacks"]["pgd@8"]["mIoU"] - out["fp32"]["attacks"]["pgd@8"]["mIoU"]) < 0.005
+    fp32, bf16 = out["fp32"], out["bf16"]
     assert fp32["clean"] == {**bf16["clean"], "seconds": fp32["clean"]["seconds"]}  # clean untouched
     a, b = fp32["attacks"]["pgd@8"]["mIoU"], bf16["attacks"]["pgd@8"]["mIoU"]
     assert a < fp32["clean"]["mIoU"] - 0.1                          # the attack bites

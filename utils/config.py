@@ -355,6 +355,7 @@ RULES: Dict[str, Rule] = {
     "test.attack_tasks": list_of(text()),
     "test.examples": INT_GE0,
     "test.amp": one_of(None, False, "off", "none", "fp32", "bf16", "fp16"),
+    "test.channels_last": one_of(True, False),
 }
 
 

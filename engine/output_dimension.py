@@ -79,13 +79,17 @@ def pixel_mask(height: int, width: int, m: int, seed: int, batch: int) -> torch.
     return flat.view(height, width)
 
 
-def segmentation_forward(model: nn.Module, size: Optional[Tuple[int, int]] = None) -> Callable:
-    """x in [0,1] -> segmentation logits [B,C,H,W]: the main output of a multitask model; resized
-    (bilinear) to `size` when the labels are at another resolution."""
+def segmentation_forward(model: nn.Module, size: Optional[Tuple[int, int]] = None,
+                         inference: Optional[Callable] = None) -> Callable:
+    """x in [0,1] -> segmentation logits [B,C,H,W] through `inference` (default: the model on the whole
+    image; the tool passes the ``whole`` protocol's, a sliding window when ``test.crop_size`` is set):
+    the main output of a multitask model, resized (bilinear) to `size` when the labels are at another
+    resolution."""
     main = model.main_output if getattr(model, "multitask", False) else None
+    run = inference or model
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        out = model(x)
+        out = run(x)
         out = out[main] if main is not None else out
         if size is not None and tuple(out.shape[-2:]) != tuple(size):
             out = F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=False)
@@ -118,14 +122,15 @@ def iterate_groups(dataset: Dataset, batch_size: int, num_images: Optional[int],
 
 
 def grad_norm_vs_m(model: nn.Module, groups: Iterable[dict], sizes: Sequence[int], seed: int = 0,
-                   ignore: int = 255, device: torch.device = torch.device("cpu")) -> dict:
+                   ignore: int = 255, device: torch.device = torch.device("cpu"),
+                   inference: Optional[Callable] = None) -> dict:
     """Analysis 1 (module docstring): {"M", "grad_norm" (mean over images), "grad_norm_std", "num_images"}."""
     norms: Dict[int, List[float]] = {m: [] for m in sizes}
     with attack_mode(model):
         for b, group in enumerate(groups):
             group = to_device(group, device)
             x, y = group["image"], group["label"]
-            fwd = segmentation_forward(model, tuple(y.shape[-2:]))
+            fwd = segmentation_forward(model, tuple(y.shape[-2:]), inference)
             for m in sizes:
                 mask = pixel_mask(y.shape[-2], y.shape[-1], m, seed, b)
                 norms[m] += grad_norm_per_output(fwd, x, y, mask, ignore).tolist()
@@ -146,7 +151,7 @@ def selected_accuracy(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, i
 
 def robust_accuracy_vs_m(model: nn.Module, groups: Iterable[dict], sizes: Sequence[int], seed: int = 0,
                          ignore: int = 255, eps: float = 8.0, alpha: float = 2.0, steps: int = 5,
-                         device: torch.device = torch.device("cpu")) -> dict:
+                         device: torch.device = torch.device("cpu"), inference: Optional[Callable] = None) -> dict:
     """Analysis 2 (module docstring); eps / alpha in 1/255. Images with no valid selected pixel are left
     out of that M's average (``images`` counts the ones kept)."""
     # the library's PGD averages the per-pixel CE over all H*W pixels (ignored ones are 0), not over the M
@@ -159,7 +164,7 @@ def robust_accuracy_vs_m(model: nn.Module, groups: Iterable[dict], sizes: Sequen
         for b, group in enumerate(groups):
             group = to_device(group, device)
             x, y = group["image"], group["label"]
-            fwd = segmentation_forward(model, tuple(y.shape[-2:]))
+            fwd = segmentation_forward(model, tuple(y.shape[-2:]), inference)
             with torch.no_grad():
                 pred = fwd(x).argmax(1)
             for m in sizes:
@@ -283,7 +288,7 @@ def plot_robust_accuracy(data: dict, path: Optional[str] = None):
     ax.set_xlabel("M (attacked pixels)")
     ax.set_ylabel("pixel accuracy of the attacked pixels")
     ax.set_title("robust accuracy vs output dimension")
-    ax.legend()
+    ax.legend(loc="lower right")
     if path:
         save_figure(fig, path)
     return fig

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> dict:
     from engine import output_dimension as od
     from engine.common import setup_runtime
     from engine.evaluator import checkpoint_path, target_tasks
+    from engine.protocols import build_protocol
     from models import build_model
     from models.weights import load_model_weights
 
@@ -92,11 +93,15 @@ def run(args: argparse.Namespace) -> dict:
     common = {"config": args.config, "checkpoint": ckpt, "split": cfg.test.split, "model": cfg.model.name}
     results = {}
     ignore = cfg.data.ignore_label
+    # the evaluated inference (sliding window with test.crop_size) under the whole protocol; the model on
+    # the whole image otherwise (semseg attacks windows separately: no single image to differentiate)
+    inference = build_protocol(cfg, model, device).forward if cfg.test.protocol == "whole" else model
     if "grad" in analyses:
-        results["grad"] = {**od.grad_norm_vs_m(model, groups(), sizes, cfg.seed, ignore, device), **common}
+        results["grad"] = {**od.grad_norm_vs_m(model, groups(), sizes, cfg.seed, ignore, device, inference),
+                           **common}
     if "acc" in analyses:
-        results["acc"] = {**od.robust_accuracy_vs_m(model, groups(), sizes, cfg.seed, ignore, device=device),
-                          **common}
+        results["acc"] = {**od.robust_accuracy_vs_m(model, groups(), sizes, cfg.seed, ignore, device=device,
+                                                    inference=inference), **common}
     os.makedirs(out, exist_ok=True)  # first write: every check above has passed
     if "grad" in results:
         od.write_json(results["grad"], os.path.join(out, "grad_norm.json"))

@@ -18,7 +18,8 @@ JSON shapes (what the plots draw, see ``plot_grad_norm`` / ``plot_robust_accurac
     task_attacks.json     {"tasks": [...], "clean": {task: {metric: v}}, "rows": [{"attacked": [...],
                            "metrics": {task: {metric: v}}}, ...]}
 
-"Batch index" counts the same-size groups of the evaluation batches in order (``group_collate``), so a
+Predictions go through the evaluated inference (the ``whole`` protocol: whole image, or the sliding
+window with ``test.crop_size``). "Batch index" counts the same-size groups of the evaluation batches in order (``group_collate``), so a
 mask never spans images of different sizes.
 """
 from __future__ import annotations

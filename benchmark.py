@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -110,17 +110,33 @@ class Meter:
         times = [self.once(fn) for _ in range(self.repeats)]
         return statistics.median(times), self.peak_mb()
 
-    def per_iteration(self, run: Callable[[int], object], n1: int, n2: int) -> Tuple[float, float]:
-        """(median seconds per iteration, peak MB) of run(n), by difference of n2 and n1 iterations;
-        the two runs interleave, so a drift hits both alike."""
+    def paired(self, fn: Callable[[], object], ref: Callable[[], object]) -> Tuple[float, float, float]:
+        """(median seconds of fn, median ratio fn / ref, peak MB of fn), each repeat timing ref then fn."""
+        fn(), ref()
+        times, ratios, peak = [], [], 0.0
+        for _ in range(self.repeats):
+            base = self.once(ref)
+            self.reset_peak()
+            times.append(self.once(fn))
+            peak = max(peak, self.peak_mb())
+            ratios.append(times[-1] / base)
+        return statistics.median(times), statistics.median(ratios), peak
+
+    def per_iteration(self, run: Callable[[int], object], n1: int, n2: int,
+                      floor: Callable[[], object]) -> Tuple[float, float, float]:
+        """(median seconds per iteration, median ratio to `floor`, peak MB) of run(n), by difference
+        of n2 and n1 iterations. Each repeat times floor(), run(n1) and run(n2) back to back and
+        takes its own ratio, so a drift in the machine's speed hits numerator and denominator alike."""
         run(n1)
         self.reset_peak()
-        diffs = []
+        diffs, ratios = [], []
         for _ in range(self.repeats):
+            base = self.once(floor)
             t1 = self.once(lambda: run(n1))
             t2 = self.once(lambda: run(n2))
-            diffs.append((t2 - t1) / (n2 - n1))
-        return max(statistics.median(diffs), 0.0), self.peak_mb()
+            diffs.append(max((t2 - t1) / (n2 - n1), 0.0))
+            ratios.append(diffs[-1] / base)
+        return statistics.median(diffs), statistics.median(ratios), self.peak_mb()
 
 
 # ------------------------------------------------------------------ the model and its batch
@@ -191,8 +207,8 @@ def main_forward(model: nn.Module, amp: Optional[str], device: torch.device) -> 
 
 
 # ------------------------------------------------------------------ rows
-def model_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[str]) -> Tuple[List[Row], float]:
-    """forward, forward + input backward (returned as the attack floor, seconds), clean training step."""
+def model_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[str]) -> Tuple[List[Row], Callable]:
+    """forward, forward + input backward (its function returned: the attack floor), clean training step."""
     from attacks import attack_mode
     x, y = batch["image"], batch["label"]
     fwd = main_forward(model, amp, meter.device)
@@ -213,7 +229,7 @@ def model_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[s
     rows = [Row("forward", "model", t_f * 1e3, None, None, m_f),
             Row("forward + input backward", "model", t_fb * 1e3, 1.0, None, m_fb),
             Row("clean training step", "model", t_s * 1e3, None, None, m_s)]
-    return rows, t_fb
+    return rows, fwd_bwd
 
 
 def attack_specs(cfg, model: nn.Module) -> List[Tuple[str, str, dict]]:
@@ -239,7 +255,7 @@ def attack_specs(cfg, model: nn.Module) -> List[Tuple[str, str, dict]]:
     return specs
 
 
-def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[str], floor: float,
+def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[str], floor: Callable,
                 n1: int, n2: int) -> List[Row]:
     from attacks import attack_mode, build_attack
     from attacks.multitask import task_targets
@@ -249,7 +265,7 @@ def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[
         fwd = main_forward(model, amp, meter.device)
         fgsm = build_attack("fgsm", eps=ATTACK_EPS)
         t, m = meter.median(lambda: fgsm(fwd, x, batch["label"]))
-        rows.append(Row("fgsm (1 step, whole attack)", "attack", t * 1e3, t / floor, None, m))
+        rows.append(Row("fgsm (1 step, whole attack)", "attack", t * 1e3, t / meter.median(floor)[0], None, m))
         for row_name, name, opts in attack_specs(cfg, model):
             if name == "multitask":
                 y = task_targets(batch["targets"], batch["masks"])
@@ -263,8 +279,8 @@ def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[
 
             def run(n, name=name, opts=opts, y=y, forward=forward):
                 build_attack(name, seed=0, **dict(opts, steps=n))(forward, x, y, keys=batch["index"].tolist())
-            t, m = meter.per_iteration(run, n1, n2)
-            rows.append(Row(row_name, "attack", t * 1e3, t / floor, None, m))
+            t, ratio, m = meter.per_iteration(run, n1, n2, floor)
+            rows.append(Row(row_name, "attack", t * 1e3, ratio, None, m))
     return rows
 
 
@@ -309,7 +325,6 @@ def defense_rows(meter: Meter, cfg, batch_size: int, size, amp: Optional[str]) -
     """One training step per method that fits the model, against the clean step of the same model."""
     from defenses import DEFENSES, build_defense
     rows: List[Row] = []
-    clean: Dict[str, float] = {}
     for method in DEFENSES.names():
         if method == "none":
             continue
@@ -324,19 +339,18 @@ def defense_rows(meter: Meter, cfg, batch_size: int, size, amp: Optional[str]) -
         if method == "fpd":
             c.train.attack = None
         model = build_for(c, meter.device)
+        batch = make_batch(c, model, batch_size, size, meter.device)
         try:
             build_defense(c).prepare(model)
-            step = train_step_fn(c, model, method, make_batch(c, model, batch_size, size, meter.device), amp)
+            step = train_step_fn(c, model, method, batch, amp)
         except SetupError:
             continue  # the method does not fit this model
-        if variant not in clean:
-            clean[variant] = meter.median(train_step_fn(c, model, "none",
-                                                        make_batch(c, model, batch_size, size, meter.device), amp))[0]
-        t, m = meter.median(step)
+        clean = train_step_fn(c, model, "none", batch, amp)
+        t, ratio, m = meter.paired(step, clean)
         d = build_defense(c)
         k = int(d.attack.options.get("steps") or 1) if d.attack is not None else 0
         label = f"{method}{f' {k}-step' if k else ''}" + (f" ({variant})" if variant != cfg.model.name else "")
-        rows.append(Row(label, "defense", t * 1e3, t / clean[variant], d.cost_bound(), m))
+        rows.append(Row(label, "defense", t * 1e3, ratio, d.cost_bound(), m))
     return rows
 
 

@@ -107,6 +107,7 @@ def test_table_and_checks():
     failed = [c for c, ok in demo.acceptance(rows) if not ok]
     assert len(failed) == 2 and failed[0].startswith(clean) and "clean >=" in failed[1]
     assert demo.format_seconds(None) == "reused" and demo.format_seconds(75.25) == "1 min 15.2 s"
+    assert demo.format_seconds(None, 3.0) == "reused (ran in 3.0 s)"
 
 
 def test_write_report(tmp_path, monkeypatch):
@@ -117,6 +118,13 @@ def test_write_report(tmp_path, monkeypatch):
     out = json.loads((tmp_path / "demo" / "table.json").read_text())
     assert out["rows"]["a"]["pgd10@8"] == 1.0 and out["stages"][0]["seconds"] is None
     assert "| a | 50.00 | 1.00 |" in (tmp_path / "demo" / "table.md").read_text()
+    # a reused stage keeps the time it took when it ran, over any number of re-runs
+    demo.write_report({}, cols, [demo.Stage("train none", "train", 61.0)], 70.0, c)
+    before = demo.earlier_times(str(tmp_path / "demo" / "table.json"))
+    demo.write_report({}, cols, [demo.Stage("train none", "reuse", None, before["train none"])], 1.0, c)
+    assert demo.earlier_times(str(tmp_path / "demo" / "table.json")) == {"train none": 61.0}
+    assert "reused (ran in 1 min 01.0 s)" in (tmp_path / "demo" / "table.md").read_text()
+    assert demo.earlier_times(str(tmp_path / "missing.json")) == {}
 
 
 def test_bad_config_is_one_line_error(tmp_path, monkeypatch, capsys):

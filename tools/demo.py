@@ -174,9 +174,10 @@ def acceptance(rows: Dict[str, Dict[str, Optional[float]]], eps: float = 8.0, cl
     return out
 
 
-def format_seconds(s: Optional[float]) -> str:
+def format_seconds(s: Optional[float], earlier: Optional[float] = None) -> str:
+    """"1 min 15.2 s"; None: the stage was reused (with the time it took when it ran, if known)."""
     if s is None:
-        return "reused"
+        return "reused" + ("" if earlier is None else f" (ran in {format_seconds(earlier)})")
     return f"{int(s // 60)} min {s % 60:04.1f} s" if s >= 60 else f"{s:.1f} s"
 
 
@@ -187,6 +188,18 @@ class Stage:
     name: str
     action: str
     seconds: Optional[float] = None
+    earlier: Optional[float] = None  # a reused stage: its time when it ran (from the previous table.json)
+
+
+def earlier_times(path: str) -> Dict[str, float]:
+    """{stage: seconds when it last ran} from a previous table.json (empty if none or unreadable)."""
+    try:
+        with open(path) as f:
+            stages = json.load(f)["stages"]
+        return {s["stage"]: s["seconds"] if s["seconds"] is not None else s.get("earlier")
+                for s in stages if isinstance(s, dict) and "stage" in s}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def run_launcher(script: str, overrides: Sequence[str]) -> None:
@@ -214,13 +227,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"error: launcher {launcher(kind, m)} not found", file=sys.stderr)
                 return 2
     stages: List[Stage] = []
+    before = earlier_times(os.path.join(OUT_DIR, "table.json"))
     t_all = time.monotonic()
     total = 2 * len(METHODS) + 1
     for i, (m, _) in enumerate(METHODS):  # training stages
         cfg = cfgs[m]
         action, overrides = train_decision(cfg.to_dict(), read_saved_training(cfg.exp_dir))
         print(f"\n=== stage {i + 1}/{total}: train {m} ({cfg.exp_dir}): {action}", flush=True)
-        stage = Stage(f"train {m}", action)
+        stage = Stage(f"train {m}", action, earlier=before.get(f"train {m}"))
         if action != "reuse" and not args.dry_run:
             t = time.monotonic()
             run_launcher(launcher("train", m), overrides)
@@ -230,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = cfgs[m]
         action = "reuse" if eval_finished(cfg) else "evaluate"
         print(f"\n=== stage {len(METHODS) + i + 1}/{total}: test {m}: {action}", flush=True)
-        stage = Stage(f"test {m}", action)
+        stage = Stage(f"test {m}", action, earlier=before.get(f"test {m}"))
         if action != "reuse" and not args.dry_run:
             t = time.monotonic()
             run_launcher(launcher("test", m), [])
@@ -267,7 +281,7 @@ def write_report(rows, columns, stages: List[Stage], wall: float, cfg) -> None:
               f"mask-ce / JS with {sea_steps} iterations each (the paper's: 300)")
     table = markdown_table(rows, columns)
     checks = acceptance(rows)
-    timing = "\n".join(f"- {s.name}: {format_seconds(s.seconds)}" for s in stages) + \
+    timing = "\n".join(f"- {s.name}: {format_seconds(s.seconds, s.earlier)}" for s in stages) + \
         f"\n- whole demo (this run): {format_seconds(wall)}"
     text = (f"{header}\n\n{table}\n\nChecks:\n" + "\n".join(f"- [{'x' if ok else ' '}] {c}" for c, ok in checks)
             + f"\n\nWall time per stage ({os.cpu_count()} CPU cores, OMP_NUM_THREADS="
@@ -277,7 +291,8 @@ def write_report(rows, columns, stages: List[Stage], wall: float, cfg) -> None:
     for name, content in (("table.md", text), ("table.json", json.dumps(
             {"header": header, "columns": [list(c) for c in columns], "rows": rows,
              "checks": [{"check": c, "ok": ok} for c, ok in checks],
-             "stages": [{"stage": s.name, "action": s.action, "seconds": s.seconds} for s in stages],
+             "stages": [{"stage": s.name, "action": s.action, "seconds": s.seconds, "earlier": s.earlier}
+                        for s in stages],
              "wall_seconds": wall, "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
              "platform": platform.platform()}, indent=1))):
         tmp = os.path.join(OUT_DIR, name + ".tmp")

@@ -138,3 +138,12 @@ def test_bad_config_is_one_line_error(tmp_path, monkeypatch, capsys):
 def test_help():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--dry-run" in r.stdout
+
+
+def test_failing_stage_exits_with_its_code(monkeypatch, capsys):
+    monkeypatch.setattr(demo.subprocess, "call", lambda *a, **k: 3)
+    with pytest.raises(SystemExit) as e:
+        demo.run_launcher("tool_train/synthetic/demo_none.sh", ["train.resume=auto"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "demo_none.sh train.resume=auto failed (exit code 3)" in err[0]

@@ -206,8 +206,9 @@ def run_launcher(script: str, overrides: Sequence[str]) -> None:
     """Run a launcher from the repository root (argument list, no shell string); raise on failure."""
     rc = subprocess.call(["sh", script, *overrides], cwd=ROOT)
     if rc:
-        raise SystemExit(f"error: stage {script} {' '.join(overrides)} failed (exit code {rc}); "
-                         f"see the newest log in its exp_dir; finished stages are kept, re-run to continue")
+        print(f"error: stage {script} {' '.join(overrides)} failed (exit code {rc}); see the newest log in "
+              f"its exp_dir; finished stages are kept, re-run to continue", file=sys.stderr)
+        raise SystemExit(rc)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

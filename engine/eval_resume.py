@@ -133,6 +133,15 @@ def _identity(cfg, ckpt: str, n: int) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+def merged_counts_path(cfg, ckpt: str, n: int) -> str:
+    """``<result>/per_image/<checkpoint stem>-<identity>.all.npz``: the file a finished evaluation of
+    `ckpt` on `n` images with these settings leaves; it exists only if that very evaluation completed
+    (a retrained checkpoint or changed test settings give another name). Callers that want to reuse
+    finished results (tools/demo.py) test for it."""
+    stem = os.path.splitext(os.path.basename(ckpt))[0]
+    return os.path.join(result_dir(cfg), "per_image", f"{stem}-{_identity(cfg, ckpt, n)}.all.npz")
+
+
 Part = Dict[str, torch.Tensor]  # column name -> per-image rows ("index", "inter", ..., "reg_<task>")
 
 

@@ -1,0 +1,149 @@
+"""tools/demo.py: stage reuse decisions, the finished-evaluation test and the table, on tiny fake inputs
+(the real demo is never run here)."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import demo  # noqa: E402
+
+from utils.config import load_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(demo.config_path("none")).to_dict()
+
+
+def test_demo_configs_share_one_budget():
+    """Same data, model size, epochs, optimiser and evaluation for every method; only what the method needs differs."""
+    cfgs = {m: load_config(demo.config_path(m)).to_dict() for m, _ in demo.METHODS}
+    ref = cfgs["none"]
+    for m, c in cfgs.items():
+        assert c["train"]["method"] == m
+        assert c["data"] == ref["data"] and c["test"] == ref["test"] and c["seed"] == ref["seed"]
+        assert {k: c["model"][k] for k in ("layers", "width")} == {k: ref["model"][k] for k in ("layers", "width")}
+        for k in ("epochs", "batch_size", "lr", "optimizer", "scheduler"):
+            assert c["train"][k] == ref["train"][k], (m, k)
+        for kind in ("train", "test"):
+            assert os.path.isfile(os.path.join(ROOT, demo.launcher(kind, m)))
+
+
+def test_train_decision(cfg):
+    assert demo.train_decision(cfg, None) == ("train", [])
+    epochs = cfg["train"]["epochs"]
+    done = {"epoch": epochs, "config": copy.deepcopy(cfg)}
+    assert demo.train_decision(cfg, done) == ("reuse", [])
+    # bookkeeping and evaluation settings do not make a finished training stale
+    other = copy.deepcopy(done)
+    other["config"]["train"].update(resume="auto", print_freq=1)
+    other["config"]["test"]["num_images"] = 3
+    assert demo.train_decision(cfg, other) == ("reuse", [])
+    assert demo.train_decision(cfg, dict(done, epoch=epochs - 1)) == ("resume", ["train.resume=auto"])
+    changed = copy.deepcopy(done)
+    changed["config"]["train"]["lr"] = 0.123
+    assert demo.train_decision(cfg, changed) == ("retrain", ["train.overwrite=true"])
+    assert demo.train_decision(cfg, {"error": "truncated"}) == ("retrain", ["train.overwrite=true"])
+
+
+def test_read_saved_training(tmp_path, cfg):
+    assert demo.read_saved_training(str(tmp_path)) is None
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "epoch_5.pth").write_bytes(b"x")
+    assert "error" in demo.read_saved_training(str(tmp_path))
+    (model / "last.pth").write_bytes(b"not a checkpoint")
+    assert "error" in demo.read_saved_training(str(tmp_path))
+    torch.save({"epoch": 3, "config": cfg, "model": {}}, model / "last.pth")
+    assert demo.read_saved_training(str(tmp_path)) == {"epoch": 3, "config": cfg}
+
+
+def test_eval_finished_needs_counts_of_this_checkpoint(tmp_path):
+    from engine import eval_resume
+    c = load_config(demo.config_path("none"), [f"exp_dir={tmp_path}"])
+    ckpt = tmp_path / "model" / "last.pth"
+    assert not demo.eval_finished(c)
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights")
+    (tmp_path / "result").mkdir()
+    (tmp_path / "result" / "metrics.json").write_text("{}")
+    assert not demo.eval_finished(c)  # no per-image counts of this evaluation
+    counts = eval_resume.merged_counts_path(c, str(ckpt), min(c.test.num_images, c.data.synthetic.num_val))
+    os.makedirs(os.path.dirname(counts))
+    open(counts, "w").close()
+    assert demo.eval_finished(c)
+    c2 = load_config(demo.config_path("none"), [f"exp_dir={tmp_path}", "test.eps=[2]"])
+    assert not demo.eval_finished(c2)  # other attacks
+    os.utime(ckpt, ns=(1, 1))
+    assert not demo.eval_finished(c)  # retrained checkpoint
+
+
+def fake_metrics(clean, **attacks):
+    return {"clean": {"mIoU": clean}, "attacks": {k.replace("_", "@"): {"mIoU": v} for k, v in attacks.items()}}
+
+
+def test_table_and_checks():
+    cols = demo.table_columns([4.0, 8], ["bim2", "pgd10", "sea"])
+    assert [k for k, _ in cols] == ["clean", "bim2@4", "pgd10@4", "sea@4", "bim2@8", "pgd10@8", "sea@8"]
+    assert cols[-1][1] == "SEA 8/255"
+    clean, robust = demo.METHODS[0][1], demo.METHODS[-1][1]
+    rows = demo.table_rows({clean: fake_metrics(0.8, bim2_8=0.3, pgd10_8=0.1, sea_8=0.05),
+                            robust: fake_metrics(0.7, bim2_8=0.5, pgd10_8=0.45, sea_8=0.35, sea_4=0.5)}, cols)
+    assert rows[clean]["clean"] == pytest.approx(80.0) and rows[clean]["sea@4"] is None
+    md = demo.markdown_table(rows, cols)
+    lines = md.splitlines()
+    assert lines[0].startswith("| method | clean | BIM-2 (DDC-AT) 4/255") and len(lines) == 4
+    assert lines[2] == f"| {clean} | 80.00 | - | - | - | 30.00 | 10.00 | 5.00 |"
+    assert all(ok for _, ok in demo.acceptance(rows))
+    rows[robust]["clean"] = 64.0  # 16 points below the clean model
+    rows[clean]["pgd10@8"] = 40.0  # PGD-10 weaker than BIM-2
+    failed = [c for c, ok in demo.acceptance(rows) if not ok]
+    assert len(failed) == 2 and failed[0].startswith(clean) and "clean >=" in failed[1]
+    assert demo.format_seconds(None) == "reused" and demo.format_seconds(75.25) == "1 min 15.2 s"
+    assert demo.format_seconds(None, 3.0) == "reused (ran in 3.0 s)"
+
+
+def test_write_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "OUT_DIR", str(tmp_path / "demo"))
+    c = load_config(demo.config_path("none"))
+    cols = demo.table_columns([8], ["pgd10"])
+    demo.write_report({"a": {"clean": 50.0, "pgd10@8": 1.0}}, cols, [demo.Stage("train none", "reuse")], 2.0, c)
+    out = json.loads((tmp_path / "demo" / "table.json").read_text())
+    assert out["rows"]["a"]["pgd10@8"] == 1.0 and out["stages"][0]["seconds"] is None
+    assert "| a | 50.00 | 1.00 |" in (tmp_path / "demo" / "table.md").read_text()
+    # a reused stage keeps the time it took when it ran, over any number of re-runs
+    demo.write_report({}, cols, [demo.Stage("train none", "train", 61.0)], 70.0, c)
+    before = demo.earlier_times(str(tmp_path / "demo" / "table.json"))
+    demo.write_report({}, cols, [demo.Stage("train none", "reuse", None, before["train none"])], 1.0, c)
+    assert demo.earlier_times(str(tmp_path / "demo" / "table.json")) == {"train none": 61.0}
+    assert "reused (ran in 1 min 01.0 s)" in (tmp_path / "demo" / "table.md").read_text()
+    assert demo.earlier_times(str(tmp_path / "missing.json")) == {}
+
+
+def test_bad_config_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # main() moves to the repository root; undone after the test
+    monkeypatch.setattr(demo, "config_path", lambda m: str(tmp_path / "missing.yaml"))
+    assert demo.main(["--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.yaml" in err[0]
+
+
+def test_help():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--dry-run" in r.stdout
+
+
+def test_failing_stage_exits_with_its_code(monkeypatch, capsys):
+    monkeypatch.setattr(demo.subprocess, "call", lambda *a, **k: 3)
+    with pytest.raises(SystemExit) as e:
+        demo.run_launcher("tool_train/synthetic/demo_none.sh", ["train.resume=auto"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "demo_none.sh train.resume=auto failed (exit code 3)" in err[0]

@@ -1,0 +1,5 @@
+#!/bin/sh
+# Robustness demo (tools/demo.py): clean training of the demo PSPNet on the built-in synthetic dataset.
+# Usage: [NGPU=n] sh tool_train/synthetic/demo_none.sh [section.key=value ...]
+. "$(dirname "$0")/../../tools/launch.sh"
+launch train config/synthetic/synthetic_demo_none.yaml "$@"

@@ -112,3 +112,24 @@ def trained_model(tmp_path_factory) -> TrainedModel:
     clean, pgd = metrics["clean"]["mIoU"], metrics["attacks"]["pgd@8"]["mIoU"]
     assert clean > 0.6 and pgd < clean - 0.1, (clean, pgd)
     return TrainedModel(str(path), str(tmp / "exp" / "model" / "last.pth"), metrics)
+
+
+# ---------------------------------------------------------------- launcher pairs in the background
+@pytest.fixture(scope="session")
+def launches(tmp_path_factory):
+    """The pool that runs every experiment's launcher pair (tests/test_launchers.py)."""
+    from test_launchers import Launches
+    pool = Launches(tmp_path_factory.mktemp("launch"))
+    yield pool
+    pool.pool.shutdown(cancel_futures=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def launches_from_the_start(request):
+    """When the launcher pair tests are selected, their launches start with the session, so they run
+    (one process each, two at a time) while the other tests do, instead of after them."""
+    configs = [item.callspec.params["config"] for item in request.session.items
+               if getattr(item, "originalname", "") == "test_launcher_pair_end_to_end"]
+    if configs:
+        request.getfixturevalue("launches").start(configs)
+    yield

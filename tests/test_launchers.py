@@ -68,6 +68,7 @@ def tiny(tmp_path):
 MULTITASK_MODELS = ("drn_multitask", "taskonomy_resnet")  # evaluated per task, attacked with `multitask`
 SEG = "segmentsemantic"
 STEPS = 2
+TORCHRUN_CONFIG = "synthetic_pspnet18_none.yaml"  # its tool_test runs as two torchrun processes
 WORKERS = max(1, min(2, os.cpu_count() or 1))  # launches at a time (each runs one intra-op thread)
 
 
@@ -144,25 +145,19 @@ class Launches:
     @staticmethod
     def _run(config: str, exp: pathlib.Path, args: list, cwd: pathlib.Path) -> Run:
         """tool_train from another working directory (2 iterations, one validation, one checkpoint), then
-        tool_test from yet another one; synthetic tests through torchrun with two CPU processes."""
+        tool_test from yet another one; the first synthetic experiment's test through torchrun with two
+        CPU processes (the others single-process: each torchrun rank costs a torch import)."""
         (cwd / "train").mkdir(parents=True)
         (cwd / "test").mkdir()
         train = launch(pair(config)[0], *args, cwd=cwd / "train")
         if train.returncode:
             return Run(exp, args, train, None)
         cfg = experiment(config, *args)
-        env = {"NGPU": "2"} if cfg.data.name == "synthetic" else {}
+        env = {"NGPU": "2"} if os.path.basename(config) == TORCHRUN_CONFIG else {}
         return Run(exp, args, train, launch(pair(config)[1], *args, *attack_overrides(cfg), cwd=cwd / "test", **env))
 
     def run(self, config: str) -> Run:
         return self.job(config).result()
-
-
-@pytest.fixture(scope="session")
-def launches(tmp_path_factory):
-    launches = Launches(tmp_path_factory.mktemp("launch"))
-    yield launches
-    launches.pool.shutdown(cancel_futures=True)
 
 
 def val_size(cfg) -> int:
@@ -173,8 +168,7 @@ def val_size(cfg) -> int:
 def test_launcher_pair_end_to_end(config, launches):
     """tool_train then tool_test of one experiment on its official-layout fixture (mixed image sizes and
     orientations, the dataset's own eval transform) with a tiny model; metrics.json as documented."""
-    launches.start(CONFIGS)  # the other experiments run in the background meanwhile
-    run = launches.run(config)
+    run = launches.run(config)  # queued with the others at the session's start (conftest.py)
     exp, args, r = run.exp, run.args, run.train
     cfg = experiment(config, *args)
     multitask = cfg.model.name in MULTITASK_MODELS

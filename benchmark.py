@@ -187,23 +187,27 @@ def make_batch(cfg, model: nn.Module, batch: int, size: Tuple[int, int], device:
                 {t: a.to(device) for t, a in v.items()} if isinstance(v, dict) else v) for k, v in out.items()}
 
 
+AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, amp: Optional[str]):
+    """The training step's autocast context (a no-op without `amp`)."""
     import contextlib
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return contextlib.nullcontext() if amp is None else torch.autocast(device_type=device.type, dtype=AMP[amp])
+
+
+def outputs_forward(model: nn.Module, amp: Optional[str]) -> Callable:
+    """The model's outputs as the evaluator's attacks see them (engine.protocols.autocast_forward)."""
+    from engine.protocols import autocast_forward
+    return autocast_forward(model, AMP[amp])
 
 
 def main_forward(model: nn.Module, amp: Optional[str], device: torch.device) -> Callable:
     """Eval-mode logits of the segmentation output (float32 under autocast), as attacks see them."""
-    main = getattr(model, "main_output", None) if getattr(model, "multitask", False) else None
-
-    def fwd(x):
-        with autocast(device, amp):
-            out = model(x)
-        out = out[main] if main is not None else out
-        return out.float()
-    return fwd
+    fwd = outputs_forward(model, amp)
+    if not getattr(model, "multitask", False):
+        return fwd
+    return lambda x: fwd(x)[model.main_output]
 
 
 # ------------------------------------------------------------------ rows
@@ -270,10 +274,7 @@ def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[
             if name == "multitask":
                 y = task_targets(batch["targets"], batch["masks"])
 
-                def forward(inp):
-                    with autocast(meter.device, amp):
-                        out = model(inp)
-                    return {k: v.float() for k, v in out.items()}
+                forward = outputs_forward(model, amp)
             else:
                 y, forward = batch["label"], fwd
 

@@ -38,6 +38,7 @@ from torch.utils.data import Dataset, Subset
 from attacks import attack_mode, build_attack
 from attacks.base import input_grad, pixel_ce
 from utils.errors import SetupError
+from utils.metrics import class_map
 
 from .common import group_collate, make_loader, to_device
 
@@ -167,12 +168,12 @@ def robust_accuracy_vs_m(model: nn.Module, groups: Iterable[dict], sizes: Sequen
             x, y = group["image"], group["label"]
             fwd = segmentation_forward(model, tuple(y.shape[-2:]), inference)
             with torch.no_grad():
-                pred = fwd(x).argmax(1)
+                pred = class_map(fwd(x))
             for m in sizes:
                 mask = pixel_mask(y.shape[-2], y.shape[-1], m, seed, b)
                 x_adv = attack(fwd, x, selected_labels(y, mask, ignore))
                 with torch.no_grad():
-                    pred_adv = fwd(x_adv).argmax(1)
+                    pred_adv = class_map(fwd(x_adv))
                 c, v = selected_accuracy(pred, y, mask, ignore)
                 a, _ = selected_accuracy(pred_adv, y, mask, ignore)
                 keep = v > 0

@@ -125,13 +125,19 @@ class Meter:
     def per_iteration(self, run: Callable[[int], object], n1: int, n2: int,
                       floor: Callable[[], object]) -> Tuple[float, float, float]:
         """(median seconds per iteration, median ratio to `floor`, peak MB) of run(n), by difference
-        of n2 and n1 iterations. Each repeat times floor(), run(n1) and run(n2) back to back and
-        takes its own ratio, so a drift in the machine's speed hits numerator and denominator alike."""
+        of n2 and n1 iterations. Each repeat times n2 - n1 calls of floor(), run(n1) and run(n2) back
+        to back and takes its own ratio, so a drift in the machine's speed hits numerator and
+        denominator alike, and both average over the same number of passes."""
         run(n1)
         self.reset_peak()
         diffs, ratios = [], []
+        k = n2 - n1
+
+        def floors():
+            for _ in range(k):
+                floor()
         for _ in range(self.repeats):
-            base = self.once(floor)
+            base = self.once(floors) / k
             t1 = self.once(lambda: run(n1))
             t2 = self.once(lambda: run(n2))
             diffs.append(max((t2 - t1) / (n2 - n1), 0.0))

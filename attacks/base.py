@@ -192,6 +192,16 @@ class Attack:
         self.kwargs = {k: (v / 255.0 if k in PIXEL_OPTIONS and v is not None else v) for k, v in options.items()}
         self.counter = PassCounter()
         self.takes_rng = "rng" in params
+        self.scale = 1.0
+
+    def set_scale(self, factor: float) -> None:
+        """Run at `factor` times the configured eps and alpha (a training attack's eps warm-up)."""
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"attack scale must be in (0, 1], got {factor}")
+        self.scale = float(factor)
+        for k in PIXEL_OPTIONS:
+            if self.options.get(k) is not None:
+                self.kwargs[k] = self.options[k] * self.scale / 255.0
 
     @property
     def multitask(self) -> bool:
@@ -205,4 +215,5 @@ class Attack:
 
     def __repr__(self) -> str:
         shown = {k: v for k, v in self.options.items() if not callable(v) and k != "class_weights"}
-        return f"{self.name}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+        scale = "" if self.scale == 1.0 else f" at {self.scale:g} x eps"
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in shown.items())}){scale}"

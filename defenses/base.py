@@ -81,8 +81,18 @@ class Defense:
         method does not fit (one-line SetupError), or initialise what the method initialises."""
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch about to run (0-based); it seeds the training attack's random draws."""
+        """The epoch about to run (0-based); it seeds the training attack's random draws and sets its
+        eps warm-up factor (`train.attack_warmup_epochs`)."""
         self.epoch = epoch
+        if self.attack is not None:
+            self.attack.set_scale(self.attack_scale(epoch))
+
+    def attack_scale(self, epoch: int) -> float:
+        """The training attack's eps (and alpha) factor in `epoch` (0-based): min(1, (e + 1) / (W + 1))
+        for W = train.attack_warmup_epochs, so the first W epochs ramp up linearly and epoch W is at
+        full strength; 1 without warm-up. A function of the epoch alone, so a resume gets the same."""
+        w = int(self.cfg.train.attack_warmup_epochs or 0)
+        return min(1.0, (epoch + 1) / (w + 1))
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y, index: torch.Tensor,
                     forward=None) -> torch.Tensor:

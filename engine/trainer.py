@@ -392,6 +392,12 @@ class Trainer:
         self.sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
         self.defense.set_epoch(self.epoch)
+        attack = self.defense.attack
+        if attack is not None and t.attack_warmup_epochs:
+            eps = attack.options.get("eps", 0.0) * attack.scale
+            self._scalar("train/attack_eps", eps, self.epoch)
+            if self.epoch <= t.attack_warmup_epochs:
+                self.log.info(f"epoch {self.epoch + 1}: training attack at {attack.scale:.3g} x eps ({eps:.3g}/255, warm-up)")
         done = self.iteration - self.epoch * self.iters_per_epoch  # > 0 when resumed mid-epoch
         self.sampler.skip(done * self.batch)
         self.model.train()

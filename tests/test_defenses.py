@@ -619,6 +619,31 @@ PIRAT_CONFIGS = {name: os.path.join(ROOT, "config", name.split("_")[0], name + "
     "ade20k_upernet_s_pirat", "synthetic_pspnet18_pirat")}
 
 
+def test_attack_warmup_ramps_eps_and_alpha_by_epoch(tiny_cfg):
+    """train.attack_warmup_epochs W: epoch e attacks at min(1, (e+1)/(W+1)) of eps and alpha, a function
+    of the epoch alone (a resume that calls set_epoch gets the same attack); W = 0 leaves it at full."""
+    torch.manual_seed(0)
+    net = _Net().train()
+    x, y, index = torch.rand(2, 3, 9, 9), torch.randint(0, 3, (2, 9, 9)), torch.tensor([0, 1])
+    ramp = _Adv(tiny_cfg("train.attack_warmup_epochs=3", "train.attack={random_start: false}"))
+    full = _Adv(tiny_cfg("train.attack={random_start: false}"))
+    assert [ramp.attack_scale(e) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [full.attack_scale(e) for e in range(3)] == [1.0, 1.0, 1.0]
+    for epoch, scale in ((0, 0.25), (2, 0.75), (3, 1.0)):
+        ramp.set_epoch(epoch)
+        assert ramp.attack.kwargs["eps"] == pytest.approx(8 / 255 * scale)
+        assert ramp.attack.kwargs["alpha"] == pytest.approx(2 / 255 * scale)
+        delta = (ramp.adversarial(net, x, y, index) - x).abs().max()
+        assert 8 / 255 * scale - 2 / 255 * scale <= delta <= 8 / 255 * scale + 1e-6  # 3 steps of alpha: 6/8 of eps
+    # at full strength the ramped attack is the plain one, bit for bit, and says so in the log line
+    full.set_epoch(3)
+    assert torch.equal(ramp.adversarial(net, x, y, index), full.adversarial(net, x, y, index))
+    ramp.set_epoch(0)
+    assert "at 0.25 x eps" in ramp.describe() and "x eps" not in full.describe()
+    with pytest.raises(SetupError, match="train.attack_warmup_epochs"):
+        tiny_cfg("train.attack_warmup_epochs=-1")
+
+
 def _pirat_batch(n=4, size=17, classes=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 3, size, size, generator=g)

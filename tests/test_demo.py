@@ -131,6 +131,7 @@ def test_bad_config_is_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # main() moves to the repository root; undone after the test
     monkeypatch.setattr(demo, "config_path", lambda m: str(tmp_path / "missing.yaml"))
     assert demo.main(["--dry-run"]) == 2
+    assert demo.main(["--jobs", "0", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.yaml" in err[0]
 
@@ -140,10 +141,68 @@ def test_help():
     assert r.returncode == 0 and "--dry-run" in r.stdout
 
 
+def test_stage_fraction_reads_tqdm_lines():
+    bar = "epoch 6/10:  50%|\u2588\u2588\u2588\u2588\u2588     | 25/50 [00:09<00:10,  2.43it/s]"
+    assert demo.stage_fraction(bar) == pytest.approx(0.55)                  # 5 epochs done + half of the 6th
+    assert demo.stage_fraction("eval: 100%|##########| 2/2 [00:40<00:00, 20.1s/it]") == 1.0
+    assert demo.stage_fraction("eval:  0%|          | 0/2 [00:00<?, ?it/s]") == 0.0
+    assert demo.stage_fraction("[2026-11-22 21:24:38 INFO] epoch 6 iter 275/500 lr 0.00146") is None
+    two = "epoch 1/2:  10%|#| 5/50 [00:01<00:09]" + "epoch 2/2:  40%|#| 20/50 [00:01<00:09]"
+    assert demo.stage_fraction(two) == pytest.approx(0.7)                   # the last bar counts
+
+
+def _script(path, body):
+    path.write_text("#!/bin/sh\n" + body)
+    return str(path)
+
+
+def test_runner_runs_jobs_side_by_side_in_order_with_one_thread(tmp_path):
+    """3 chains of (train, test) on 2 lanes: at most 2 stages at once, each chain's test after its
+    training, OMP_NUM_THREADS=1 in every stage, progress lines parsed without being kept as output."""
+    log = tmp_path / "log"
+    stage = _script(tmp_path / "stage.sh", f'echo "start $1 $(date +%s.%N) $OMP_NUM_THREADS" >> {log}\n'
+                    'printf "epoch 1/1:  50%%|#    | 1/2 [00:00<00:00]\\r"\nsleep 0.6\n'
+                    f'echo "end $1 $(date +%s.%N)" >> {log}\n')
+    runner = demo.Runner(2)
+    lanes = []
+
+    def chain(name):
+        def run(lane):
+            lanes.append(lane)
+            runner.launch(stage, [f"train-{name}"], f"train {name}", lane)
+            runner.launch(stage, [f"test-{name}"], f"test {name}", lane)
+        return run
+    demo.run_chains(runner, [chain(n) for n in ("a", "b", "c")])
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert len(events) == 12 and all(e[3] == "1" for e in events if e[0] == "start")
+    times = {(e[0], e[1]): float(e[2]) for e in events}
+    for n in "abc":
+        assert times[("end", f"train-{n}")] <= times[("start", f"test-{n}")]
+    spans = [(times[("start", k)], times[("end", k)]) for _, k in times if _ == "start"]
+    most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert most == 2 and sorted(set(lanes)) == [0, 1]
+
+
+def test_runner_stops_the_others_when_a_stage_fails(tmp_path):
+    slow = _script(tmp_path / "slow.sh", f"sleep 30\necho finished > {tmp_path / 'slow.done'}\n")
+    bad = _script(tmp_path / "bad.sh", "echo 'error: something named here'\nexit 3\n")
+    runner = demo.Runner(2)
+    t = __import__("time").monotonic()
+    with pytest.raises(demo.StageFailed) as e:
+        demo.run_chains(runner, [lambda lane: runner.launch(slow, [], "slow", lane),
+                                 lambda lane: (__import__("time").sleep(0.5), runner.launch(bad, ["x=1"], "bad", lane))])
+    assert __import__("time").monotonic() - t < 20 and not (tmp_path / "slow.done").exists()
+    assert e.value.code == 3 and "bad.sh x=1 failed (exit code 3)" in str(e.value)
+    assert e.value.tail == ["error: something named here"]
+
+
 def test_failing_stage_exits_with_its_code(monkeypatch, capsys):
-    monkeypatch.setattr(demo.subprocess, "call", lambda *a, **k: 3)
-    with pytest.raises(SystemExit) as e:
-        demo.run_launcher("tool_train/synthetic/demo_none.sh", ["train.resume=auto"])
-    assert e.value.code == 3
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "demo_none.sh train.resume=auto failed (exit code 3)" in err[0]
+    def fail(self, script, overrides, label, lane):
+        raise demo.StageFailed(script, overrides, 3, ["Traceback ...", "SetupError: x"])
+    monkeypatch.setattr(demo.Runner, "launch", fail)
+    monkeypatch.setattr(demo, "read_saved_training", lambda exp_dir: None)
+    monkeypatch.setattr(demo, "ensure_dataset", lambda cfg: None)
+    assert demo.main(["--jobs", "1"]) == 3
+    err = capsys.readouterr().err.rstrip().splitlines()
+    assert err[:2] == ["  | Traceback ...", "  | SetupError: x"] and len(err) == 3
+    assert err[2].startswith("error: stage tool_train/synthetic/demo_") and "failed (exit code 3)" in err[2]

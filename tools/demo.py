@@ -1,38 +1,51 @@
 """The robustness demo (README command (a)): train four methods on the built-in synthetic dataset with
 one small budget, evaluate each clean and under attack, print one table.
 
-``python3 tools/demo.py [--dry-run]``
+``python3 tools/demo.py [--dry-run] [--jobs N]``
 
-Stages: train none / sat / ddcat / pirat, test the four, table. Each stage runs the experiment's own
-launcher (tool_train/synthetic/demo_<method>.sh, tool_test/...), whose tqdm bars show its progress
-and whose log lands in the experiment folder. A re-run reuses what is finished:
+Stages: train none / sat / ddcat / pirat, then test each. Each stage runs the experiment's own launcher
+(tool_train/synthetic/demo_<method>.sh, tool_test/...) as a child process with one thread, whose log
+lands in the experiment folder; `--jobs` stages run side by side (default: one per CPU core, at most
+four; a method's test follows its training), each with a progress bar read from its launcher's tqdm
+output. One thread per stage whatever the machine, so the numbers do not depend on its core count.
+A re-run reuses what is finished:
 
 - training: ``model/last.pth`` at the config's final epoch, trained with the same config (test
   settings and run bookkeeping aside) is kept; an earlier epoch of the same config is continued
   (``train.resume=auto``); a checkpoint of another config is replaced (``train.overwrite=true``);
-- evaluation: kept when ``result/metrics.json`` and the per-image counts of this very checkpoint
-  and these test settings (engine/eval_resume.merged_counts_path) are there; an interrupted one
-  resumes from its per-image counts (test.py does that by itself).
+- evaluation: kept when its training is kept and ``result/metrics.json`` and the per-image counts of
+  this very checkpoint and these test settings (engine/eval_resume.merged_counts_path) are there; an
+  interrupted one resumes from its per-image counts (test.py does that by itself).
 
 The table (mIoU in %) goes to the console and to exp/synthetic/demo/table.md and table.json, with the
-wall time of every stage and the demo's acceptance checks. Configs: config/synthetic/synthetic_demo_*.yaml
-(shared budget: config/_base_/demo/synthetic_demo.yaml). Errors: one line, exit code 2 (bad config)
-or the failing launcher's code; earlier results are never touched by the runner itself.
+wall time of every stage and the demo's acceptance checks; exp/synthetic/demo/robustness.png overlays
+the four worst-case robustness curves (tools/compare_curves.py). Configs:
+config/synthetic/synthetic_demo_*.yaml (shared budget: config/_base_/demo/synthetic_demo.yaml).
+Errors: one line, exit code 2 (bad config) or the failing launcher's code, after the last lines of
+its output; a failure or Ctrl-C stops the other running stages (a training resumes from its last
+checkpoint on the next run); earlier results are never touched by the runner itself.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import json
 import os
 import platform
+import queue
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from utils.config import load_config  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
@@ -202,20 +215,147 @@ def earlier_times(path: str) -> Dict[str, float]:
         return {}
 
 
-def run_launcher(script: str, overrides: Sequence[str]) -> None:
-    """Run a launcher from the repository root (argument list, no shell string); raise on failure."""
-    rc = subprocess.call(["sh", script, *overrides], cwd=ROOT)
-    if rc:
-        print(f"error: stage {script} {' '.join(overrides)} failed (exit code {rc}); see the newest log in "
-              f"its exp_dir; finished stages are kept, re-run to continue", file=sys.stderr)
-        raise SystemExit(rc)
+# tqdm's console line: "<desc>: <pct>%|<bar>| <n>/<total> [...]"; training bars are "epoch e/E"
+PROGRESS = re.compile(r"(?P<desc>[^\r\n:|]*?): *\d+%\|[^|\r\n]*\| *(?P<n>\d+)/(?P<total>\d+)")
+EPOCH = re.compile(r"epoch (\d+)/(\d+)$")
+# longest training first, so that the lanes finish close together (none is the cheapest)
+SCHEDULE = ("ddcat", "pirat", "sat", "none")
+THREADS_PER_STAGE = 1  # fixed, so the numbers do not depend on the machine's core count
+
+
+def stage_fraction(text: str) -> Optional[float]:
+    """The fraction of a stage done, from the last tqdm update in `text` (a piece of a launcher's
+    console output): n/total of the bar, across epochs for a training bar ("epoch e/E"); None if
+    `text` holds no bar."""
+    last = None
+    for last in PROGRESS.finditer(text):
+        pass
+    if last is None:
+        return None
+    frac = int(last["n"]) / max(int(last["total"]), 1)
+    epoch = EPOCH.search(last["desc"].strip())
+    if epoch:
+        frac = (int(epoch[1]) - 1 + frac) / max(int(epoch[2]), 1)
+    return min(max(frac, 0.0), 1.0)
+
+
+def default_jobs() -> int:
+    """Stages run at once: one per usable CPU core, at most one per method."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(len(METHODS), cores))
+
+
+class StageFailed(Exception):
+    def __init__(self, script: str, overrides: Sequence[str], code: int, tail: Sequence[str]):
+        super().__init__(f"stage {script} {' '.join(overrides)} failed (exit code {code})")
+        self.script, self.overrides, self.code, self.tail = script, list(overrides), code, list(tail)
+
+
+class Runner:
+    """Runs launchers as child processes (one thread each, own process group), `jobs` at a time, each
+    with a progress bar in its lane, and stops them all when one fails or on Ctrl-C."""
+
+    def __init__(self, jobs: int):
+        self.jobs = jobs
+        self.lock = threading.Lock()
+        self.procs: Dict[int, subprocess.Popen] = {}
+        self.failed = threading.Event()
+
+    def launch(self, script: str, overrides: Sequence[str], label: str, lane: int) -> None:
+        """Run one launcher to its end, its progress shown on bar `lane`; raise StageFailed on failure."""
+        from tqdm import tqdm
+        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS_PER_STAGE), MKL_NUM_THREADS=str(THREADS_PER_STAGE))
+        with self.lock:
+            if self.failed.is_set():
+                raise StageFailed(script, overrides, -1, ["not started: another stage failed"])
+            proc = subprocess.Popen(["sh", script, *overrides], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[proc.pid] = proc
+        tail: Deque[str] = collections.deque(maxlen=15)
+        bar = tqdm(total=100, desc=label, position=lane, leave=False,
+                   bar_format="{desc:<14} {percentage:3.0f}%|{bar:30}| {elapsed}")
+        pending = ""
+        try:
+            for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):
+                pieces = re.split(r"[\r\n]", pending + chunk.decode("utf-8", "replace"))
+                pending = pieces.pop()
+                for piece in pieces:
+                    frac = stage_fraction(piece)
+                    if frac is not None:
+                        bar.update(int(100 * frac) - bar.n)
+                    rest = PROGRESS.sub("", piece).strip()
+                    if rest:
+                        tail.append(rest)
+            if pending.strip():
+                tail.append(PROGRESS.sub("", pending).strip())
+            code = proc.wait()
+        finally:
+            bar.close()
+            with self.lock:
+                self.procs.pop(proc.pid, None)
+        if code:
+            raise StageFailed(script, overrides, code, tail)
+
+    def stop_all(self) -> None:
+        """Terminate every running launcher with its children (a training resumes from its last
+        checkpoint on the next run)."""
+        self.failed.set()
+        with self.lock:
+            procs = list(self.procs.values())
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def run_chains(runner: Runner, chains: Sequence[Callable[[int], None]]) -> None:
+    """Run the callables (each given its lane number) `runner.jobs` at a time; the first failure stops
+    the others and is raised."""
+    lanes: "queue.Queue[int]" = queue.Queue()
+    for lane in range(runner.jobs):
+        lanes.put(lane)
+
+    def on_lane(chain):
+        lane = lanes.get()
+        try:
+            chain(lane)
+        finally:
+            lanes.put(lane)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=runner.jobs) as pool:
+        futures = [pool.submit(on_lane, c) for c in chains]
+        try:
+            for f in concurrent.futures.as_completed(futures):
+                f.result()
+        except BaseException:
+            runner.stop_all()
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def ensure_dataset(cfg) -> None:
+    """Write the synthetic dataset once, before the stages that read it run side by side."""
+    if cfg.data.name == "synthetic":
+        from datasets.synthetic import ensure_synthetic
+        s = cfg.data.synthetic
+        ensure_synthetic(cfg.data.root, s.num_train, s.num_val, s.size, s.seed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the demo; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="print what each stage would do, run nothing")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="stages run at once, one thread each (default: one per CPU core, at most 4)")
     args = parser.parse_args(argv)
+    jobs = default_jobs() if args.jobs is None else args.jobs
+    if jobs < 1:
+        print(f"error: --jobs must be >= 1, got {jobs}", file=sys.stderr)
+        return 2
     os.chdir(ROOT)
     try:
         cfgs = {m: load_config(config_path(m)) for m, _ in METHODS}
@@ -227,52 +367,82 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not os.path.isfile(launcher(kind, m)):
                 print(f"error: launcher {launcher(kind, m)} not found", file=sys.stderr)
                 return 2
-    stages: List[Stage] = []
     before = earlier_times(os.path.join(OUT_DIR, "table.json"))
-    t_all = time.monotonic()
-    total = 2 * len(METHODS) + 1
-    for i, (m, _) in enumerate(METHODS):  # training stages
+    plan: Dict[str, List[Stage]] = {}
+    overrides: Dict[str, List[str]] = {}
+    for m, _ in METHODS:
         cfg = cfgs[m]
-        action, overrides = train_decision(cfg.to_dict(), read_saved_training(cfg.exp_dir))
-        print(f"\n=== stage {i + 1}/{total}: train {m} ({cfg.exp_dir}): {action}", flush=True)
-        stage = Stage(f"train {m}", action, earlier=before.get(f"train {m}"))
-        if action != "reuse" and not args.dry_run:
-            t = time.monotonic()
-            run_launcher(launcher("train", m), overrides)
-            stage.seconds = time.monotonic() - t
-        stages.append(stage)
-    for i, (m, _) in enumerate(METHODS):  # evaluation stages
-        cfg = cfgs[m]
-        action = "reuse" if eval_finished(cfg) else "evaluate"
-        print(f"\n=== stage {len(METHODS) + i + 1}/{total}: test {m}: {action}", flush=True)
-        stage = Stage(f"test {m}", action, earlier=before.get(f"test {m}"))
-        if action != "reuse" and not args.dry_run:
-            t = time.monotonic()
-            run_launcher(launcher("test", m), [])
-            stage.seconds = time.monotonic() - t
-        stages.append(stage)
+        action, overrides[m] = train_decision(cfg.to_dict(), read_saved_training(cfg.exp_dir))
+        # a stage downstream of a training that runs is redone whatever is on disk
+        test_action = "evaluate" if action != "reuse" or not eval_finished(cfg) else "reuse"
+        plan[m] = [Stage(f"train {m}", action, earlier=before.get(f"train {m}")),
+                   Stage(f"test {m}", test_action, earlier=before.get(f"test {m}"))]
+    print(f"{len(METHODS)} trainings and evaluations, {jobs} at a time ({THREADS_PER_STAGE} thread each); "
+          f"logs in each exp_dir", flush=True)
+    for m in SCHEDULE:
+        for st in plan[m]:
+            print(f"  {st.name:<12} {st.action:<8} ({cfgs[m].exp_dir})", flush=True)
     if args.dry_run:
         return 0
-    print(f"\n=== stage {total}/{total}: table", flush=True)
     first = cfgs[METHODS[0][0]]
+    try:
+        ensure_dataset(first)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runner = Runner(jobs)
+    t_all = time.monotonic()
+
+    def chain(m: str) -> Callable[[int], None]:
+        def run(lane: int) -> None:
+            from tqdm import tqdm
+            for st, kind, extra in ((plan[m][0], "train", overrides[m]), (plan[m][1], "test", [])):
+                if st.action == "reuse":
+                    continue
+                t = time.monotonic()
+                runner.launch(launcher(kind, m), extra, st.name, lane)
+                st.seconds = time.monotonic() - t
+                tqdm.write(f"done: {st.name} ({st.action}) in {format_seconds(st.seconds)}")
+        return run
+    try:
+        run_chains(runner, [chain(m) for m in SCHEDULE])
+    except StageFailed as e:
+        for line in e.tail:
+            print(f"  | {line}", file=sys.stderr)
+        print(f"error: {e}; its log is the newest in its exp_dir; finished stages are kept, re-run to continue",
+              file=sys.stderr)
+        return e.code if e.code > 0 else 1
+    except KeyboardInterrupt:
+        print("error: interrupted; finished stages are kept, re-run to continue", file=sys.stderr)
+        return 130
+    stages = [st for m, _ in METHODS for st in plan[m][:1]] + [st for m, _ in METHODS for st in plan[m][1:]]
     attacks = [a if isinstance(a, str) else a.get("label", a["name"]) for a in first.test.attacks]
     columns = table_columns(first.test.eps, attacks)
-    metrics = {}
+    metrics, results = {}, []
     for m, name in METHODS:
-        path = os.path.join(cfgs[m].test.result_dir or os.path.join(cfgs[m].exp_dir, "result"), "metrics.json")
+        result = cfgs[m].test.result_dir or os.path.join(cfgs[m].exp_dir, "result")
+        path = os.path.join(result, "metrics.json")
         try:
             with open(path) as f:
                 metrics[name] = json.load(f)
         except (OSError, ValueError) as e:
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             return 2
+        results.append(result)
     rows = table_rows(metrics, columns)
     wall = time.monotonic() - t_all
-    write_report(rows, columns, stages, wall, first)
+    write_report(rows, columns, stages, wall, first, jobs)
+    curves = os.path.join(OUT_DIR, "robustness.png")
+    try:
+        from compare_curves import compare
+        compare(results, curves, labels=[name for _, name in METHODS])
+        print(f"wrote {curves} (worst case over the attacks against eps, the four methods)")
+    except (SetupError, OSError) as e:  # e.g. evaluations without robustness.json: the table stands
+        print(f"note: no {curves}: {e}", file=sys.stderr)
     return 0
 
 
-def write_report(rows, columns, stages: List[Stage], wall: float, cfg) -> None:
+def write_report(rows, columns, stages: List[Stage], wall: float, cfg, jobs: int = 1) -> None:
     """Print the table, timings and checks; write them to OUT_DIR/table.md and table.json."""
     sea = next((a for a in cfg.test.attacks if (a == SEA_LABEL or (isinstance(a, dict) and a.get("name") == SEA_LABEL))), None)
     sea_steps = sea.get("steps", 300) if isinstance(sea, dict) else 300
@@ -285,8 +455,8 @@ def write_report(rows, columns, stages: List[Stage], wall: float, cfg) -> None:
     timing = "\n".join(f"- {s.name}: {format_seconds(s.seconds, s.earlier)}" for s in stages) + \
         f"\n- whole demo (this run): {format_seconds(wall)}"
     text = (f"{header}\n\n{table}\n\nChecks:\n" + "\n".join(f"- [{'x' if ok else ' '}] {c}" for c, ok in checks)
-            + f"\n\nWall time per stage ({os.cpu_count()} CPU cores, OMP_NUM_THREADS="
-            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}):\n{timing}\n")
+            + f"\n\nWall time per stage ({os.cpu_count()} CPU cores; {jobs} stage(s) at a time, "
+            f"{THREADS_PER_STAGE} thread each):\n{timing}\n")
     print("\n" + text)
     os.makedirs(OUT_DIR, exist_ok=True)
     for name, content in (("table.md", text), ("table.json", json.dumps(
@@ -294,7 +464,7 @@ def write_report(rows, columns, stages: List[Stage], wall: float, cfg) -> None:
              "checks": [{"check": c, "ok": ok} for c, ok in checks],
              "stages": [{"stage": s.name, "action": s.action, "seconds": s.seconds, "earlier": s.earlier}
                         for s in stages],
-             "wall_seconds": wall, "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+             "wall_seconds": wall, "cpu_count": os.cpu_count(), "jobs": jobs, "threads_per_stage": THREADS_PER_STAGE,
              "platform": platform.platform()}, indent=1))):
         tmp = os.path.join(OUT_DIR, name + ".tmp")
         with open(tmp, "w") as f:

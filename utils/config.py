@@ -297,6 +297,7 @@ RULES: Dict[str, Rule] = {
     "model.weights": PATH,
     "train.method": text(),
     "train.attack": mapping_of(Rule(lambda v: True, "any value")),
+    "train.attack_warmup_epochs": INT_GE0,
     "train.sat.adv_fraction": fraction(),
     "train.ddcat.adv_fraction": fraction(),
     "train.ddcat.mask_ignore": one_of(True, False),

@@ -25,7 +25,9 @@ Fixed from the published scripts (each changes cost only, not results):
 - the routed forwards only need an argmax: two no-grad eval forwards of the clean part (x and
   x_adv) replace the original's grad-enabled forward of the whole batch at every attack step plus
   one on the final adversarial batch (ddcat.md §9 item 14); the clean part's division labels were
-  the only ones used, so the adversarial part's are not computed;
+  the only ones used, so the adversarial part's are not computed; and when the attack starts at the
+  clean image (no random start, as published) the routed prediction of x comes from the attack's
+  first forward (`main_and_routed`: f_a and f_m on the same backbone features, without gradients);
 - the attack runs on the unwrapped model with input gradients only (`Defense.adversarial`), not
   through DDP with every other loss added times 0 and parameter gradients zeroed (§9 item 15);
 - the logs keep the routed CE, the mask CE and the aux CE apart (the original's "MainLoss" summed
@@ -34,7 +36,7 @@ Fixed from the published scripts (each changes cost only, not results):
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +73,9 @@ class DDCAT(Defense):
 
     def cost_bound(self) -> float:
         """(2k + 2 * clean share + 3) / 3: the attack on the whole batch, the two no-grad routed
-        forwards of the clean part, one training step."""
+        forwards of the clean part, one training step (the published method's pass count; here the
+        clean part's routed forward shares the attack's first backbone pass when the attack starts at
+        the clean image, and only its f_a and f_m heads run on their own)."""
         return (self.attack_passes() + 2.0 * (1.0 - self.adv_fraction) + 3.0) / 3.0
 
     def describe(self) -> str:
@@ -81,11 +85,14 @@ class DDCAT(Defense):
                 + f"; mask CE over {mask}")
 
     @torch.no_grad()
-    def division_labels(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
-        """M [B,H,W] (long): 1 where the eval-mode routed prediction of x_adv differs from that of x."""
+    def division_labels(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor,
+                        p_clean: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """M [B,H,W] (long): 1 where the eval-mode routed prediction of x_adv differs from that of x
+        (`p_clean`: that of x when already known)."""
         net = dist.unwrap(model)
         with attack_mode(net):
-            p_clean = class_map(route(net.outputs(x)))
+            if p_clean is None:
+                p_clean = class_map(route(net.outputs(x)))
             p_adv = class_map(route(net.outputs(x_adv)))
         return (p_adv != p_clean).long()
 
@@ -93,10 +100,20 @@ class DDCAT(Defense):
         """(images [x[:n]; x_adv[n:]], mask labels [M; 0], n clean images)."""
         x, y = batch["image"], batch["label"]
         n_clean = clean_count(x.shape[0], self.adv_fraction)
-        x_adv = self.adversarial(model, x, y, batch["index"])  # the whole batch: see the module docstring
+        first: dict = {}
+
+        def forward(net, inp):  # the attack's first forward at the clean batch also routes its clean part
+            if not first:
+                first["clean"] = bool(n_clean) and torch.equal(inp, x)
+                if first["clean"]:
+                    out, first["p_clean"] = net.main_and_routed(inp, n_clean)
+                    return out
+            return net(inp)
+        # the whole batch: see the module docstring
+        x_adv = self.adversarial(model, x, y, batch["index"], forward=forward)
         m = torch.zeros_like(y)
         if n_clean:
-            m[:n_clean] = self.division_labels(model, x[:n_clean], x_adv[:n_clean])
+            m[:n_clean] = self.division_labels(model, x[:n_clean], x_adv[:n_clean], first.get("p_clean"))
         return torch.cat([x[:n_clean], x_adv[n_clean:]]), m, n_clean
 
     def loss(self, model, batch):

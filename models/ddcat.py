@@ -11,7 +11,7 @@ mode, ``"aux"``. Eval-mode ``model(x)`` returns o_n only and computes neither cl
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -55,6 +55,19 @@ class _DDCATMixin:
             return self.outputs(x)
         _, ctx = self.features(self.normalize(x))  # deployed model: f_n only
         return upsample(self.cls1(ctx), x.shape[-2:])
+
+    def main_and_routed(self, x: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Eval mode: o_n of x as ``model(x)`` gives it (differentiable) and, without gradients, the
+        routed class map of its first n images (as ``class_map(route(self.outputs(x[:n])))``) from
+        the same backbone pass, so DDC-AT's clean routed forward comes with the attack's first one."""
+        size = x.shape[-2:]
+        _, ctx = self.features(self.normalize(x))
+        out = upsample(self.cls1(ctx), size)
+        with torch.no_grad():
+            c = ctx[:n].detach()
+            routed = route({"out": out[:n].detach(), "adv": upsample(self.cls2(c), size),
+                            "mask": upsample(self.mask1(c), size)})
+        return out, class_map(routed)
 
 
 class PSPNetDDCAT(_DDCATMixin, PSPNet):

@@ -247,6 +247,34 @@ def test_ddcat_division_labels_equal_a_direct_computation(ddcat_setup):
     assert (mixed[2:] - x[2:]).abs().max() > 0.5 * EPS
 
 
+def test_ddcat_main_and_routed_equals_the_separate_forwards(ddcat_setup):
+    """The attack's first forward (main_and_routed) gives model(x) and the routed class map of the first
+    n images as two separate forwards would; with a random start the defense routes x on its own and
+    gets the same division labels from either path."""
+    from models.ddcat import route
+    from utils.metrics import class_map
+    cfg, net, batch = ddcat_model(ddcat_setup)
+    x = batch["image"]
+    net.eval()
+    out, routed = net.main_and_routed(x, 2)
+    with torch.no_grad():
+        assert torch.allclose(out, net(x), atol=1e-5) and out.requires_grad
+        direct = class_map(route(net.outputs(x[:2])))
+    assert torch.equal(routed, direct) and routed.shape == (2, *x.shape[-2:])
+    defense = build_defense(cfg)
+    x_adv = x + 4 / 255 * torch.sign(torch.randn_like(x))
+    assert torch.equal(defense.division_labels(net, x[:2], x_adv[:2], routed),
+                       defense.division_labels(net, x[:2], x_adv[:2]))
+    net.train()
+    _, m, n = build_defense(load_config(*_ddcat_cfg_args(ddcat_setup, "train.attack={random_start: true}"))
+                            ).training_batch(net, batch)
+    assert n == 2 and net.training and m[:2].any() and not m[2:].any()
+
+
+def _ddcat_cfg_args(ddcat_setup, *overrides):
+    return str(ddcat_setup[0]), ["train.method=ddcat", "model.name=pspnet_ddcat", *SMALL, *overrides]
+
+
 class _Calls:
     """(training, grad enabled, rows) of every forward of a module."""
 
@@ -278,13 +306,16 @@ def test_ddcat_iteration_gradients_by_closed_form(ddcat_setup, mask_ignore):
                 t.retain_grad()
             captured.update(out)
     hooks = [net.register_forward_hook(keep)]
-    mask_calls, dropout_calls = _Calls(net.mask1), _Calls(net.mask1[3])
+    mask_calls, dropout_calls, main_calls = _Calls(net.mask1), _Calls(net.mask1[3]), _Calls(net.cls1)
     seen: list = []
-    hooks += [attack_phase_probe(net, seen), mask_calls.handle, dropout_calls.handle]
+    hooks += [attack_phase_probe(net, seen), mask_calls.handle, dropout_calls.handle, main_calls.handle]
     loss, logs = defense.loss(net, batch)
     for h in hooks:
         h.remove()
     assert mask_calls.calls == [(False, False, 2), (False, False, 2), (True, True, 4)]
+    # the clean half's routed forward shares the attack's first pass: f_n runs 3 x (attack), once for
+    # the routed prediction of the adversarial half, once in training
+    assert main_calls.calls == [(False, True, 4)] * 3 + [(False, False, 2), (True, True, 4)]
     assert dropout_calls.calls[-1][0]  # the routing comes from the mask head with dropout on
     assert defense.attack.counter.forward == 3 * 4  # the whole batch: clean half for M, the rest to train on
     mask_params = list(net.mask1.parameters())

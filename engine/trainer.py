@@ -396,7 +396,7 @@ class Trainer:
         if attack is not None and t.attack_warmup_epochs:
             eps = attack.options.get("eps", 0.0) * attack.scale
             self._scalar("train/attack_eps", eps, self.epoch)
-            if self.epoch <= t.attack_warmup_epochs:
+            if attack.scale < 1.0:
                 self.log.info(f"epoch {self.epoch + 1}: training attack at {attack.scale:.3g} x eps ({eps:.3g}/255, warm-up)")
         done = self.iteration - self.epoch * self.iters_per_epoch  # > 0 when resumed mid-epoch
         self.sampler.skip(done * self.batch)

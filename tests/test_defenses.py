@@ -821,7 +821,7 @@ def test_pirat_one_iteration_touches_what_it_should(tiny_config, tmp_path, monke
     assert all(int(v) == 1 for k, v in model.state_dict().items() if k.endswith("num_batches_tracked"))
 
 
-def test_attack_warmup_is_logged_per_epoch(tiny_config, monkeypatch, caplog):
+def test_attack_warmup_is_logged_per_epoch(tiny_config, monkeypatch):
     """The trainer sets the warm-up factor at every epoch start, logs the eps of each warm-up epoch
     and writes train/attack_eps per epoch (steps skipped here: only the bookkeeping is under test)."""
     import logging
@@ -832,14 +832,23 @@ def test_attack_warmup_is_logged_per_epoch(tiny_config, monkeypatch, caplog):
     scalars, eps = [], []
     monkeypatch.setattr(trainer, "_scalar", lambda tag, value, step: scalars.append((tag, value, step)))
     monkeypatch.setattr(trainer, "train_step", lambda batch: eps.append(trainer.defense.attack.kwargs["eps"]))
-    with caplog.at_level(logging.INFO):
+    records: list = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # on the trainer's own logger: it may not propagate to the root
+    trainer.log.addHandler(handler)
+    level = trainer.log.level
+    trainer.log.setLevel(logging.INFO)
+    try:
         for epoch in range(3):
             trainer.epoch = epoch
             trainer.train_epoch()
+    finally:
+        trainer.log.removeHandler(handler)
+        trainer.log.setLevel(level)
     logged = [(s, v) for t, v, s in scalars if t == "train/attack_eps"]
     assert [s for s, _ in logged] == [0, 1, 2] and [v for _, v in logged] == pytest.approx([4 / 3, 8 / 3, 4.0])
     assert sorted(set(round(e * 255, 6) for e in eps)) == pytest.approx([4 / 3, 8 / 3, 4.0])
-    warm = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    warm = [r.getMessage() for r in records if "warm-up" in r.getMessage()]
     assert warm == ["epoch 1: training attack at 0.333 x eps (1.33/255, warm-up)",
                     "epoch 2: training attack at 0.667 x eps (2.67/255, warm-up)"]
 

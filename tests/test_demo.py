@@ -131,9 +131,10 @@ def test_bad_config_is_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # main() moves to the repository root; undone after the test
     monkeypatch.setattr(demo, "config_path", lambda m: str(tmp_path / "missing.yaml"))
     assert demo.main(["--dry-run"]) == 2
-    assert demo.main(["--jobs", "0", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.yaml" in err[0]
+    assert demo.main(["--jobs", "0", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --jobs must be >= 1, got 0"
 
 
 def test_help():

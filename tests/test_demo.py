@@ -200,6 +200,7 @@ def test_runner_stops_the_others_when_a_stage_fails(tmp_path):
 def test_failing_stage_exits_with_its_code(monkeypatch, capsys):
     def fail(self, script, overrides, label, lane):
         raise demo.StageFailed(script, overrides, 3, ["Traceback ...", "SetupError: x"])
+    monkeypatch.chdir(os.getcwd())  # main() moves to the repository root; undone after the test
     monkeypatch.setattr(demo.Runner, "launch", fail)
     monkeypatch.setattr(demo, "read_saved_training", lambda exp_dir: None)
     monkeypatch.setattr(demo, "ensure_dataset", lambda cfg: None)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -188,11 +189,11 @@ def test_runner_stops_the_others_when_a_stage_fails(tmp_path):
     slow = _script(tmp_path / "slow.sh", f"sleep 30\necho finished > {tmp_path / 'slow.done'}\n")
     bad = _script(tmp_path / "bad.sh", "echo 'error: something named here'\nexit 3\n")
     runner = demo.Runner(2)
-    t = __import__("time").monotonic()
+    t = time.monotonic()
     with pytest.raises(demo.StageFailed) as e:
         demo.run_chains(runner, [lambda lane: runner.launch(slow, [], "slow", lane),
-                                 lambda lane: (__import__("time").sleep(0.5), runner.launch(bad, ["x=1"], "bad", lane))])
-    assert __import__("time").monotonic() - t < 20 and not (tmp_path / "slow.done").exists()
+                                 lambda lane: (time.sleep(0.5), runner.launch(bad, ["x=1"], "bad", lane))])
+    assert time.monotonic() - t < 20 and not (tmp_path / "slow.done").exists()
     assert e.value.code == 3 and "bad.sh x=1 failed (exit code 3)" in str(e.value)
     assert e.value.tail == ["error: something named here"]
 

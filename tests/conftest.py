@@ -7,7 +7,12 @@ import sys
 from dataclasses import dataclass
 
 import pytest
-import torch
+
+# The suite tests the CPU build's behaviour, bit-for-bit comparisons included (cuDNN kernels are not
+# deterministic), and the launchers' CPU paths; a visible GPU would move `device: auto` runs onto it.
+# Hidden before torch initialises CUDA, for this process and every launcher it starts.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

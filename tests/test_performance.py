@@ -20,7 +20,7 @@ import benchmark  # noqa: E402
 from attacks import ATTACKS, LOSSES, build_attack  # noqa: E402
 from attacks.apgd import MOMENTUM, RHO, checkpoint_params, prr_schedule  # noqa: E402
 from attacks.base import project  # noqa: E402
-from attacks.losses import PixelTerms  # noqa: E402
+from attacks.losses import PixelTerms, pixel_loss  # noqa: E402
 from utils.metrics import class_map  # noqa: E402
 
 IGN = 255
@@ -29,14 +29,26 @@ SYNTHETIC = os.path.join(ROOT, "config", "synthetic", "synthetic_pspnet18_none.y
 
 # ----------------------------------------------------------------------------- class maps, shared terms
 
+@pytest.mark.parametrize("nan", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_class_map_equals_argmax_with_ties_and_nan(dtype):
+def test_class_map_equals_argmax_with_ties_and_nan(dtype, nan):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 3, (3, 7, 5, 6), generator=g).to(dtype)  # many ties
-    x[0, 4, 1, 1] = float("nan")
+    x[1, :, 2, 2] = float("-inf")                                  # a pixel where every class ties
+    x[2, 5, 3, 3] = float("inf")
+    if nan:
+        x[0, 4, 1, 1] = float("nan")
     assert (x == x.max(1, keepdim=True).values).sum(1).max() > 1   # there are ties to break
     assert torch.equal(class_map(x), x.argmax(1))
     assert torch.equal(class_map(x, 0), x.argmax(0))
+    assert torch.equal(class_map(x, -1), x.argmax(-1))
+
+
+@pytest.mark.parametrize("classes", [1, 2, 151])
+def test_class_map_equals_argmax_on_scores(classes):
+    x = torch.randn(2, classes, 9, 4, generator=torch.Generator().manual_seed(classes))
+    assert torch.equal(class_map(x), x.argmax(1))
+    assert class_map(x).dtype == torch.int64
 
 
 @pytest.mark.parametrize("classes", [2, 21, 151])
@@ -50,6 +62,28 @@ def test_shared_ce_is_cross_entropy_bit_for_bit(classes):
     assert torch.equal(t.ce, plain)
     assert torch.equal(torch.autograd.grad(t.ce.sum(), z)[0], torch.autograd.grad(plain.sum(), z)[0])
     assert torch.equal(t.hit, (z.argmax(1) == y) & (y != IGN))
+
+
+@pytest.mark.parametrize("classes", [2, 21, 151])
+def test_norm_correct_logit_loss_and_gradient_are_autograds_bit_for_bit(classes):
+    """The fused backward of mask-norm-corrlog gives autograd's gradient of the plain expression,
+    including at an all-zero logit vector (zero norm) and at ignored pixels."""
+    g = torch.Generator().manual_seed(classes)
+    z = (torch.randn(2, classes, 7, 5, generator=g) * 4)
+    y = torch.randint(0, classes, (2, 7, 5), generator=g)
+    y[:, 0] = IGN
+    z[0, :, 3, 2] = 0.0                                            # ||z|| = 0 (argmax 0 = y: counted)
+    z[1, :, 4, 4] = 1e-14                                          # 0 < ||z|| < the clamp
+    y[0, 3, 2] = y[1, 4, 4] = 0
+    z = z.requires_grad_(True)
+    w = torch.rand(2, 7, 5, generator=g)                           # an upstream gradient with varied values
+    fast = pixel_loss("mask-norm-corrlog", z, y, ignore_index=IGN)
+    plain = plain_loss("mask-norm-corrlog", z, y)
+    assert torch.equal(fast, plain)
+    g_fast, = torch.autograd.grad((fast * w).sum(), z)
+    g_plain, = torch.autograd.grad((plain * w).sum(), z)
+    assert g_plain.abs().sum() > 0 and torch.isfinite(g_plain).all()
+    assert torch.equal(g_fast, g_plain)
 
 
 # ----------------------------------------------------------------------------- reference attacks

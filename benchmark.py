@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.errors import SetupError
+from utils.perf import keep_cpu_memory
 
 ATTACK_EPS, ATTACK_ALPHA = 8.0, 2.0  # config units (1/255)
 
@@ -103,22 +104,28 @@ class Meter:
         self.sync()
         return self.clock() - t
 
+    # Peaks are read over an untimed warm-up run right after reset_peak: the reset hands freed memory
+    # back to the OS, and the timed runs must not pay for faulting it in again (utils.perf).
     def median(self, fn: Callable[[], object]) -> Tuple[float, float]:
         """(median seconds over the repeats, peak MB) of fn()."""
         fn()  # warm-up (allocator, lazy initialisation, autotuning)
         self.reset_peak()
+        fn()
+        peak = self.peak_mb()
         times = [self.once(fn) for _ in range(self.repeats)]
-        return statistics.median(times), self.peak_mb()
+        return statistics.median(times), max(peak, self.peak_mb())
 
     def paired(self, fn: Callable[[], object], ref: Callable[[], object]) -> Tuple[float, float, float]:
         """(median seconds of fn, median ratio fn / ref, peak MB of fn), each repeat timing ref then fn."""
-        fn(), ref()
-        times, ratios, peak = [], [], 0.0
+        fn()
+        self.reset_peak()
+        fn()
+        peak = self.peak_mb()
+        ref()
+        times, ratios = [], []
         for _ in range(self.repeats):
             base = self.once(ref)
-            self.reset_peak()
             times.append(self.once(fn))
-            peak = max(peak, self.peak_mb())
             ratios.append(times[-1] / base)
         return statistics.median(times), statistics.median(ratios), peak
 
@@ -128,8 +135,8 @@ class Meter:
         of n2 and n1 iterations. Each repeat times n2 - n1 calls of floor(), run(n1) and run(n2) back
         to back and takes its own ratio, so a drift in the machine's speed hits numerator and
         denominator alike, and both average over the same number of passes."""
-        run(n1)
         self.reset_peak()
+        run(n1)
         diffs, ratios = [], []
         k = n2 - n1
 
@@ -397,6 +404,8 @@ def run(config: str, batch: int = 4, size: Tuple[int, int] = (97, 97), classes: 
         kinds=("model", "attack", "defense", "aggregation"), aggregation=(2000, 3, 151)) -> List[Row]:
     """Every row for one config (see the module docstring)."""
     dev = torch.device(device)
+    if dev.type == "cpu":
+        keep_cpu_memory()  # as train.py and test.py run on the CPU (engine.common.setup_runtime)
     meter = Meter(dev, repeats)
     cfg = load_benchmark_config(config, classes)
     model = build_for(cfg, dev)

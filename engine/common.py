@@ -10,11 +10,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from utils import dist
 from utils.errors import SetupError
+from utils.perf import keep_cpu_memory
 
 
 def setup_runtime(cfg) -> torch.device:
-    """Pick the device and join the process group (torchrun) if there is one."""
+    """Pick the device and join the process group (torchrun) if there is one. CPU runs keep freed
+    memory for reuse (utils.perf.keep_cpu_memory)."""
     device = dist.select_device(cfg.device)
+    if device.type == "cpu":
+        keep_cpu_memory()
     dist.init_distributed(device)
     return device
 

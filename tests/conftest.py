@@ -21,6 +21,9 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
 
 from utils.config import load_config  # noqa: E402
+from utils.perf import keep_cpu_memory  # noqa: E402
+
+keep_cpu_memory()  # as every CPU run of train.py / test.py does (engine.common.setup_runtime)
 
 TINY = """
 exp_dir: {exp}

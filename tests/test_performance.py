@@ -86,6 +86,43 @@ def test_norm_correct_logit_loss_and_gradient_are_autograds_bit_for_bit(classes)
     assert torch.equal(g_fast, g_plain)
 
 
+KEEP_MEMORY_PROBE = """
+import resource, statistics, sys
+import torch
+import torch.nn.functional as F
+sys.path.insert(0, sys.argv[2])
+from utils.perf import keep_cpu_memory
+if sys.argv[1] == "keep" and not keep_cpu_memory():
+    print(-1); sys.exit()
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 151, 1))
+x, y = torch.rand(4, 3, 128, 128), torch.randint(0, 151, (4, 128, 128))
+faults = []
+for _ in range(6):  # attack iterations: forward, CE, input gradient (logits of 40 MB)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    xa = x.clone().requires_grad_(True)
+    torch.autograd.grad(F.cross_entropy(net(xa), y), xa)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(statistics.median(faults[2:]))
+"""
+
+
+def test_keep_cpu_memory_stops_page_faults_in_repeated_iterations():
+    """With glibc's defaults every iteration faults its large tensors in anew; kept, the steady state
+    reuses the heap (utils.perf.keep_cpu_memory, set by setup_runtime and benchmark.py on the CPU)."""
+    def faults(mode):
+        r = subprocess.run([sys.executable, "-c", KEEP_MEMORY_PROBE, mode, ROOT], capture_output=True,
+                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stderr
+        return float(r.stdout)
+    kept = faults("keep")
+    if kept < 0:
+        pytest.skip("not glibc: mallopt is unavailable")
+    default = faults("default")
+    assert default > 5000, default                                 # 4 KiB pages of the 40 MB tensors, each time
+    assert kept * 10 < default, (kept, default)
+
+
 # ----------------------------------------------------------------------------- reference attacks
 
 def plain_loss(name, z, y, weights=None, step=0, steps=1):

@@ -14,7 +14,7 @@ Rows (printed as a table, written as a JSON list with ``--out``):
                = the method's pass count in clean-step units (``Defense.cost_bound``: (2k+3)/3 for
                PIR-AT with k attack steps)
   aggregation  the worst case over attacks for N images x A attacks x C classes (utils.metrics)
-Each figure is the median of ``--repeats`` timed runs after a warm-up: process CPU time on the CPU
+Each figure is the median (``--stat min``: the minimum) of ``--repeats`` timed runs after a warm-up: process CPU time on the CPU
 (robust to other jobs sharing the cores; ``--threads`` intra-op threads), wall time on the GPU.
 ``peak_mb``: the peak resident memory during the row (CPU; freed memory is returned to the OS and the
 high-water mark reset before each row) or the peak CUDA memory allocated.
@@ -58,10 +58,14 @@ class Row:
 
 # ------------------------------------------------------------------ clocks and memory
 class Meter:
-    """Times a callable (median of repeats after one warm-up) and reads its peak memory."""
+    """Times a callable (median, or minimum, of repeats after one warm-up) and reads its peak memory.
 
-    def __init__(self, device: torch.device, repeats: int):
-        self.device, self.repeats = device, repeats
+    ``stat="min"`` takes the fastest repeat of each quantity instead (timeit's advice where other load
+    only ever adds time): per-iteration costs become (min n2-run - min n1-run) / (n2 - n1) and ratios
+    use the fastest floor."""
+
+    def __init__(self, device: torch.device, repeats: int, stat: str = "median"):
+        self.device, self.repeats, self.stat = device, repeats, stat
         self.clock = time.process_time if device.type == "cpu" else time.perf_counter
         self._libc = None
         if device.type == "cpu" and sys.platform.startswith("linux"):
@@ -113,7 +117,11 @@ class Meter:
         fn()
         peak = self.peak_mb()
         times = [self.once(fn) for _ in range(self.repeats)]
-        return statistics.median(times), max(peak, self.peak_mb())
+        return self.pick(times), max(peak, self.peak_mb())
+
+    def pick(self, xs: List[float]) -> float:
+        """The statistic over repeats: median, or minimum with ``stat="min"``."""
+        return min(xs) if self.stat == "min" else statistics.median(xs)
 
     def paired(self, fn: Callable[[], object], ref: Callable[[], object]) -> Tuple[float, float, float]:
         """(median seconds of fn, median ratio fn / ref, peak MB of fn), each repeat timing ref then fn."""
@@ -122,34 +130,39 @@ class Meter:
         fn()
         peak = self.peak_mb()
         ref()
-        times, ratios = [], []
+        bases, times = [], []
         for _ in range(self.repeats):
-            base = self.once(ref)
+            bases.append(self.once(ref))
             times.append(self.once(fn))
-            ratios.append(times[-1] / base)
-        return statistics.median(times), statistics.median(ratios), peak
+        if self.stat == "min":
+            return min(times), min(times) / min(bases), peak
+        return statistics.median(times), statistics.median([t / b for t, b in zip(times, bases)]), peak
 
     def per_iteration(self, run: Callable[[int], object], n1: int, n2: int,
                       floor: Callable[[], object]) -> Tuple[float, float, float]:
         """(median seconds per iteration, median ratio to `floor`, peak MB) of run(n), by difference
-        of n2 and n1 iterations. Each repeat times n2 - n1 calls of floor(), run(n1) and run(n2) back
-        to back and takes its own ratio, so a drift in the machine's speed hits numerator and
-        denominator alike, and both average over the same number of passes."""
+        of n2 and n1 iterations (``stat="min"``: see the class docstring). Each repeat times n2 - n1
+        calls of floor(), run(n1) and run(n2) back to back and takes its own ratio, so a drift in the
+        machine's speed hits numerator and denominator alike, and both average over the same number
+        of passes."""
         self.reset_peak()
         run(n1)
-        diffs, ratios = [], []
+        bases, t1s, t2s = [], [], []
         k = n2 - n1
 
         def floors():
             for _ in range(k):
                 floor()
         for _ in range(self.repeats):
-            base = self.once(floors) / k
-            t1 = self.once(lambda: run(n1))
-            t2 = self.once(lambda: run(n2))
-            diffs.append(max((t2 - t1) / (n2 - n1), 0.0))
-            ratios.append(diffs[-1] / base)
-        return statistics.median(diffs), statistics.median(ratios), self.peak_mb()
+            bases.append(self.once(floors) / k)
+            t1s.append(self.once(lambda: run(n1)))
+            t2s.append(self.once(lambda: run(n2)))
+        if self.stat == "min":
+            diff = max((min(t2s) - min(t1s)) / k, 0.0)
+            return diff, diff / min(bases), self.peak_mb()
+        diffs = [max((t2 - t1) / k, 0.0) for t1, t2 in zip(t1s, t2s)]
+        return (statistics.median(diffs), statistics.median([d / b for d, b in zip(diffs, bases)]),
+                self.peak_mb())
 
 
 # ------------------------------------------------------------------ the model and its batch
@@ -384,7 +397,7 @@ def aggregation_row(meter: Meter, n: int = 2000, attacks: int = 3, classes: int 
         worst_case(inter, union, tgt)
         times.append(time.perf_counter() - t)
     return Row(f"worst case, {n} images x {attacks} attacks x {classes} classes", "aggregation",
-               statistics.median(times) * 1e3, None, None, meter.peak_mb())
+               meter.pick(times) * 1e3, None, None, meter.peak_mb())
 
 
 # ------------------------------------------------------------------ report
@@ -401,12 +414,13 @@ def format_rows(rows: List[Row]) -> str:
 
 def run(config: str, batch: int = 4, size: Tuple[int, int] = (97, 97), classes: Optional[int] = None,
         iters: int = 10, device: str = "cpu", amp: Optional[str] = None, repeats: int = 3,
-        kinds=("model", "attack", "defense", "aggregation"), aggregation=(2000, 3, 151)) -> List[Row]:
+        kinds=("model", "attack", "defense", "aggregation"), aggregation=(2000, 3, 151),
+        stat: str = "median") -> List[Row]:
     """Every row for one config (see the module docstring)."""
     dev = torch.device(device)
     if dev.type == "cpu":
         keep_cpu_memory()  # as train.py and test.py run on the CPU (engine.common.setup_runtime)
-    meter = Meter(dev, repeats)
+    meter = Meter(dev, repeats, stat)
     cfg = load_benchmark_config(config, classes)
     model = build_for(cfg, dev)
     data = make_batch(cfg, model, batch, size, dev)
@@ -433,6 +447,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--amp", default=None, choices=("bf16", "fp16"), help="autocast for forward/backward")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stat", default="median", choices=("median", "min"),
+                    help="over the repeats (min: the fastest; median_ms then holds it)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads on the CPU (default: torch's)")
     ap.add_argument("--only", default="model,attack,defense,aggregation", help="comma-separated row kinds")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -454,12 +470,12 @@ def main(argv=None) -> int:
             raise SetupError(f"--only: unknown row kind(s) {bad}; valid: model, attack, defense, aggregation")
         if a.threads:
             torch.set_num_threads(a.threads)
-        rows = run(a.config, a.batch, size, a.classes, a.iters, a.device, a.amp, a.repeats, kinds)
+        rows = run(a.config, a.batch, size, a.classes, a.iters, a.device, a.amp, a.repeats, kinds, stat=a.stat)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{a.config}: batch {a.batch}x3x{size[0]}x{size[1]}, device {a.device}, amp {a.amp or 'off'}, "
-          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
+          f"{torch.get_num_threads()} thread(s), {a.stat} of {a.repeats}, torch {torch.__version__}")
     print(format_rows(rows))
     if a.out:
         with open(a.out, "w") as f:

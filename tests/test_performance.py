@@ -349,6 +349,28 @@ def test_benchmark_rows_cover_every_attack_and_method_with_their_bounds():
     assert rows[-1].kind == "aggregation" and rows[-1].name.startswith("worst case, 50 images x 3 attacks x 151")
 
 
+@pytest.mark.parametrize("stat,diff,ratio,single,single_ratio", [
+    ("median", 1.2, 1.0, 2.5, 1.25),  # per-repeat diffs 1.2, 0.5, 1.2 and ratios 1.2, 0.25, 1.0
+    ("min", 1.0, 1.0, 2.0, 2.0),      # (min t2 - min t1) / 2 over the fastest floor
+])
+def test_benchmark_meter_statistics_on_a_scripted_clock(stat, diff, ratio, single, single_ratio):
+    """per_iteration and paired on known durations: the median of per-repeat figures, or the
+    fastest repeat of each timed quantity."""
+    meter = benchmark.Meter(torch.device("cpu"), repeats=3, stat=stat)
+    meter.reset_peak = lambda: None
+    durations = iter([2.0, 1.0, 3.4, 4.0, 2.0, 3.0, 2.4, 1.2, 3.6])  # (2 floors, run(n1), run(n2)) x 3
+    clock = iter(sum(([0.0, d] for d in durations), []))
+    meter.clock = lambda: next(clock)
+    calls = []
+    t, r, _ = meter.per_iteration(lambda n: calls.append(n), 1, 3, lambda: calls.append("floor"))
+    assert (t, r) == pytest.approx((diff, ratio))
+    assert calls == [1] + ["floor", "floor", 1, 3] * 3                # warm-up, then every repeat
+    durations = iter([2.0, 2.0, 1.0, 3.0, 2.0, 2.5])                  # (ref, fn) x 3
+    clock = iter(sum(([0.0, d] for d in durations), []))
+    t, r, _ = meter.paired(lambda: None, lambda: None)
+    assert (t, r) == pytest.approx((single, single_ratio))          # fn 2, 3, 2.5; ratios 1, 3, 1.25
+
+
 def test_benchmark_cli_writes_json_and_refuses_bad_arguments(tmp_path, capsys):
     out = tmp_path / "rows.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -14,8 +14,9 @@ Rows (printed as a table, written as a JSON list with ``--out``):
                = the method's pass count in clean-step units (``Defense.cost_bound``: (2k+3)/3 for
                PIR-AT with k attack steps)
   aggregation  the worst case over attacks for N images x A attacks x C classes (utils.metrics)
-Each figure is the median (``--stat min``: the minimum) of ``--repeats`` timed runs after a warm-up: process CPU time on the CPU
-(robust to other jobs sharing the cores; ``--threads`` intra-op threads), wall time on the GPU.
+Each figure is the median (``--stat min``: the minimum) of ``--repeats`` timed runs after a warm-up:
+process CPU time on the CPU (robust to other jobs sharing the cores; ``--threads`` intra-op threads),
+wall time on the GPU.
 ``peak_mb``: the peak resident memory during the row (CPU; freed memory is returned to the OS and the
 high-water mark reset before each row) or the peak CUDA memory allocated.
 

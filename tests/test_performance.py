@@ -119,7 +119,9 @@ def test_keep_cpu_memory_stops_page_faults_in_repeated_iterations():
     if kept < 0:
         pytest.skip("not glibc: mallopt is unavailable")
     default = faults("default")
-    assert default > 5000, default                                 # 4 KiB pages of the 40 MB tensors, each time
+    # the 40 MB tensors fault in anew each iteration: ~10,000 4 KiB pages, or ~20 where transparent
+    # huge pages are always on
+    assert default >= 20, default
     assert kept * 10 < default, (kept, default)
 
 

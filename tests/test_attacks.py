@@ -55,6 +55,40 @@ def test_js_bounds_and_no_nan_when_softmax_underflows():
     assert torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("scale", [3.0, 60.0])
+def test_cospgd_cosine_from_the_log_softmax_equals_the_definition(scale):
+    """CosPGD's factor, computed from the CE's log-softmax, is cos(softmax(z), onehot(y)) in float32 at
+    151 classes, also where the softmax saturates (scale 60: p_y underflows to 0 or is 1)."""
+    g = torch.Generator().manual_seed(1)
+    z = (torch.randn(2, 151, 9, 7, generator=g) * scale).requires_grad_(True)
+    y = torch.randint(0, 151, (2, 9, 7), generator=g)
+    y[0, :3] = z.detach().argmax(1)[0, :3]
+    p = F.softmax(z.detach().double(), 1)
+    onehot = F.one_hot(y, 151).permute(0, 3, 1, 2).double()
+    cos = F.cosine_similarity(p, onehot, dim=1)
+    assert (cos > 0.5).any() and (cos < 1e-3).any()             # both regimes present
+    ce = F.cross_entropy(z.double(), y, reduction="none")
+    got = pixel_loss("cospgd", z, y)
+    assert torch.allclose(got.double(), cos * ce, rtol=1e-5, atol=1e-6)
+    (gz,) = torch.autograd.grad(got.sum(), z)                  # the factor is detached: cos * dCE/dz
+    (ref,) = torch.autograd.grad((cos.float().detach() * F.cross_entropy(z, y, reduction="none")).sum(), z)
+    assert torch.allclose(gz, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_pixel_terms_first_asked_under_no_grad_stay_differentiable():
+    from attacks.losses import PixelTerms
+    z, y = _logits_labels()
+    z.requires_grad_(True)
+    t = PixelTerms(z, y, IGN)
+    with torch.no_grad():
+        t.logp
+        t.logp_y
+    assert "logp" not in t.__dict__                              # the full log-softmax is not held on
+    (g,) = torch.autograd.grad(t.ce.sum(), z)
+    (ref,) = torch.autograd.grad(F.cross_entropy(z, y, ignore_index=IGN, reduction="sum"), z)
+    assert torch.allclose(g, ref)
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES.names()))
 def test_loss_zero_value_and_gradient_at_ignored_pixels(name):
     z, y = _logits_labels(seed=1)

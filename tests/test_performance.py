@@ -148,8 +148,9 @@ def plain_loss(name, z, y, weights=None, step=0, steps=1):
         return ((1 - lam) * corr + lam * (1 - corr)) * ce
     if name == "cospgd":
         with torch.no_grad():
-            p = F.softmax(z.detach(), 1)
-            cos = p.gather(1, yv[:, None])[:, 0] / p.norm(dim=1).clamp_min(1e-12)
+            lp = F.log_softmax(z.detach(), 1)
+            p = lp.exp()
+            cos = lp.gather(1, yv[:, None])[:, 0].exp() / (p * p).sum(1).sqrt().clamp_min(1e-12)
         return cos * ce
     if name == "mask-norm-corrlog":
         zy = z.gather(1, yv[:, None])[:, 0] / z.norm(dim=1).clamp_min(1e-12)

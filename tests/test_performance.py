@@ -66,8 +66,9 @@ def test_shared_ce_is_cross_entropy_bit_for_bit(classes):
 
 @pytest.mark.parametrize("classes", [2, 21, 151])
 def test_norm_correct_logit_loss_and_gradient_are_autograds_bit_for_bit(classes):
-    """The fused backward of mask-norm-corrlog gives autograd's gradient of the plain expression,
-    including at an all-zero logit vector (zero norm) and at ignored pixels."""
+    """The fused backward of mask-norm-corrlog gives autograd's gradient of the plain expression bit
+    for bit, at ignored pixels and below the norm's clamp too; at an all-zero logit vector, where
+    autograd's sqrt backward gives NaN, the norm term contributes 0 and the gather term remains."""
     g = torch.Generator().manual_seed(classes)
     z = (torch.randn(2, classes, 7, 5, generator=g) * 4)
     y = torch.randint(0, classes, (2, 7, 5), generator=g)
@@ -82,8 +83,15 @@ def test_norm_correct_logit_loss_and_gradient_are_autograds_bit_for_bit(classes)
     assert torch.equal(fast, plain)
     g_fast, = torch.autograd.grad((fast * w).sum(), z)
     g_plain, = torch.autograd.grad((plain * w).sum(), z)
-    assert g_plain.abs().sum() > 0 and torch.isfinite(g_plain).all()
-    assert torch.equal(g_fast, g_plain)
+    zero = torch.zeros(2, 7, 5, dtype=torch.bool)
+    zero[0, 3, 2] = True
+    assert g_plain[0, :, 3, 2].isnan().all() and torch.isfinite(g_fast).all()
+    keep = ~zero.unsqueeze(1).expand_as(z)
+    assert g_plain[keep].abs().sum() > 0
+    assert torch.equal(g_fast[keep], g_plain[keep])
+    at_zero = torch.zeros(classes)
+    at_zero[0] = -w[0, 3, 2] / 1e-12                                 # d(-z_y / 1e-12)/dz_y
+    assert torch.equal(g_fast[0, :, 3, 2], at_zero)
 
 
 KEEP_MEMORY_PROBE = """
@@ -153,7 +161,7 @@ def plain_loss(name, z, y, weights=None, step=0, steps=1):
             cos = lp.gather(1, yv[:, None])[:, 0].exp() / (p * p).sum(1).sqrt().clamp_min(1e-12)
         return cos * ce
     if name == "mask-norm-corrlog":
-        zy = z.gather(1, yv[:, None])[:, 0] / z.norm(dim=1).clamp_min(1e-12)
+        zy = z.gather(1, yv[:, None])[:, 0] / (z * z).sum(1).sqrt().clamp_min(1e-12)
         return -(valid.to(z.dtype) * corr) * zy
     raise KeyError(name)
 

@@ -350,12 +350,10 @@ def test_benchmark_rows_cover_every_attack_and_method_with_their_bounds():
     assert expected | {f"apgd {loss}" for loss in LOSSES.names()} | {"fgsm (1 step, whole attack)"} == attacks
     assert {r.name: r.bound for r in rows if r.kind == "defense"} == pytest.approx(
         {"sat 3-step": (6 * 0.5 + 3) / 3, "pirat 5-step": 13 / 3, "ddcat 3-step (pspnet_ddcat)": (6 + 1 + 3) / 3})
-    floor = by["forward + input backward"].median_ms
     for r in rows:  # (a per-iteration time is a difference of two runs: it can be ~0 at this size)
         assert (r.median_ms >= 0 if r.kind == "attack" else r.median_ms > 0) and r.peak_mb > 0, r
-        if r.kind == "attack":  # per repeat against the floor timed next to it: near the ratio of the medians
-            assert r.ratio >= 0 and (r.median_ms == 0) == (r.ratio == 0)
-            assert r.ratio == pytest.approx(r.median_ms / floor, rel=0.5, abs=0.5)
+        if r.kind == "attack":  # against a floor timed next to it (arithmetic: the scripted-clock test)
+            assert math.isfinite(r.ratio) and r.ratio >= 0 and (r.median_ms == 0) == (r.ratio == 0)
     assert all(r.ratio > 1 for r in rows if r.kind == "defense")  # an attack costs more than nothing
     assert rows[-1].kind == "aggregation" and rows[-1].name.startswith("worst case, 50 images x 3 attacks x 151")
 

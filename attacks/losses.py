@@ -36,14 +36,21 @@ LOSSES = Registry("loss")
 LOG2 = math.log(2.0)
 
 
-def _differentiable(fn: Callable) -> cached_property:
-    """A cached property built with autograd on, so a term first asked for under ``no_grad`` (a
-    detached factor) is still differentiable when a loss asks for it again."""
+def _differentiable(fn: Callable) -> property:
+    """A property cached only when it carries its gradient: asked for under ``no_grad`` (APGD's
+    tracked CE, a detached factor) it is computed without a graph and not kept, so no graph is built
+    for a tracked value and a loss asking later still gets a differentiable term."""
+    name = fn.__name__
+
     @wraps(fn)
-    def build(self):
-        with torch.enable_grad():
-            return fn(self)
-    return cached_property(build)
+    def get(self):
+        if name in self.__dict__:
+            return self.__dict__[name]
+        value = fn(self)
+        if torch.is_grad_enabled() or not self.logits.requires_grad:
+            self.__dict__[name] = value
+        return value
+    return property(get)
 
 
 class PixelTerms:
@@ -157,10 +164,12 @@ def cospgd_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = No
     than the CPU build's slow norm reduction over channels: at 151 classes that is 3 passes over the
     logits instead of 6 (cos agrees with the softmax form to within a few float32 ulps)."""
     t = _terms(logits, y, ignore_index, terms)
+    lp = t.logp   # outside no_grad, and before ce, whose logp_y releases it from the terms
+    ce = t.ce
     with torch.no_grad():
-        p = t.logp.detach().exp()  # before logp_y, which releases the full log-softmax
+        p = lp.detach().exp()
         cos = t.logp_y.detach().exp() / p.mul_(p).sum(1).sqrt().clamp_min(1e-12)
-    return cos * t.ce
+    return cos * ce
 
 
 class _NormCorrectLogit(torch.autograd.Function):

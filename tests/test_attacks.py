@@ -84,6 +84,7 @@ def test_pixel_terms_first_asked_under_no_grad_stay_differentiable():
         t.logp
         t.logp_y
     assert "logp" not in t.__dict__                              # the full log-softmax is not held on
+    assert not t.__dict__.keys() & {"logp_y", "ce"}               # nothing graph-less is cached
     (g,) = torch.autograd.grad(t.ce.sum(), z)
     (ref,) = torch.autograd.grad(F.cross_entropy(z, y, ignore_index=IGN, reduction="sum"), z)
     assert torch.allclose(g, ref)

@@ -6,15 +6,17 @@
 Rows (printed as a table, written as a JSON list with ``--out``):
   model        forward; forward + backward to the input only (the floor of one attack iteration);
                one clean training step (forward, backward, optimiser step)
-  attack       one iteration of each attack, ``ratio`` = its time / (forward + input backward). The
-               per-iteration time is taken by difference of two runs (``--iters`` apart), so set-up
-               costs (random starts, the final forward) cancel; FGSM is one step, timed whole.
+  attack       one iteration of each attack, ``ratio`` = its time / (forward + input backward). Each
+               iteration is timed from one input-gradient forward to the next, with a floor pass
+               timed right before it (``Meter.per_iteration``), so set-up costs (random starts, the
+               final forward) are not counted; FGSM is one step, timed whole against the floor.
   defense      one training step of each method that fits the model (DDC-AT on the config model's
                ``_ddcat`` variant), ``ratio`` = its time / the clean step of the same model, ``bound``
                = the method's pass count in clean-step units (``Defense.cost_bound``: (2k+3)/3 for
                PIR-AT with k attack steps)
   aggregation  the worst case over attacks for N images x A attacks x C classes (utils.metrics)
-Each figure is the median (``--stat min``: the minimum) of ``--repeats`` timed runs after a warm-up:
+Each figure is the median (``--stat min``: the minimum) of ``--repeats`` timed runs after a warm-up
+(attack rows: over every iteration of ``--repeats`` runs of ``--iters`` iterations):
 process CPU time on the CPU (robust to other jobs sharing the cores; ``--threads`` intra-op threads),
 wall time on the GPU.
 ``peak_mb``: the peak resident memory during the row (CPU; freed memory is returned to the OS and the
@@ -62,8 +64,7 @@ class Meter:
     """Times a callable (median, or minimum, of repeats after one warm-up) and reads its peak memory.
 
     ``stat="min"`` takes the fastest repeat of each quantity instead (timeit's advice where other load
-    only ever adds time): per-iteration costs become (min n2-run - min n1-run) / (n2 - n1) and ratios
-    use the fastest floor."""
+    only ever adds time): the fastest attack iteration, and ratios over the fastest floor."""
 
     def __init__(self, device: torch.device, repeats: int, stat: str = "median"):
         self.device, self.repeats, self.stat = device, repeats, stat
@@ -139,31 +140,44 @@ class Meter:
             return min(times), min(times) / min(bases), peak
         return statistics.median(times), statistics.median([t / b for t, b in zip(times, bases)]), peak
 
-    def per_iteration(self, run: Callable[[int], object], n1: int, n2: int,
+    def per_iteration(self, run: Callable[[Callable], object], forward: Callable,
                       floor: Callable[[], object]) -> Tuple[float, float, float]:
-        """(median seconds per iteration, median ratio to `floor`, peak MB) of run(n), by difference
-        of n2 and n1 iterations (``stat="min"``: see the class docstring). Each repeat times n2 - n1
-        calls of floor(), run(n1) and run(n2) back to back and takes its own ratio, so a drift in the
-        machine's speed hits numerator and denominator alike, and both average over the same number
-        of passes."""
-        self.reset_peak()
-        run(n1)
-        bases, t1s, t2s = [], [], []
-        k = n2 - n1
+        """(seconds per iteration, ratio to `floor`, peak MB) of the attack that ``run(fwd)`` runs
+        with ``fwd`` as its forward.
 
-        def floors():
-            for _ in range(k):
-                floor()
+        An iteration is timed from one input-gradient forward to the next, so the set-up (random
+        start) and a closing forward-only pass are not counted, and one floor() pass is timed right
+        before each iteration's forward and left out of that iteration's time. Every iteration thus
+        gets its own ratio to a floor measured next to it: the machine's speed changes between
+        consecutive passes (+-15 % on a shared VM, correlated over seconds), which timing whole runs
+        and differencing them amplified. Statistics over every iteration of the ``repeats`` runs:
+        the median time and the median ratio, or (``stat="min"``) the fastest iteration over the
+        fastest floor."""
+        run(forward)  # warm-up
+        self.reset_peak()
+        run(forward)
+        peak = self.peak_mb()
+        times: List[float] = []
+        bases: List[float] = []
+        last: dict = {}
+
+        def timed(inp):
+            if torch.is_grad_enabled() and inp.requires_grad:  # an iteration starts here
+                self.sync()
+                now = self.clock()
+                if last:
+                    times.append(now - last["start"] - last["floor"])
+                    bases.append(last["floor"])
+                last.update(start=now, floor=self.once(floor))
+            return forward(inp)
         for _ in range(self.repeats):
-            bases.append(self.once(floors) / k)
-            t1s.append(self.once(lambda: run(n1)))
-            t2s.append(self.once(lambda: run(n2)))
+            last.clear()
+            run(timed)
+        if not times:
+            raise SetupError("an attack run made fewer than 2 input-gradient forwards: raise --iters")
         if self.stat == "min":
-            diff = max((min(t2s) - min(t1s)) / k, 0.0)
-            return diff, diff / min(bases), self.peak_mb()
-        diffs = [max((t2 - t1) / k, 0.0) for t1, t2 in zip(t1s, t2s)]
-        return (statistics.median(diffs), statistics.median([d / b for d, b in zip(diffs, bases)]),
-                self.peak_mb())
+            return min(times), min(times) / min(bases), peak
+        return statistics.median(times), statistics.median([t / b for t, b in zip(times, bases)]), peak
 
 
 # ------------------------------------------------------------------ the model and its batch
@@ -287,7 +301,8 @@ def attack_specs(cfg, model: nn.Module) -> List[Tuple[str, str, dict]]:
 
 
 def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[str], floor: Callable,
-                n1: int, n2: int) -> List[Row]:
+                iters: int) -> List[Row]:
+    """FGSM whole against the floor (paired), then one iteration of every attack (``iters`` per run)."""
     from attacks import attack_mode, build_attack
     from attacks.multitask import task_targets
     x = batch["image"]
@@ -295,8 +310,8 @@ def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[
     with attack_mode(model):
         fwd = main_forward(model, amp, meter.device)
         fgsm = build_attack("fgsm", eps=ATTACK_EPS)
-        t, m = meter.median(lambda: fgsm(fwd, x, batch["label"]))
-        rows.append(Row("fgsm (1 step, whole attack)", "attack", t * 1e3, t / meter.median(floor)[0], None, m))
+        t, ratio, m = meter.paired(lambda: fgsm(fwd, x, batch["label"]), floor)
+        rows.append(Row("fgsm (1 step, whole attack)", "attack", t * 1e3, ratio, None, m))
         for row_name, name, opts in attack_specs(cfg, model):
             if name == "multitask":
                 y = task_targets(batch["targets"], batch["masks"])
@@ -305,9 +320,11 @@ def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[
             else:
                 y, forward = batch["label"], fwd
 
-            def run(n, name=name, opts=opts, y=y, forward=forward):
-                build_attack(name, seed=0, **dict(opts, steps=n))(forward, x, y, keys=batch["index"].tolist())
-            t, ratio, m = meter.per_iteration(run, n1, n2, floor)
+            attack = build_attack(name, seed=0, **dict(opts, steps=iters))
+
+            def run(f, attack=attack, y=y):
+                attack(f, x, y, keys=batch["index"].tolist())
+            t, ratio, m = meter.per_iteration(run, forward, floor)
             rows.append(Row(row_name, "attack", t * 1e3, ratio, None, m))
     return rows
 
@@ -430,7 +447,7 @@ def run(config: str, batch: int = 4, size: Tuple[int, int] = (97, 97), classes: 
     if "model" in kinds:
         rows += m_rows
     if "attack" in kinds:
-        rows += attack_rows(meter, cfg, model, data, amp, floor, 2, 2 + iters)
+        rows += attack_rows(meter, cfg, model, data, amp, floor, iters)
     if "defense" in kinds:
         rows += defense_rows(meter, cfg, batch, size, amp)
     if "aggregation" in kinds:
@@ -444,7 +461,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", default="97x97", help="HxW of the input")
     ap.add_argument("--classes", type=int, default=None, help="override data.classes")
-    ap.add_argument("--iters", type=int, default=10, help="attack iterations between the two timed runs")
+    ap.add_argument("--iters", type=int, default=10, help="iterations per timed attack run (>= 2)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--amp", default=None, choices=("bf16", "fp16"), help="autocast for forward/backward")
     ap.add_argument("--repeats", type=int, default=3)
@@ -458,9 +475,9 @@ def main(argv=None) -> int:
         if not os.path.isfile(a.config):
             raise SetupError(f"--config: no such file: {a.config}")
         size = parse_size(a.size)
-        if a.batch < 2 or a.iters < 1 or a.repeats < 1 or (a.classes is not None and a.classes < 2):
-            raise SetupError("--batch must be >= 2 (training steps with BatchNorm), --iters and --repeats >= 1, "
-                             "--classes >= 2")
+        if a.batch < 2 or a.iters < 2 or a.repeats < 1 or (a.classes is not None and a.classes < 2):
+            raise SetupError("--batch must be >= 2 (training steps with BatchNorm), --iters >= 2 (an iteration is "
+                             "timed between two forwards), --repeats >= 1, --classes >= 2")
         if a.device == "cuda" and not torch.cuda.is_available():
             raise SetupError("--device cuda: no GPU is visible")
         if a.amp == "fp16" and a.device != "cuda":

@@ -342,7 +342,7 @@ def test_bf16_attack_strength_within_half_a_point_of_fp32(trained_model, tmp_pat
 
 def test_benchmark_rows_cover_every_attack_and_method_with_their_bounds():
     torch.set_num_threads(1)
-    rows = benchmark.run(SYNTHETIC, batch=2, size=(17, 17), iters=1, repeats=1, aggregation=(50, 3, 151))
+    rows = benchmark.run(SYNTHETIC, batch=2, size=(17, 17), iters=2, repeats=1, aggregation=(50, 3, 151))
     by = {r.name: r for r in rows}
     assert [r.name for r in rows if r.kind == "model"] == ["forward", "forward + input backward", "clean training step"]
     attacks = {r.name for r in rows if r.kind == "attack"}
@@ -350,32 +350,64 @@ def test_benchmark_rows_cover_every_attack_and_method_with_their_bounds():
     assert expected | {f"apgd {loss}" for loss in LOSSES.names()} | {"fgsm (1 step, whole attack)"} == attacks
     assert {r.name: r.bound for r in rows if r.kind == "defense"} == pytest.approx(
         {"sat 3-step": (6 * 0.5 + 3) / 3, "pirat 5-step": 13 / 3, "ddcat 3-step (pspnet_ddcat)": (6 + 1 + 3) / 3})
-    for r in rows:  # (a per-iteration time is a difference of two runs: it can be ~0 at this size)
-        assert (r.median_ms >= 0 if r.kind == "attack" else r.median_ms > 0) and r.peak_mb > 0, r
+    for r in rows:
+        assert r.median_ms > 0 and r.peak_mb > 0, r
         if r.kind == "attack":  # against a floor timed next to it (arithmetic: the scripted-clock test)
-            assert math.isfinite(r.ratio) and r.ratio >= 0 and (r.median_ms == 0) == (r.ratio == 0)
+            assert math.isfinite(r.ratio) and r.ratio > 0
     assert all(r.ratio > 1 for r in rows if r.kind == "defense")  # an attack costs more than nothing
     assert rows[-1].kind == "aggregation" and rows[-1].name.startswith("worst case, 50 images x 3 attacks x 151")
 
 
-@pytest.mark.parametrize("stat,diff,ratio,single,single_ratio", [
-    ("median", 1.2, 1.0, 2.5, 1.25),  # per-repeat diffs 1.2, 0.5, 1.2 and ratios 1.2, 0.25, 1.0
-    ("min", 1.0, 1.0, 2.0, 2.0),      # (min t2 - min t1) / 2 over the fastest floor
+@pytest.mark.parametrize("stat,per_iter,ratio", [
+    ("median", 1.75, 1.5),  # iterations 1, 2, 1.5, 3 against floors 2, 1, 1, 2: ratios 0.5, 2, 1.5, 1.5
+    ("min", 1.0, 1.0),      # the fastest iteration over the fastest floor
 ])
-def test_benchmark_meter_statistics_on_a_scripted_clock(stat, diff, ratio, single, single_ratio):
-    """per_iteration and paired on known durations: the median of per-repeat figures, or the
-    fastest repeat of each timed quantity."""
+def test_benchmark_per_iteration_times_each_iteration_against_a_floor_next_to_it(stat, per_iter, ratio):
+    """On a scripted clock: an iteration runs from one input-gradient forward to the next, less the
+    floor pass timed right before it; set-up, forward-only passes and what follows the last
+    input-gradient forward are not counted; one floor pass per input-gradient forward."""
+    meter = benchmark.Meter(torch.device("cpu"), repeats=2, stat=stat)
+    meter.reset_peak = lambda: None
+    clock = [0.0]
+    meter.clock = lambda: clock[0]
+    floors = iter([2.0, 1.0, 9.0, 1.0, 2.0, 9.0])   # (the third of each run precedes the last iteration)
+    work = iter([0.1] * 6 + [1.0, 2.0, 7.0, 1.5, 3.0, 7.0])  # two untimed runs (warm-up, peak), two timed
+    calls = []
+
+    def floor():
+        calls.append("floor")
+        clock[0] += next(floors)
+
+    def forward(inp):
+        calls.append("grad" if inp.requires_grad and torch.is_grad_enabled() else "no-grad")
+        return inp
+
+    def run(fwd):  # an APGD-like run: set-up, three gradient iterations, a closing forward-only pass
+        x = torch.zeros(1, requires_grad=True)
+        clock[0] += 5.0
+        for _ in range(3):
+            fwd(x)
+            clock[0] += next(work)
+        with torch.no_grad():
+            fwd(x)
+        clock[0] += 4.0
+    t, r, _ = meter.per_iteration(run, forward, floor)
+    assert (t, r) == pytest.approx((per_iter, ratio))
+    run_calls = ["grad", "grad", "grad", "no-grad"]
+    timed = ["floor", "grad", "floor", "grad", "floor", "grad", "no-grad"]
+    assert calls == run_calls * 2 + timed * 2
+    with pytest.raises(Exception, match="raise --iters"):  # a single iteration gives no interval
+        meter.per_iteration(lambda fwd: fwd(torch.zeros(1, requires_grad=True)), forward, lambda: None)
+
+
+@pytest.mark.parametrize("stat,single,single_ratio", [("median", 2.5, 1.25), ("min", 2.0, 2.0)])
+def test_benchmark_paired_statistics_on_a_scripted_clock(stat, single, single_ratio):
+    """paired: the median of per-repeat figures, or the fastest repeat of each timed quantity."""
     meter = benchmark.Meter(torch.device("cpu"), repeats=3, stat=stat)
     meter.reset_peak = lambda: None
-    durations = iter([2.0, 1.0, 3.4, 4.0, 2.0, 3.0, 2.4, 1.2, 3.6])  # (2 floors, run(n1), run(n2)) x 3
-    clock = iter(sum(([0.0, d] for d in durations), []))
-    meter.clock = lambda: next(clock)
-    calls = []
-    t, r, _ = meter.per_iteration(lambda n: calls.append(n), 1, 3, lambda: calls.append("floor"))
-    assert (t, r) == pytest.approx((diff, ratio))
-    assert calls == [1] + ["floor", "floor", 1, 3] * 3                # warm-up, then every repeat
     durations = iter([2.0, 2.0, 1.0, 3.0, 2.0, 2.5])                  # (ref, fn) x 3
     clock = iter(sum(([0.0, d] for d in durations), []))
+    meter.clock = lambda: next(clock)
     t, r, _ = meter.paired(lambda: None, lambda: None)
     assert (t, r) == pytest.approx((single, single_ratio))          # fn 2, 3, 2.5; ratios 1, 3, 1.25
 
@@ -383,7 +415,7 @@ def test_benchmark_meter_statistics_on_a_scripted_clock(stat, diff, ratio, singl
 def test_benchmark_cli_writes_json_and_refuses_bad_arguments(tmp_path, capsys):
     out = tmp_path / "rows.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = ["--config", SYNTHETIC, "--batch", "2", "--size", "9x17", "--iters", "1", "--repeats", "1",
+    args = ["--config", SYNTHETIC, "--batch", "2", "--size", "9x17", "--iters", "2", "--repeats", "1",
             "--only", "model,aggregation", "--classes", "151", "--out", str(out)]
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark.py"), *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -393,7 +425,8 @@ def test_benchmark_cli_writes_json_and_refuses_bad_arguments(tmp_path, capsys):
     assert [row["kind"] for row in rows] == ["model"] * 3 + ["aggregation"] and "clean training step" in r.stdout
     out.unlink()
     for bad, msg in ((["--size", "9y9"], "--size must be H or HxW"), (["--only", "attacks"], "unknown row kind"),
-                     (["--config", "nope.yaml"], "no such file: nope.yaml"), (["--batch", "1"], "--batch must be >= 2")):
+                     (["--config", "nope.yaml"], "no such file: nope.yaml"), (["--batch", "1"], "--batch must be >= 2"),
+                     (["--iters", "1"], "--iters >= 2")):
         assert benchmark.main(args + bad) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and msg in err, err

@@ -47,7 +47,7 @@ def _differentiable(fn: Callable) -> property:
         if name in self.__dict__:
             return self.__dict__[name]
         value = fn(self)
-        if torch.is_grad_enabled() or not self.logits.requires_grad:
+        if self.keeps_terms():
             self.__dict__[name] = value
         return value
     return property(get)
@@ -66,6 +66,10 @@ class PixelTerms:
         self.valid = y != ignore_index
         self.yv = torch.where(self.valid, y, torch.zeros_like(y))  # ignored pixels gather class 0
 
+    def keeps_terms(self) -> bool:
+        """Whether a differentiable term computed now carries its gradient, and so may be cached."""
+        return torch.is_grad_enabled() or not self.logits.requires_grad
+
     @_differentiable
     def logp(self) -> torch.Tensor:
         """log softmax(z) [B,C,H,W], held only until ``logp_y`` is built from it (ask for it first)."""
@@ -76,7 +80,9 @@ class PixelTerms:
         """log softmax(z)_y [B,H,W] (differentiable; class 0 at ignored pixels)."""
         # the full log-softmax is released here: the graph keeps it only until its backward node has
         # run, before the model's backward, so holding it would raise an attack's peak by one logits
-        lp = self.__dict__.pop("logp", None)
+        # (asked for under no_grad while logits need a gradient, the result is not kept: then a cached
+        # log-softmax stays for the differentiable logp_y asked for later)
+        lp = self.__dict__.pop("logp", None) if self.keeps_terms() else self.__dict__.get("logp")
         if lp is None:
             lp = F.log_softmax(self.logits, 1)
         return lp.gather(1, self.yv.unsqueeze(1)).squeeze(1)

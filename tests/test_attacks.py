@@ -88,6 +88,13 @@ def test_pixel_terms_first_asked_under_no_grad_stay_differentiable():
     (g,) = torch.autograd.grad(t.ce.sum(), z)
     (ref,) = torch.autograd.grad(F.cross_entropy(z, y, ignore_index=IGN, reduction="sum"), z)
     assert torch.allclose(g, ref)
+    t = PixelTerms(z, y, IGN)
+    lp = t.logp                                                  # differentiable: cached
+    with torch.no_grad():
+        t.logp_y
+    assert t.__dict__.get("logp") is lp                          # kept for the differentiable logp_y
+    (g,) = torch.autograd.grad(t.ce.sum(), z)
+    assert "logp" not in t.__dict__ and torch.allclose(g, ref)   # released once logp_y is built from it
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES.names()))

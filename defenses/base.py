@@ -30,7 +30,7 @@ from torch import nn
 from attacks import Attack, attack_mode, build_attack
 from utils import dist
 from utils.errors import SetupError
-from utils.metrics import class_map
+from utils.metrics import label_hits
 
 from .multitask import MultitaskObjective, build_objective
 
@@ -38,8 +38,19 @@ from .multitask import MultitaskObjective, build_objective
 def pixel_accuracy(logits: torch.Tensor, y: torch.Tensor, ignore: int = 255) -> torch.Tensor:
     """Fraction of valid pixels whose argmax is the label (detached scalar tensor, no host sync)."""
     valid = y != ignore
-    hit = (class_map(logits.detach()) == y) & valid
+    hit = label_hits(logits.detach(), y, valid)
     return hit.sum().float() / valid.sum().clamp_min(1).float()
+
+
+def ce_and_logp(logits: torch.Tensor, y: torch.Tensor, ignore: int = 255) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(``F.cross_entropy(logits, y, ignore_index=ignore)``, the log-softmax it was computed from).
+
+    cross_entropy is the NLL of the log-softmax over dim 1, so this is it bit for bit, value and
+    gradient, for fp32 logits and under autocast (CPU and CUDA autocast run cross_entropy in fp32, but
+    CPU autocast would run a bare log_softmax in bf16: hence the explicit fp32). Methods that also log
+    per-part losses read them from the returned log-softmax instead of a second one over every class."""
+    logp = F.log_softmax(logits.float(), 1)
+    return F.nll_loss(logp, y, ignore_index=ignore), logp
 
 
 class Defense:
@@ -126,14 +137,19 @@ class Defense:
 
     def seg_loss(self, outputs: Dict[str, torch.Tensor], y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """CE(main) + aux_weight * CE(aux) with the ignore label (ddcat.md §1.4)."""
-        main = F.cross_entropy(outputs["out"], y, ignore_index=self.ignore)
+        loss, logs, _ = self.seg_loss_logp(outputs, y)
+        return loss, logs
+
+    def seg_loss_logp(self, outputs: Dict[str, torch.Tensor], y: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+        """`seg_loss` and the main output's log-softmax (see `ce_and_logp`)."""
+        main, logp = ce_and_logp(outputs["out"], y, self.ignore)
         logs = {"loss_main": main.detach()}
         loss = main
         if "aux" in outputs and self.aux_weight:
             aux = F.cross_entropy(outputs["aux"], y, ignore_index=self.ignore)
             loss = loss + self.aux_weight * aux
             logs["loss_aux"] = aux.detach()
-        return loss, logs
+        return loss, logs, logp
 
     def multitask_loss(self, outputs: Dict[str, torch.Tensor], batch: dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The weighted multitask loss (``train.mtl``, mtl_fpd.md §A2.3) of the published per-task losses

@@ -48,7 +48,7 @@ from utils import dist
 from utils.errors import SetupError
 from utils.metrics import class_map
 
-from .base import Defense
+from .base import Defense, ce_and_logp
 from .registry import register_defense
 from .sat import DDCAT_BIM, clean_count, describe_split, part_logs, refuse_multitask
 
@@ -121,7 +121,7 @@ class DDCAT(Defense):
         y = batch["label"]
         outputs = model(x)  # train mode: {"out": o_n, "adv": o_a, "mask": o_m, "aux"}
         o = route(outputs)
-        routed = F.cross_entropy(o, y, ignore_index=self.ignore)
+        routed, logp = ce_and_logp(o, y, self.ignore)
         if self.mask_ignore:
             mask = F.cross_entropy(outputs["mask"], m.masked_fill(y == self.ignore, self.ignore),
                                    ignore_index=self.ignore)
@@ -134,5 +134,5 @@ class DDCAT(Defense):
                     "routed_to_fa": (class_map(outputs["mask"]) == 1).float().mean()}
             if n_clean:
                 logs["flip_share"] = m[:n_clean].float().mean()  # clean pixels labelled for f_a
-            logs.update(part_logs(o, y, n_clean, self.ignore))
+            logs.update(part_logs(o, y, n_clean, self.ignore, logp))
         return loss, logs

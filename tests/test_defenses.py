@@ -20,9 +20,9 @@ from attacks.multitask import (CITYSCAPES_DISPARITY_SCALE, TaskLoss, multitask_l
                                task_targets)
 from datasets import build_dataset
 from defenses import DEFENSES, build_defense
-from defenses.base import Defense, pixel_accuracy
+from defenses.base import Defense, ce_and_logp, pixel_accuracy
 from defenses.multitask import task_weights
-from defenses.sat import clean_count
+from defenses.sat import clean_count, part_logs
 from models import build_model
 from models.ddcat import _DDCATMixin
 from models.pspnet import ContextSegmentor, conv_head
@@ -142,6 +142,35 @@ def attack_phase_probe(net: nn.Module, checked: list):
 def test_sat_and_ddcat_clean_count():
     assert [clean_count(b, f) for b, f in [(4, 0.5), (3, 0.5), (1, 0.5), (2, 0.5), (4, 1.0), (4, 0.0), (8, 0.25),
                                            (16, 0.5)]] == [2, 1, 0, 1, 0, 4, 6, 8]
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_ce_and_logp_is_cross_entropy_bit_for_bit_and_feeds_the_part_logs(amp):
+    """The training CE computed through its log-softmax equals F.cross_entropy bit for bit, value and
+    gradient (also under bf16 autocast); the per-part logs read from that log-softmax equal those from
+    a log-softmax of their own and each part's own CE."""
+    g = torch.Generator().manual_seed(0)
+    z = (3 * torch.randn(4, 151, 9, 7, generator=g)).requires_grad_()
+    y = torch.randint(0, 151, (4, 9, 7), generator=g)
+    y[0, :3] = 255
+    y[3] = 255  # a part with no valid pixel logs 0, not NaN
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        w = (torch.eye(151) + 0.01 * torch.randn(151, 151, generator=g)).view(151, 151, 1, 1)
+        logits = F.conv2d(z, w) if amp else z  # bf16 logits under autocast
+        ref = F.cross_entropy(logits, y, ignore_index=255)
+        ours, logp = ce_and_logp(logits, y, 255)
+    assert (logits.dtype == torch.bfloat16) == amp and logp.dtype == torch.float32
+    assert torch.equal(ours, ref)
+    (g_ref,), (g_ours,) = torch.autograd.grad(ref, z, retain_graph=True), torch.autograd.grad(ours, z)
+    assert torch.equal(g_ours, g_ref) and g_ref.abs().max() > 0
+    shared, own = part_logs(logits, y, 2, 255, logp), part_logs(logits, y, 2, 255)
+    assert set(shared) == set(own) == {"loss_clean", "loss_adv", "acc_clean", "acc_adv"}
+    assert all(torch.equal(shared[k], own[k]) and not shared[k].requires_grad for k in own)
+    with torch.no_grad():
+        by_hand = F.cross_entropy(logits[:2].float(), y[:2], ignore_index=255)
+    assert torch.allclose(shared["loss_clean"], by_hand, rtol=1e-6)
+    only_last = part_logs(logits[3:], y[3:], 0, 255)
+    assert only_last["loss_adv"] == 0 and only_last["acc_adv"] == 0 and set(only_last) == {"loss_adv", "acc_adv"}
 
 
 def test_sat_attacks_only_the_adversarial_part_with_the_published_bim(tiny_cfg):

@@ -82,7 +82,8 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
         xa = xa.detach().requires_grad_(True)
         terms = PixelTerms(fwd(xa), y, loss_kw["ignore_index"])
         per_pixel = loss_fn(terms.logits, y, step=step, steps=n, terms=terms, **loss_kw)
-        return (*summary(terms, n_valid), input_grad(image_loss(per_pixel).sum(), xa, counter))
+        g = input_grad(image_loss(per_pixel).sum(), xa, counter)
+        return (*summary(terms, n_valid), g)  # after the backward: the graph is gone by then (peak)
 
     x_adv = x_init.detach().clone()
     loss_best, acc, g = grad_at(x_adv, y, n_valid, 0)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import SetupError
-from utils.metrics import class_map
+from utils.metrics import class_map, label_hits
 from utils.registry import Registry
 
 LOSSES = Registry("loss")
@@ -100,8 +100,9 @@ class PixelTerms:
 
     @cached_property
     def hit(self) -> torch.Tensor:
-        """Bool mask of valid pixels whose prediction is the label."""
-        return (self.pred == self.y) & self.valid
+        """Bool mask of valid pixels whose prediction is the label (`pred` == y, found without the
+        class map on the CPU: ``utils.metrics.label_hits``)."""
+        return label_hits(self.logits.detach(), self.y, self.valid)
 
     @cached_property
     def correct(self) -> torch.Tensor:

@@ -21,7 +21,7 @@ from attacks import ATTACKS, LOSSES, build_attack  # noqa: E402
 from attacks.apgd import MOMENTUM, RHO, checkpoint_params, prr_schedule  # noqa: E402
 from attacks.base import project  # noqa: E402
 from attacks.losses import PixelTerms, pixel_loss  # noqa: E402
-from utils.metrics import class_map  # noqa: E402
+from utils.metrics import class_map, label_hits  # noqa: E402
 
 IGN = 255
 SYNTHETIC = os.path.join(ROOT, "config", "synthetic", "synthetic_pspnet18_none.yaml")
@@ -49,6 +49,37 @@ def test_class_map_equals_argmax_on_scores(classes):
     x = torch.randn(2, classes, 9, 4, generator=torch.Generator().manual_seed(classes))
     assert torch.equal(class_map(x), x.argmax(1))
     assert class_map(x).dtype == torch.int64
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "nan", "bf16", "one class", "300 classes"])
+def test_label_hits_equal_the_class_map_compared_with_the_label(case):
+    """(class_map == y) & valid, found from values on the CPU: ties broken to the first class (y
+    tying with an earlier class misses, with a later one hits), NaN maps, +-inf, ignore labels."""
+    g = torch.Generator().manual_seed(0)
+    classes = {"one class": 1, "300 classes": 300}.get(case, 7)
+    x = torch.randn(3, classes, 6, 5, generator=g)
+    y = torch.randint(0, classes, (3, 6, 5), generator=g)
+    y = torch.where(torch.rand(y.shape, generator=g) < 0.5, x.argmax(1), y)
+    if case in ("ties", "bf16"):
+        x = torch.randint(0, 3, x.shape, generator=g).float()       # many ties
+        x[1, :, 2, 2] = float("-inf")                                # every class ties
+        x[2, 5, 3, 3] = float("inf")
+        y = x.argmax(1).clone()                                      # the first of the tying classes...
+        last = classes - 1 - x.flip(1).argmax(1)                     # ...and the last of them
+        y[0] = last[0]
+        assert (y[0] != x[0].argmax(0)).any() and (y[1:] == x[1:].argmax(1)).all()
+    if case == "nan":  # no ties: the NaN alone must send it to the class map
+        x[0, 4, 1, 1] = float("nan")
+        y[0, 1, 1] = 4
+    if case == "bf16":
+        x = x.bfloat16()
+    valid = torch.rand(y.shape, generator=g) > 0.2
+    valid[0, 1, 1] = True  # the NaN pixel (where y is the NaN class) counts
+    y = torch.where(valid, y, torch.full_like(y, IGN))
+    ref = (x.argmax(1) == y) & valid
+    assert ref.any() and ((valid & ~ref).any() or classes == 1)      # hits and misses both
+    assert torch.equal(label_hits(x, y, valid), ref)
+    assert torch.equal(label_hits(x, torch.where(valid, y, 0)), x.argmax(1) == torch.where(valid, y, 0))
 
 
 @pytest.mark.parametrize("classes", [2, 21, 151])

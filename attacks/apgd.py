@@ -65,7 +65,9 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
     With ``early_stop``, every EARLY_STOP_EVERY iterations the images at 0 pixel accuracy leave the
     batch (their point is final: see FREEZE below), so they cost no more passes and the others run on.
     """
-    out_x, out_acc = x_init.detach().clone(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    # results of images that left the batch (early stop); allocated when the first one leaves
+    out_x: Optional[torch.Tensor] = None
+    out_acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     rows = torch.arange(x.shape[0], device=x.device)  # original row of each image still in the batch
 
     def summary(terms: PixelTerms, n_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -77,13 +79,14 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
 
     def grad_at(xa: torch.Tensor, y: torch.Tensor, n_valid: torch.Tensor, step: int):
         """(tracked loss, accuracy, input gradient) at xa from one forward: the attack loss and the
-        tracked values share its log-softmax and class map; nothing of the size of the logits
+        tracked values share its log-softmax and label-hit mask; nothing of the size of the logits
         outlives the call."""
         xa = xa.detach().requires_grad_(True)
         terms = PixelTerms(fwd(xa), y, loss_kw["ignore_index"])
         per_pixel = loss_fn(terms.logits, y, step=step, steps=n, terms=terms, **loss_kw)
-        g = input_grad(image_loss(per_pixel).sum(), xa, counter)
-        return (*summary(terms, n_valid), g)  # after the backward: the graph is gone by then (peak)
+        tracked = summary(terms, n_valid)
+        del terms  # the logits die here unless the loss's graph saved them: not held through the backward
+        return (*tracked, input_grad(image_loss(per_pixel).sum(), xa, counter))
 
     x_adv = x_init.detach().clone()
     loss_best, acc, g = grad_at(x_adv, y, n_valid, 0)
@@ -104,7 +107,9 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
             u = project(x_adv + eta * g.sign(), x, eps)
             x_new = project(x_adv + a * (u - x_adv) + (1 - a) * (x_adv - x_prev), x, eps)
             x_prev, x_adv = x_adv, x_new
+            del u, x_new
         if i < n - 1:
+            g = None  # replaced by the new point's gradient: not held through its backward
             loss_now, pa, g = grad_at(x_adv, y, n_valid, i + 1)
         else:  # the last iterate's gradient is never used: forward only
             with torch.no_grad():
@@ -136,6 +141,8 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
         if early_stop and (i + 1) % EARLY_STOP_EVERY == 0 and i < n - 1:
             done = acc == 0
             if bool(done.any()):  # (one host sync per EARLY_STOP_EVERY iterations)
+                if out_x is None:
+                    out_x = torch.empty_like(x_init)
                 out_x[rows[done]], out_acc[rows[done]] = x_best_adv[done], acc[done]
                 keep = ~done
                 if not bool(keep.any()):
@@ -147,6 +154,8 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
                     t[keep] for t in (acc, loss_best, loss_best_last, reduced_last, prev_loss))
                 increases = increases[:, keep]
                 view = (x.shape[0],) + (1,) * (x.dim() - 1)
+    if out_x is None:  # no image left early: rows are still 0..B-1 in order
+        return x_best_adv, acc
     out_x[rows], out_acc[rows] = x_best_adv, acc
     return out_x, out_acc
 

@@ -332,6 +332,48 @@ def test_apgd_early_stop_per_image_changes_no_result_and_no_other_image():
     assert passes == f_stop
 
 
+@pytest.mark.parametrize("loss", ["ce", "mask-ce"])
+def test_apgd_backward_runs_without_the_logits_alive(loss):
+    """Peak memory: APGD's tracked values are read before the input backward and the logits released,
+    so (for losses whose graph does not save them) no logits-size tensor of the attack lives through
+    the model's backward; the PGD baseline shows the probe sees a held one."""
+    import weakref
+    from attacks.apgd import apgd_run
+    refs, alive = [], []
+
+    class Probe(torch.autograd.Function):  # at the input: runs after the whole model's backward
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            alive.append(refs[-1]() is not None)
+            return g
+    torch.manual_seed(0)
+    net = nn.Conv2d(3, 5, 3, padding=1)  # saves its input, not its output
+    for p in net.parameters():
+        p.requires_grad_(False)
+
+    def forward(x):
+        z = net(Probe.apply(x))
+        refs.append(weakref.ref(z))
+        return z
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 8, 6, generator=g), torch.randint(0, 5, (2, 8, 6), generator=g)
+    held = []
+
+    def holding(x):  # the probe's control: a caller that keeps the logits
+        held.append(forward(x))
+        return held[-1]
+    xa = x.clone().requires_grad_(True)
+    torch.autograd.grad(F.cross_entropy(holding(xa), y), xa)
+    assert alive == [True]
+    alive.clear()
+    apgd_run(forward, x, y, eps=8 / 255, steps=5, loss=loss, prr=False)
+    assert len(alive) == 5 and not any(alive)  # n backwards for n iterations
+
+
 @pytest.mark.parametrize("name,loss", [("pgd", "ce"), ("segpgd", "segpgd"), ("cospgd", "cospgd")])
 def test_sign_attacks_equal_a_plain_loop(name, loss):
     model, x, y = _setup(21)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import SetupError
-from utils.metrics import class_map, label_hits
+from utils.metrics import label_hits
 from utils.registry import Registry
 
 LOSSES = Registry("loss")
@@ -55,10 +55,10 @@ def _differentiable(fn: Callable) -> property:
 
 class PixelTerms:
     """What the losses of one forward share, each computed once and only when asked for: the
-    log-softmax, the per-pixel CE, the predicted class map and the currently-correct mask.
+    log-softmax, the per-pixel CE and the currently-correct mask.
 
     An attack iteration builds one for its forward, so the attack loss and the tracked quantities
-    (APGD's CE and pixel accuracy) reuse one log-softmax and one class map instead of recomputing
+    (APGD's CE and pixel accuracy) reuse one log-softmax and one correct mask instead of recomputing
     them over every class (the cost that grows with the number of classes)."""
 
     def __init__(self, logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255):
@@ -94,14 +94,9 @@ class PixelTerms:
         return torch.where(self.valid, -self.logp_y, torch.zeros_like(self.logp_y))
 
     @cached_property
-    def pred(self) -> torch.Tensor:
-        """Predicted class map [B,H,W] (detached)."""
-        return class_map(self.logits.detach())
-
-    @cached_property
     def hit(self) -> torch.Tensor:
-        """Bool mask of valid pixels whose prediction is the label (`pred` == y, found without the
-        class map on the CPU: ``utils.metrics.label_hits``)."""
+        """Bool mask of valid pixels whose prediction (argmax) is the label (found without the class
+        map on the CPU: ``utils.metrics.label_hits``)."""
         return label_hits(self.logits.detach(), self.y, self.valid)
 
     @cached_property

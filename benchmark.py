@@ -329,9 +329,18 @@ def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[
     return rows
 
 
-def train_step_fn(cfg, model: nn.Module, method: str, batch: dict, amp: Optional[str]) -> Callable[[], None]:
+def reference_steps(defense, model: nn.Module, batch: dict):
+    """`Defense.steps` for the method's reference loss: one step, computed when first asked for (under
+    the caller's autocast)."""
+    yield (*defense.reference_loss(model, batch), None)
+
+
+def train_step_fn(cfg, model: nn.Module, method: str, batch: dict, amp: Optional[str],
+                  reference: bool = False) -> Callable[[], None]:
     """One training iteration of `method` as the engine runs it: each of the method's optimisation
-    steps' backward and optimiser step (plain SGD at a tiny lr keeps the weights near their start)."""
+    steps' backward and optimiser step (plain SGD at a tiny lr keeps the weights near their start).
+    ``reference``: one step on the method's loss without its attack (`Defense.reference_loss`), the
+    unit of its `cost_bound`."""
     from defenses import build_defense
     from engine.trainer import build_optimizers
     c = copy.deepcopy(cfg)
@@ -344,7 +353,7 @@ def train_step_fn(cfg, model: nn.Module, method: str, batch: dict, amp: Optional
 
     def step():
         model.train()
-        steps = defense.steps(model, batch)
+        steps = reference_steps(defense, model, batch) if reference else defense.steps(model, batch)
         while True:
             with autocast(device, amp):
                 s = next(steps, None)
@@ -367,7 +376,9 @@ def defense_variant(cfg, method: str) -> Optional[str]:
 
 
 def defense_rows(meter: Meter, cfg, batch_size: int, size, amp: Optional[str]) -> List[Row]:
-    """One training step per method that fits the model, against the clean step of the same model."""
+    """One training step per method that fits the model, against the clean step of the same model
+    (`Defense.reference_loss`: the clean loss, or the method's own loss without the attack where it
+    trains more of the model than that)."""
     from defenses import DEFENSES, build_defense
     rows: List[Row] = []
     for method in DEFENSES.names():
@@ -390,7 +401,7 @@ def defense_rows(meter: Meter, cfg, batch_size: int, size, amp: Optional[str]) -
             step = train_step_fn(c, model, method, batch, amp)
         except SetupError:
             continue  # the method does not fit this model
-        clean = train_step_fn(c, model, "none", batch, amp)
+        clean = train_step_fn(c, model, method, batch, amp, reference=True)
         t, ratio, m = meter.paired(step, clean)
         d = build_defense(c)
         k = int(d.attack.options.get("steps") or 1) if d.attack is not None else 0

@@ -168,6 +168,12 @@ class Defense:
     def loss(self, model: nn.Module, batch: dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def reference_loss(self, model: nn.Module, batch: dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The method's training loss on the clean batch without its attack: the "one training step"
+        (three passes) that `cost_bound` counts in. Default: the clean loss (`train.method: none`);
+        a method whose own loss trains more of the model (DDC-AT's three heads) overrides it."""
+        return self.task_loss(model(batch["image"]), batch)
+
     def steps(self, model: nn.Module, batch: dict) -> Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor], Optional[str]]]:
         """The optimisation steps of one iteration as (loss, logs, phase): the engine runs backward,
         `train.clip_grad_norm` and the step of `phase`'s optimiser (None: the only one) before it asks

@@ -118,7 +118,17 @@ class DDCAT(Defense):
 
     def loss(self, model, batch):
         x, m, n_clean = self.training_batch(model, batch)
+        return self.batch_loss(model, x, m, batch["label"], n_clean)
+
+    def reference_loss(self, model, batch):
+        """DDC-AT's loss on the clean batch with every mask label 0 (no attack, no routed forwards):
+        a training step of all three heads, which the clean loss (o_n and aux only) leaves out of
+        the backward; this is the training step that `cost_bound` counts."""
         y = batch["label"]
+        return self.batch_loss(model, batch["image"], torch.zeros_like(y), y, y.shape[0])
+
+    def batch_loss(self, model: nn.Module, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, n_clean: int):
+        """(loss, logs) of the train-mode forward of x with mask labels m, the first n_clean images clean."""
         outputs = model(x)  # train mode: {"out": o_n, "adv": o_a, "mask": o_m, "aux"}
         o = route(outputs)
         routed, logp = ce_and_logp(o, y, self.ignore)

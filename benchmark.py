@@ -376,9 +376,9 @@ def defense_variant(cfg, method: str) -> Optional[str]:
 
 
 def defense_rows(meter: Meter, cfg, batch_size: int, size, amp: Optional[str]) -> List[Row]:
-    """One training step per method that fits the model, against the clean step of the same model
-    (`Defense.reference_loss`: the clean loss, or the method's own loss without the attack where it
-    trains more of the model than that)."""
+    """One training step per method that fits the model, against its reference step on the same model
+    and batch (`Defense.reference_loss`: the clean loss, or the method's own loss without the attack
+    where it trains more of the model than that)."""
     from defenses import DEFENSES, build_defense
     rows: List[Row] = []
     for method in DEFENSES.names():

@@ -1,6 +1,7 @@
 """tools/demo.py: stage reuse decisions, the finished-evaluation test and the table, on tiny fake inputs
 (the real demo is never run here)."""
 import copy
+import io
 import json
 import os
 import subprocess
@@ -103,29 +104,133 @@ def test_table_and_checks():
     assert lines[0].startswith("| method | clean | BIM-2 (DDC-AT) 4/255") and len(lines) == 4
     assert lines[2] == f"| {clean} | 80.00 | - | - | - | 30.00 | 10.00 | 5.00 |"
     assert all(ok for _, ok in demo.acceptance(rows))
-    rows[robust]["clean"] = 64.0  # 16 points below the clean model
+    rows[robust]["sea@8"] = 19.0   # 14 points above the clean model's
     rows[clean]["pgd10@8"] = 40.0  # PGD-10 weaker than BIM-2
     failed = [c for c, ok in demo.acceptance(rows) if not ok]
-    assert len(failed) == 2 and failed[0].startswith(clean) and "clean >=" in failed[1]
+    assert len(failed) == 2 and failed[0].startswith(clean) and f"{robust}: SEA 8/255 >=" in failed[1]
     assert demo.format_seconds(None) == "reused" and demo.format_seconds(75.25) == "1 min 15.2 s"
     assert demo.format_seconds(None, 3.0) == "reused (ran in 3.0 s)"
 
 
-def test_write_report(tmp_path, monkeypatch):
+def test_cell_stats_within_and_reference_marks():
+    runs = {0: {"a": {"clean": 80.0, "x": None}}, 1: {"a": {"clean": 84.0, "x": 1.0}}, 2: {"a": {"clean": 82.0, "x": 2.0}}}
+    stats = demo.cell_stats(runs)
+    assert stats == {"a": {"clean": [82.0, 2.0]}}          # sample std of 80, 84, 82; x is missing in seed 0
+    assert demo.cell_stats({0: {"a": {"clean": 5.0}}}) == {"a": {"clean": [5.0, 0.0]}}
+    # in: |value - mean| <= max(4 std, 2 points)
+    assert demo.within(90.0, [82.0, 2.0]) and not demo.within(90.01, [82.0, 2.0])
+    assert demo.within(84.0, [82.0, 0.1]) and not demo.within(84.01, [82.0, 0.1])
+    ref = {"a": {"clean": [82.0, 2.0]}}
+    cols = [("clean", "clean"), ("x", "X")]
+    assert demo.markdown_table({"a": {"clean": 91.0, "x": 3.0}}, cols, ref).splitlines()[2] == "| a | 91.00 OUT | 3.00 |"
+    assert demo.markdown_table({"a": {"clean": 81.0, "x": 3.0}}, cols, ref).splitlines()[2] == "| a | 81.00 in | 3.00 |"
+    assert demo.stats_table(stats, cols).splitlines()[2] == "| a | 82.0 ± 2.0 | - |"
+
+
+def _report_inputs(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "OUT_DIR", str(tmp_path / "demo"))
-    c = load_config(demo.config_path("none"))
-    cols = demo.table_columns([8], ["pgd10"])
-    demo.write_report({"a": {"clean": 50.0, "pgd10@8": 1.0}}, cols, [demo.Stage("train none", "reuse")], 2.0, c)
+    return load_config(demo.config_path("none")), demo.table_columns([8], ["pgd10"])
+
+
+def test_write_report(tmp_path, monkeypatch):
+    c, cols = _report_inputs(tmp_path, monkeypatch)
+    # (a row without SEA and BIM-2 columns fails the attack-order check: nothing is taken for granted)
+    assert not demo.write_report({0: {"a": {"clean": 50.0, "pgd10@8": 1.0}}}, cols, [demo.Stage("train none", "reuse")],
+                                 2.0, c)
     out = json.loads((tmp_path / "demo" / "table.json").read_text())
-    assert out["rows"]["a"]["pgd10@8"] == 1.0 and out["stages"][0]["seconds"] is None
+    assert out["runs"][0]["cells"]["a"]["pgd10@8"] == {"value": 1.0, "reference_mean": None, "reference_std": None,
+                                                      "within": None}
+    assert out["stages"][0]["seconds"] is None and out["mean_std"] is None and out["checks_ok"] is False
     assert "| a | 50.00 | 1.00 |" in (tmp_path / "demo" / "table.md").read_text()
     # a reused stage keeps the time it took when it ran, over any number of re-runs
-    demo.write_report({}, cols, [demo.Stage("train none", "train", 61.0)], 70.0, c)
+    demo.write_report({0: {}}, cols, [demo.Stage("train none", "train", 61.0)], 70.0, c)
     before = demo.earlier_times(str(tmp_path / "demo" / "table.json"))
-    demo.write_report({}, cols, [demo.Stage("train none", "reuse", None, before["train none"])], 1.0, c)
+    demo.write_report({0: {}}, cols, [demo.Stage("train none", "reuse", None, before["train none"])], 1.0, c)
     assert demo.earlier_times(str(tmp_path / "demo" / "table.json")) == {"train none": 61.0}
     assert "reused (ran in 1 min 01.0 s)" in (tmp_path / "demo" / "table.md").read_text()
     assert demo.earlier_times(str(tmp_path / "missing.json")) == {}
+
+
+def test_write_report_marks_every_cell_against_the_reference(tmp_path, monkeypatch):
+    c, cols = _report_inputs(tmp_path, monkeypatch)
+    ref = {"seeds": [0, 1], "machine": "m", "rows": {"a": {"clean": [50.0, 1.0], "pgd10@8": [10.0, 0.25]}}}
+    runs = {3: {"a": {"clean": 53.9, "pgd10@8": 12.5}}, 4: {"a": {"clean": 46.0, "pgd10@8": 8.0}}}
+    demo.write_report(runs, cols, [], 1.0, c, reference=ref)
+    out = json.loads((tmp_path / "demo" / "table.json").read_text())
+    cells = {r["seed"]: r["cells"]["a"] for r in out["runs"]}
+    assert cells[3]["clean"] == {"value": 53.9, "reference_mean": 50.0, "reference_std": 1.0, "within": True}
+    assert cells[3]["pgd10@8"]["within"] is False and cells[4]["pgd10@8"]["within"] is True
+    assert out["outside"] == ["seed 3 a / pgd10@8"]
+    assert out["mean_std"]["a"]["clean"] == pytest.approx([49.95, (2 * 3.95 ** 2) ** 0.5])
+    md = (tmp_path / "demo" / "table.md").read_text()
+    assert "| a | 53.90 in | 12.50 OUT |" in md and "| a | 50.0 ± 1.0 | 10.0 ± 0.2 |" in md
+    assert "1 cell(s) outside the reference range: seed 3 a / pgd10@8" in md
+
+
+def test_a_failing_check_fails_the_demo_naming_it(tmp_path, monkeypatch, capsys):
+    """The runner, fed finished stages whose table breaks a check, exits 1 and names the check."""
+    monkeypatch.chdir(os.getcwd())  # main() moves to the repository root; undone after the test
+    monkeypatch.setattr(demo, "OUT_DIR", str(tmp_path / "demo"))
+    monkeypatch.setattr(demo, "read_saved_training", lambda exp_dir: {"epoch": 10 ** 6, "config": {}})
+    monkeypatch.setattr(demo, "train_decision", lambda cfg, saved: ("reuse", []))
+    monkeypatch.setattr(demo, "eval_finished", lambda cfg: True)
+    monkeypatch.setattr(demo, "ensure_dataset", lambda cfg: None)
+    values = {"none": (0.8, 0.3, 0.2, 0.05), "sat": (0.7, 0.5, 0.4, 0.3), "ddcat": (0.7, 0.5, 0.4, 0.3),
+              "pirat": (0.7, 0.5, 0.4, 0.35)}
+
+    def run(broken):
+        metrics = {}
+        for m, name in demo.METHODS:
+            clean, bim, pgd, sea = values[m]
+            if m == broken:
+                pgd = bim + 0.1  # PGD-10 weaker than BIM-2
+            metrics[m] = fake_metrics(clean, bim2_8=bim, pgd10_8=pgd, sea_8=sea)
+        real_open = open
+
+        def fake_open(path, *a, **k):
+            for m, _ in demo.METHODS:
+                if path.endswith(os.path.join(f"demo_{m}", "result", "metrics.json")):
+                    return io.StringIO(json.dumps(metrics[m]))
+            return real_open(path, *a, **k)
+        monkeypatch.setattr("builtins.open", fake_open)
+        try:
+            return demo.main(["--jobs", "1"])
+        finally:
+            monkeypatch.setattr("builtins.open", real_open)
+    assert run(None) == 0
+    capsys.readouterr()
+    assert run("sat") == 1
+    err = capsys.readouterr().err
+    assert "error: check failed, seed 0: SAT: SEA <= PGD-10 <= BIM-2 at 8/255" in err
+
+
+def test_readme_demo_table_is_the_reference_file():
+    """The README's demo table is tools/demo_reference.json, cell for cell (mean ± std, one decimal)."""
+    ref = demo.read_reference(os.path.join(ROOT, demo.REFERENCE))
+    assert ref is not None and len(ref["seeds"]) >= 5
+    cfg = load_config(demo.config_path("none"))
+    attacks = [a if isinstance(a, str) else a.get("label", a["name"]) for a in cfg.test.attacks]
+    cols = demo.table_columns(cfg.test.eps, attacks)
+    assert set(ref["rows"]) == {name for _, name in demo.METHODS}
+    table = demo.stats_table(ref["rows"], cols)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert table in readme
+    # and every reference cell passes the demo's checks at its mean
+    means = {name: {k: v[0] for k, v in row.items()} for name, row in ref["rows"].items()}
+    assert all(ok for _, ok in demo.acceptance(means))
+
+
+def test_seeds_parse_and_give_each_seed_its_folder():
+    assert demo.parse_seeds("0-4") == [0, 1, 2, 3, 4] and demo.parse_seeds("0,2") == [0, 2]
+    for bad in ("", "a", "1-", "0,0", "-1"):
+        with pytest.raises(ValueError):
+            demo.parse_seeds(bad)
+    c0, c2 = demo.load_demo_config("sat", 0), demo.load_demo_config("sat", 2)
+    assert c0.exp_dir == "exp/synthetic/demo_sat" and c0.seed == 0
+    assert c2.exp_dir == "exp/synthetic/demo_sat_seed2" and c2.seed == 2
+    assert demo.seed_overrides(2, c0.exp_dir) == ["seed=2", "exp_dir=exp/synthetic/demo_sat_seed2"]
+    a, b = demo.training_identity(c0.to_dict()), demo.training_identity(c2.to_dict())
+    assert a != b and {**b, "seed": 0, "exp_dir": a["exp_dir"]} == a   # only the seed and folder differ
 
 
 def test_bad_config_is_one_line_error(tmp_path, monkeypatch, capsys):

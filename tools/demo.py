@@ -57,10 +57,38 @@ OUT_DIR = os.path.join("exp", "synthetic", "demo")
 # keys that do not change the trained weights: run bookkeeping, and the evaluation settings
 IGNORED_TRAIN_KEYS = ("train.resume", "train.overwrite", "train.print_freq", "data.workers", "test")
 SEA_LABEL = "sea"
+# mean and std of every cell over the README's seeds (written by --write-reference)
+REFERENCE = os.path.join("tools", "demo_reference.json")
+WITHIN_STDS, WITHIN_FLOOR = 4.0, 2.0  # a run's cell is "in" when within max(4 std, 2 points) of the mean
 
 
 def config_path(method: str) -> str:
     return os.path.join("config", "synthetic", f"synthetic_demo_{method}.yaml")
+
+
+def seed_overrides(seed: int, exp_dir: str) -> List[str]:
+    """Launcher overrides of one demo seed: none for seed 0 (the configs as written), else the training
+    seed and an experiment folder of its own (``<exp_dir>_seed<s>``, e.g. exp/synthetic/demo_sat_seed1)."""
+    return [] if seed == 0 else [f"seed={seed}", f"exp_dir={exp_dir}_seed{seed}"]
+
+
+def load_demo_config(method: str, seed: int = 0):
+    """The resolved config of one demo method at one seed (its launcher overrides applied)."""
+    base = load_config(config_path(method))
+    return load_config(config_path(method), seed_overrides(seed, base.exp_dir)) if seed else base
+
+
+def parse_seeds(text: str) -> List[int]:
+    """``"0,1,2"`` or ``"0-4"`` -> [0, 1, 2] / [0, 1, 2, 3, 4]; ValueError on anything else."""
+    seeds: List[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"--seeds: {text!r} is not a list like 0,1,2 or a range like 0-4")
+        seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"--seeds: {text!r} names no seed or a seed twice")
+    return seeds
 
 
 def launcher(kind: str, method: str) -> str:
@@ -155,20 +183,82 @@ def table_rows(metrics: Dict[str, dict], columns: Sequence[Tuple[str, str]]) -> 
     return rows
 
 
-def markdown_table(rows: Dict[str, Dict[str, Optional[float]]], columns: Sequence[Tuple[str, str]]) -> str:
-    """A markdown table: one row per method, mIoU with two decimals ("-" where missing)."""
+def cell_text(value: Optional[float], ref: Optional[Sequence[float]] = None) -> str:
+    """One cell: mIoU with two decimals ("-" if missing), marked in / outside the reference range."""
+    if value is None:
+        return "-"
+    if ref is None:
+        return f"{value:.2f}"
+    return f"{value:.2f} {'in' if within(value, ref) else 'OUT'}"
+
+
+def markdown_table(rows: Dict[str, Dict[str, Optional[float]]], columns: Sequence[Tuple[str, str]],
+                   reference: Optional[Dict[str, Dict[str, Sequence[float]]]] = None) -> str:
+    """A markdown table: one row per method, mIoU with two decimals ("-" where missing); with a
+    reference ({row: {key: (mean, std)}}), each cell marked ``in`` or ``OUT`` of its range."""
     lines = ["| method | " + " | ".join(h for _, h in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for name, row in rows.items():
-        cells = ["-" if row.get(k) is None else f"{row[k]:.2f}" for k, _ in columns]
+        ref = (reference or {}).get(name, {})
+        cells = [cell_text(row.get(k), ref.get(k) if reference is not None else None) for k, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def stats_table(stats: Dict[str, Dict[str, Sequence[float]]], columns: Sequence[Tuple[str, str]]) -> str:
+    """A markdown table of ``mean ± std`` cells ({row: {key: (mean, std)}}), one decimal."""
+    lines = ["| method | " + " | ".join(h for _, h in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, row in stats.items():
+        cells = ["-" if row.get(k) is None else f"{row[k][0]:.1f} ± {row[k][1]:.1f}" for k, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cell_stats(runs: Dict[int, Dict[str, Dict[str, Optional[float]]]]) -> Dict[str, Dict[str, List[float]]]:
+    """{row: {key: [mean, std]}} over the seeds' tables (std: sample standard deviation, n - 1; 0 for
+    one seed); a cell missing in any seed is left out."""
+    first = next(iter(runs.values()))
+    out: Dict[str, Dict[str, List[float]]] = {}
+    for name, row in first.items():
+        out[name] = {}
+        for key in row:
+            values = [r[name][key] for r in runs.values() if r.get(name, {}).get(key) is not None]
+            if len(values) != len(runs):
+                continue
+            mean = sum(values) / len(values)
+            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+            out[name][key] = [mean, var ** 0.5]
+    return out
+
+
+def within(value: float, ref: Sequence[float]) -> bool:
+    """A run's cell is within the reference range: |value - mean| <= max(4 std, 2 points)."""
+    mean, std = ref
+    return abs(value - mean) <= max(WITHIN_STDS * std, WITHIN_FLOOR)
+
+
+def read_reference(path: str) -> Optional[dict]:
+    """The reference table (``{"rows": {row: {key: [mean, std]}}, "seeds": [...], "machine": str, ...}``)
+    or None when there is none; SetupError naming the file when it is unreadable."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            ref = json.load(f)
+        for row in ref["rows"].values():
+            for mean, std in row.values():
+                float(mean), float(std)
+        return ref
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SetupError(f"{path}: not a demo reference table ({e})") from e
+
+
 def acceptance(rows: Dict[str, Dict[str, Optional[float]]], eps: float = 8.0, clean_row: str = METHODS[0][1],
                robust_row: str = METHODS[-1][1], margin: float = 15.0) -> List[Tuple[str, bool]]:
-    """The demo's checks (mIoU points): per method SEA <= PGD-10 <= BIM-2 at `eps`; the robust row's
-    SEA at least `margin` above the clean row's, its clean mIoU at most `margin` below."""
+    """The demo's checks (mIoU points), findings that hold for every seed of the reference runs and
+    under every CPU variant tried (README, Demo result): per method SEA <= PGD-10 <= BIM-2 at `eps`;
+    the robust row's SEA at least `margin` above the clean row's."""
     e = f"{eps:g}"
     out = []
 
@@ -183,7 +273,6 @@ def acceptance(rows: Dict[str, Dict[str, Optional[float]]], eps: float = 8.0, cl
         out.append((f"{robust_row}: SEA {e}/255 >= {clean_row} + {margin:g}",
                     le(c.get(f"{SEA_LABEL}@{e}"), None if r.get(f"{SEA_LABEL}@{e}") is None
                        else r[f"{SEA_LABEL}@{e}"] - margin)))
-        out.append((f"{robust_row}: clean >= {clean_row} - {margin:g}", le(c["clean"] - margin, r["clean"])))
     return out
 
 
@@ -351,14 +440,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print what each stage would do, run nothing")
     parser.add_argument("--jobs", type=int, default=None,
                         help="stages run at once, one thread each (default: one per CPU core, at most 4)")
+    parser.add_argument("--write-reference", action="store_true",
+                        help=f"after the run, write the seeds' mean and std as the reference ({REFERENCE}); "
+                             "needs at least 2 seeds")
+    parser.add_argument("--seeds", default="0",
+                        help="training seeds, e.g. 0-4 or 0,2 (default 0); seed s > 0 trains into "
+                             "exp/synthetic/demo_<method>_seed<s>, and several seeds give mean and std per cell")
     args = parser.parse_args(argv)
     jobs = default_jobs() if args.jobs is None else args.jobs
     if jobs < 1:
         print(f"error: --jobs must be >= 1, got {jobs}", file=sys.stderr)
         return 2
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.write_reference and len(seeds) < 2:
+        print("error: --write-reference needs at least 2 seeds (--seeds 0-4)", file=sys.stderr)
+        return 2
     os.chdir(ROOT)
     try:
-        cfgs = {m: load_config(config_path(m)) for m, _ in METHODS}
+        cfgs = {(m, s): load_demo_config(m, s) for s in seeds for m, _ in METHODS}
+        reference = None if args.write_reference else read_reference(REFERENCE)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -368,23 +472,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"error: launcher {launcher(kind, m)} not found", file=sys.stderr)
                 return 2
     before = earlier_times(os.path.join(OUT_DIR, "table.json"))
-    plan: Dict[str, List[Stage]] = {}
-    overrides: Dict[str, List[str]] = {}
-    for m, _ in METHODS:
-        cfg = cfgs[m]
-        action, overrides[m] = train_decision(cfg.to_dict(), read_saved_training(cfg.exp_dir))
+    plan: Dict[Tuple[str, int], List[Stage]] = {}
+    overrides: Dict[Tuple[str, int], List[str]] = {}
+    for key, cfg in cfgs.items():
+        m, s = key
+        action, overrides[key] = train_decision(cfg.to_dict(), read_saved_training(cfg.exp_dir))
         # a stage downstream of a training that runs is redone whatever is on disk
         test_action = "evaluate" if action != "reuse" or not eval_finished(cfg) else "reuse"
-        plan[m] = [Stage(f"train {m}", action, earlier=before.get(f"train {m}")),
-                   Stage(f"test {m}", test_action, earlier=before.get(f"test {m}"))]
-    print(f"{len(METHODS)} trainings and evaluations, {jobs} at a time ({THREADS_PER_STAGE} thread each); "
-          f"logs in each exp_dir", flush=True)
-    for m in SCHEDULE:
-        for st in plan[m]:
-            print(f"  {st.name:<12} {st.action:<8} ({cfgs[m].exp_dir})", flush=True)
+        suffix = f" seed {s}" if len(seeds) > 1 or s else ""
+        plan[key] = [Stage(f"train {m}{suffix}", action, earlier=before.get(f"train {m}{suffix}")),
+                     Stage(f"test {m}{suffix}", test_action, earlier=before.get(f"test {m}{suffix}"))]
+    order = [(m, s) for s in seeds for m in SCHEDULE]
+    print(f"{len(METHODS)} trainings and evaluations per seed, seeds {','.join(map(str, seeds))}, {jobs} at a "
+          f"time ({THREADS_PER_STAGE} thread each); logs in each exp_dir", flush=True)
+    for key in order:
+        for st in plan[key]:
+            print(f"  {st.name:<12} {st.action:<8} ({cfgs[key].exp_dir})", flush=True)
     if args.dry_run:
         return 0
-    first = cfgs[METHODS[0][0]]
+    first = cfgs[(METHODS[0][0], seeds[0])]
     try:
         ensure_dataset(first)
     except SetupError as e:
@@ -393,19 +499,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runner = Runner(jobs)
     t_all = time.monotonic()
 
-    def chain(m: str) -> Callable[[int], None]:
+    def chain(key: Tuple[str, int]) -> Callable[[int], None]:
+        m, s = key
+        seed_args = seed_overrides(s, load_config(config_path(m)).exp_dir) if s else []
+
         def run(lane: int) -> None:
             from tqdm import tqdm
-            for st, kind, extra in ((plan[m][0], "train", overrides[m]), (plan[m][1], "test", [])):
+            for st, kind, extra in ((plan[key][0], "train", overrides[key]), (plan[key][1], "test", [])):
                 if st.action == "reuse":
                     continue
                 t = time.monotonic()
-                runner.launch(launcher(kind, m), extra, st.name, lane)
+                runner.launch(launcher(kind, m), seed_args + extra, st.name, lane)
                 st.seconds = time.monotonic() - t
                 tqdm.write(f"done: {st.name} ({st.action}) in {format_seconds(st.seconds)}")
         return run
     try:
-        run_chains(runner, [chain(m) for m in SCHEDULE])
+        run_chains(runner, [chain(key) for key in order])
     except StageFailed as e:
         for line in e.tail:
             print(f"  | {line}", file=sys.stderr)
@@ -415,62 +524,131 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; finished stages are kept, re-run to continue", file=sys.stderr)
         return 130
-    stages = [st for m, _ in METHODS for st in plan[m][:1]] + [st for m, _ in METHODS for st in plan[m][1:]]
+    stages = [plan[(m, s)][i] for i in (0, 1) for s in seeds for m, _ in METHODS]
     attacks = [a if isinstance(a, str) else a.get("label", a["name"]) for a in first.test.attacks]
     columns = table_columns(first.test.eps, attacks)
-    metrics, results = {}, []
-    for m, name in METHODS:
-        result = cfgs[m].test.result_dir or os.path.join(cfgs[m].exp_dir, "result")
-        path = os.path.join(result, "metrics.json")
-        try:
-            with open(path) as f:
-                metrics[name] = json.load(f)
-        except (OSError, ValueError) as e:
-            print(f"error: cannot read {path}: {e}", file=sys.stderr)
-            return 2
-        results.append(result)
-    rows = table_rows(metrics, columns)
+    runs: Dict[int, Dict[str, Dict[str, Optional[float]]]] = {}
+    results = []
+    for s in seeds:
+        metrics = {}
+        for m, name in METHODS:
+            cfg = cfgs[(m, s)]
+            result = cfg.test.result_dir or os.path.join(cfg.exp_dir, "result")
+            path = os.path.join(result, "metrics.json")
+            try:
+                with open(path) as f:
+                    metrics[name] = json.load(f)
+            except (OSError, ValueError) as e:
+                print(f"error: cannot read {path}: {e}", file=sys.stderr)
+                return 2
+            if s == seeds[0]:
+                results.append(result)
+        runs[s] = table_rows(metrics, columns)
     wall = time.monotonic() - t_all
-    write_report(rows, columns, stages, wall, first, jobs)
+    if args.write_reference:
+        reference = write_reference(runs)
+    ok = write_report(runs, columns, stages, wall, first, jobs, reference)
     curves = os.path.join(OUT_DIR, "robustness.png")
     try:
         from compare_curves import compare
         compare(results, curves, labels=[name for _, name in METHODS])
-        print(f"wrote {curves} (worst case over the attacks against eps, the four methods)")
+        print(f"wrote {curves} (worst case over the attacks against eps, the four methods, seed {seeds[0]})")
     except (SetupError, OSError) as e:  # e.g. evaluations without robustness.json: the table stands
         print(f"note: no {curves}: {e}", file=sys.stderr)
-    return 0
+    return 0 if ok else 1
 
 
-def write_report(rows, columns, stages: List[Stage], wall: float, cfg, jobs: int = 1) -> None:
-    """Print the table, timings and checks; write them to OUT_DIR/table.md and table.json."""
+def machine_description() -> str:
+    """The CPU model, core count, torch version and its CPU capability (a reference's provenance)."""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+
+
+def write_report(runs: Dict[int, Dict[str, Dict[str, Optional[float]]]], columns, stages: List[Stage],
+                 wall: float, cfg, jobs: int = 1, reference: Optional[dict] = None) -> bool:
+    """Print each seed's table (cells marked in / outside the reference range), the mean ± std over the
+    seeds when there are several, the reference, the checks and the timings; write them to
+    OUT_DIR/table.md and table.json. Returns True when every check holds for every seed."""
     sea = next((a for a in cfg.test.attacks if (a == SEA_LABEL or (isinstance(a, dict) and a.get("name") == SEA_LABEL))), None)
     sea_steps = sea.get("steps", 300) if isinstance(sea, dict) else 300
     n = min(cfg.data.synthetic.num_val, cfg.test.num_images or cfg.data.synthetic.num_val)
     header = (f"mIoU (%) on the first {n} synthetic val images; BIM-2: 2 steps of 2.55/255, no random start; "
               f"PGD-10: 10 steps of 2/255, random start; SEA: worst case per image over APGD mask-ce-bal / "
               f"mask-ce / JS with {sea_steps} iterations each (the paper's: 300)")
-    table = markdown_table(rows, columns)
-    checks = acceptance(rows)
+    ref_rows = None if reference is None else reference["rows"]
+    parts, records, all_ok = [header], [], True
+    for seed, rows in runs.items():
+        checks = acceptance(rows)
+        all_ok &= all(ok for _, ok in checks)
+        mark = "" if ref_rows is None else " (in: within max(4 std, 2) of the reference mean; OUT: outside)"
+        parts.append(f"Seed {seed}{mark}:\n\n{markdown_table(rows, columns, ref_rows)}\n\nChecks, seed {seed}:\n"
+                     + "\n".join(f"- [{'x' if ok else ' '}] {c}" for c, ok in checks))
+        cells = {name: {k: {"value": row.get(k),
+                            "reference_mean": None if ref_rows is None or ref_rows.get(name, {}).get(k) is None
+                            else ref_rows[name][k][0],
+                            "reference_std": None if ref_rows is None or ref_rows.get(name, {}).get(k) is None
+                            else ref_rows[name][k][1],
+                            "within": None if row.get(k) is None or ref_rows is None or ref_rows.get(name, {}).get(k)
+                            is None else within(row[k], ref_rows[name][k])}
+                        for k, _ in columns} for name, row in rows.items()}
+        records.append({"seed": seed, "cells": cells, "checks": [{"check": c, "ok": ok} for c, ok in checks]})
+    stats = cell_stats(runs) if len(runs) > 1 else None
+    if stats is not None:
+        parts.append(f"Mean ± std over seeds {','.join(map(str, runs))}:\n\n{stats_table(stats, columns)}")
+    if reference is not None:
+        parts.append(f"Reference (README; mean ± std over seeds {','.join(map(str, reference.get('seeds', [])))}, "
+                     f"{reference.get('machine', 'machine not recorded')}):\n\n{stats_table(ref_rows, columns)}")
+    outside = [f"seed {r['seed']} {name} / {k}" for r in records for name, c in r["cells"].items()
+               for k, v in c.items() if v["within"] is False]
+    if reference is not None:
+        parts.append("Every cell within the reference range." if not outside else
+                     f"{len(outside)} cell(s) outside the reference range: " + "; ".join(outside))
     timing = "\n".join(f"- {s.name}: {format_seconds(s.seconds, s.earlier)}" for s in stages) + \
         f"\n- whole demo (this run): {format_seconds(wall)}"
-    text = (f"{header}\n\n{table}\n\nChecks:\n" + "\n".join(f"- [{'x' if ok else ' '}] {c}" for c, ok in checks)
-            + f"\n\nWall time per stage ({os.cpu_count()} CPU cores; {jobs} stage(s) at a time, "
-            f"{THREADS_PER_STAGE} thread each):\n{timing}\n")
+    parts.append(f"Wall time per stage ({os.cpu_count()} CPU cores; {jobs} stage(s) at a time, "
+                 f"{THREADS_PER_STAGE} thread each):\n{timing}")
+    text = "\n\n".join(parts) + "\n"
     print("\n" + text)
     os.makedirs(OUT_DIR, exist_ok=True)
     for name, content in (("table.md", text), ("table.json", json.dumps(
-            {"header": header, "columns": [list(c) for c in columns], "rows": rows,
-             "checks": [{"check": c, "ok": ok} for c, ok in checks],
+            {"header": header, "columns": [list(c) for c in columns], "seeds": list(runs), "runs": records,
+             "mean_std": stats, "reference": reference, "outside": outside,
+             "checks_ok": all_ok,
              "stages": [{"stage": s.name, "action": s.action, "seconds": s.seconds, "earlier": s.earlier}
                         for s in stages],
              "wall_seconds": wall, "cpu_count": os.cpu_count(), "jobs": jobs, "threads_per_stage": THREADS_PER_STAGE,
-             "platform": platform.platform()}, indent=1))):
+             "platform": platform.platform(), "machine": machine_description()}, indent=1))):
         tmp = os.path.join(OUT_DIR, name + ".tmp")
         with open(tmp, "w") as f:
             f.write(content)
         os.replace(tmp, os.path.join(OUT_DIR, name))
     print(f"wrote {os.path.join(OUT_DIR, 'table.md')} and table.json")
+    for r in records:
+        for c in r["checks"]:
+            if not c["ok"]:
+                print(f"error: check failed, seed {r['seed']}: {c['check']}", file=sys.stderr)
+    return all_ok
+
+
+def write_reference(runs: Dict[int, Dict[str, Dict[str, Optional[float]]]], path: str = REFERENCE) -> dict:
+    """Write the mean ± std of every cell over the seeds' tables, with the machine, as the reference
+    that later runs are marked against (the README's demo table is this file)."""
+    ref = {"seeds": list(runs), "machine": machine_description(), "rows": cell_stats(runs),
+           "within": f"|value - mean| <= max({WITHIN_STDS:g} std, {WITHIN_FLOOR:g} points)"}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(ref, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    print(f"wrote {path} (reference over seeds {','.join(map(str, runs))})")
+    return ref
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from models import build_model
 from models.weights import load_model_weights
 from utils import dist
 from utils.config import load_config
+from utils.env import env_record
 from utils.errors import SetupError
 from utils.logger import get_logger
 from utils.metrics import class_map, confusion_counts, label_counts, regression_sums
@@ -362,7 +363,7 @@ def run_test(cfg) -> dict:
     clean, attacks, worst = aggregate(gathered, runs, seconds, passes, names, tasks)
     metrics = {"config": cfg.path, "checkpoint": ckpt, "split": cfg.test.split, "num_images": n,
                "protocol": cfg.test.protocol, "class_names": names, "clean": clean, "attacks": attacks,
-               "worst_case": worst}
+               "worst_case": worst, "env": env_record()}
     if dist.is_main():
         write_results(cfg, metrics, examples, staging, log)
         log.info(f"wrote {os.path.join(eval_resume.publish(cfg), 'metrics.json')}")

@@ -20,6 +20,7 @@ from utils import dist
 from utils.checkpoint import (check_fresh_run, check_init_file, list_checkpoints, remove_stale_temporaries, resolve_resume,
                               save_checkpoint)
 from utils.config import save_config
+from utils.env import env_record
 from utils.errors import SetupError
 from utils.logger import get_logger
 from utils.metrics import summarize
@@ -280,7 +281,7 @@ class Trainer:
     def state(self) -> dict:
         state = {"model": dist.unwrap(self.model).state_dict(), "optimizer": phase_states(self.optimizers),
                  "scheduler": phase_states(self.schedulers), "epoch": self.epoch, "iteration": self.iteration,
-                 "skipped": self.skipped, "rng": get_rng_state(), "config": self.cfg.to_dict()}
+                 "skipped": self.skipped, "rng": get_rng_state(), "config": self.cfg.to_dict(), "env": env_record()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state

@@ -1,8 +1,9 @@
 """Checkpoints: written atomically; every checkpoint or weights file (train.resume, test.checkpoint,
 model.weights, model.pretrained) read by one function with weights_only=True; newest valid one found on resume.
 
-A checkpoint holds: model, optimizer, scheduler, epoch (completed), iteration, rng, config
-(and `scaler` with fp16 mixed precision). Files in ``<exp_dir>/model``: ``last.pth`` (newest),
+A checkpoint holds: model, optimizer, scheduler, epoch (completed), iteration, rng, config, env (the
+environment it was made in, `utils/env.py`; not required, older checkpoints lack it) (and `scaler` with
+fp16 mixed precision). Files in ``<exp_dir>/model``: ``last.pth`` (newest),
 ``epoch_<E>.pth`` (every ``train.save_freq`` epochs) and ``iter_<I>.pth`` (every
 ``train.save_iter_freq`` iterations; only the newest two are kept).
 """

@@ -31,7 +31,7 @@ def test_quickstart_has_two_one_line_commands_and_b_is_what_ci_runs():
 
 
 def test_every_path_the_readme_names_exists():
-    pattern = r"`((?:tool_train|tool_test|config|tools|engine|attacks|defenses|models|datasets|utils)/[\w./-]+\.(?:sh|yaml|py))`"
+    pattern = r"`((?:tool_train|tool_test|config|tools|engine|attacks|defenses|models|datasets|utils|docs)/[\w./-]+\.(?:sh|yaml|py|md))`"
     paths = sorted(set(re.findall(pattern, readme())))
     assert len(paths) > 50                                 # the launcher table and more
     missing = [p for p in paths if not os.path.isfile(os.path.join(ROOT, p))]

@@ -5,8 +5,9 @@ batch: `forward` maps images in [0,1] to logits [B,C,H,W]; eps and step sizes ar
 ``build_attack`` wraps it in an :class:`Attack` that takes config units (1/255) and keeps counts.
 
 Random draws (random starts) come from :class:`ImageSeeds`: one generator per image, seeded by
-(seed, attack label, image key, restart), so an attacked result never depends on the batch size,
-the grouping of images, the number of processes or a resume.
+(seed, attack label, image key, restart), so the draws never depend on the batch size, the grouping
+of images, the number of processes or a resume (the result still carries the kernels' rounding,
+which differs between batch sizes: equal up to rounding, not bit for bit; README, Reproducibility).
 """
 from __future__ import annotations
 

@@ -3,10 +3,12 @@
 Per image and per run (clean, each attack at each eps) only small arrays are kept: intersection,
 union and target area per class, and for multitask models the error sums of every regression
 output; never adversarial images. Processes evaluate disjoint shards; the counts are gathered by
-image index, so a multi-process run gives exactly the single-process numbers. Images of different
-sizes are evaluated in same-size groups (never padded). Every attack's random draws are seeded per
-image (``attacks.ImageSeeds``), so attacked numbers do not depend on the batch size, the number of
-processes or a resume. Ensembles (SEA, sea+, user lists) and the overall worst case per eps are
+image index. Images of different sizes are evaluated in same-size groups (never padded). Every
+attack's random draws are seeded per image (``attacks.ImageSeeds``): the same draws for any batch
+size, number of processes or resume. The numbers are bit-identical for the same per-process batch
+and process count on the same machine (a resume included); another batch size, process count or
+CPU changes the kernels' rounding, which an iterative attack can carry to a few pixels (README,
+Reproducibility). Ensembles (SEA, sea+, user lists) and the overall worst case per eps are
 computed from the counts (engine/results.py).
 """
 from __future__ import annotations

@@ -36,3 +36,28 @@ def test_every_path_the_readme_names_exists():
     assert len(paths) > 50                                 # the launcher table and more
     missing = [p for p in paths if not os.path.isfile(os.path.join(ROOT, p))]
     assert not missing, missing
+
+
+def test_reproducibility_section_names_real_tests_and_the_tested_tolerances():
+    """Each clause of README's Reproducibility contract names the tests that check it; they exist, and
+    the tolerance it states is the one tests/rounding.py applies."""
+    import ast
+    import sys
+    text = readme()
+    section = text[text.index("## Reproducibility"):]
+    section = section[:section.index("\n## ", 1)]
+    clauses = [c for c in section.split("\n- ")[1:]]
+    assert [c.split("**")[1] for c in clauses] == ["Bit for bit", "Equal up to float rounding", "Another draw"]
+    defined = set()
+    for name in os.listdir(os.path.join(ROOT, "tests")):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, "tests", name)) as f:
+                defined |= {n.name for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.FunctionDef)}
+    for clause in clauses:
+        named = re.findall(r"`(test_\w+)`", clause)
+        assert named, clause[:60]
+        assert set(named) <= defined, set(named) - defined
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import rounding
+    assert f"no more than {100 * rounding.PIXEL_FRACTION:g} % of the labelled pixels, and mIoU within " \
+           f"{rounding.MIOU:g}" in " ".join(section.split())

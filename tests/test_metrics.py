@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.metrics import (confusion_counts, image_accuracy, label_counts, miou, summarize,  # noqa: E402
+from utils.metrics import (class_map, confusion_counts, image_accuracy, label_counts, miou, summarize,  # noqa: E402
                            worst_case, worst_case_miou)
 
 IGN = 255
@@ -34,6 +34,25 @@ def test_confusion_counts_by_hand():
     assert inter[1].tolist() == [4, 0, 0]
     assert tgt[1].tolist() == [5, 0, 0]
     assert union[1].tolist() == [5, 0, 1]
+
+
+def test_prediction_of_an_extra_channel_counts_in_no_class():
+    # Taskonomy: 18 output channels, 17 classes; channel 17 is no class. Labels / argmax of the scores:
+    t = torch.tensor([[[16, 16, 0], [0, IGN, 16]]])
+    p = torch.tensor([[[16, 17, 0], [17, 17, 16]]])
+    scores = torch.nn.functional.one_hot(p, 18).permute(0, 3, 1, 2).float()  # [1,18,2,3]
+    pred = class_map(scores)
+    assert pred.tolist() == p.tolist()
+    inter, union, tgt = confusion_counts(pred, t, 17, IGN)
+    # class 16: hits at (0,0), (1,2); (0,1) predicted 17 is a miss -> I 2, T 3, predicted 2, U 3
+    # class 0: hit at (0,2); (1,0) predicted 17 is a miss -> I 1, T 2, predicted 1, U 2
+    assert inter[0, 16].item() == 2 and tgt[0, 16].item() == 3 and union[0, 16].item() == 3
+    assert inter[0, 0].item() == 1 and tgt[0, 0].item() == 2 and union[0, 0].item() == 2
+    assert inter.sum().item() == 3 and tgt.sum().item() == 5 and union.sum().item() == 5
+    s = summarize(inter, union, tgt)
+    assert s["iou_per_class"][16] == pytest.approx(2 / 3) and s["iou_per_class"][0] == pytest.approx(1 / 2)
+    assert s["mIoU"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert s["aAcc"] == pytest.approx(3 / 5)
 
 
 def test_summarize_absent_classes_and_ignore():

@@ -87,6 +87,11 @@ def confusion_counts(pred: torch.Tensor, target: torch.Tensor, classes: int,
     """Per-image (intersection, union, target_area), each int64 [B,C], from argmax maps [B,H,W].
 
     Pixels whose label is ``ignore`` (or outside 0..C-1) count nowhere, their prediction included.
+    A prediction outside 0..C-1 (Taskonomy's 18th output channel, 17 classes) is in no class: it adds
+    to no intersection and no predicted area, and its labelled pixel is a miss of its label's class
+    (an extra "none of these" column of the confusion matrix). The original histogram scored that
+    channel as an 18th class with IoU 0 in the mean whenever it was predicted (mtl_fpd.md §A6); a
+    clamp into class C-1 would instead grow that class's union.
     """
     B = pred.shape[0]
     pred, target = pred.reshape(B, -1).long(), target.reshape(B, -1).long()
@@ -98,7 +103,7 @@ def confusion_counts(pred: torch.Tensor, target: torch.Tensor, classes: int,
         return torch.bincount(idx, minlength=n)[:n].view(B, classes)
 
     tgt = hist((base + target)[valid])
-    prd = hist((base + pred.clamp(0, classes - 1))[valid])
+    prd = hist((base + pred)[valid & (pred >= 0) & (pred < classes)])
     inter = hist((base + target)[valid & (pred == target)])
     return inter, prd + tgt - inter, tgt
 

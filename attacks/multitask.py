@@ -23,7 +23,9 @@ original: scale = 1000/256.
 Multitask targets come as a dict ``y = {task: target, ..., "<task>_mask": mask}`` (``task_targets``
 builds it from a batch's ``targets`` / ``masks``); a mask is optional and multiplies that task's
 per-element loss. The ``multitask`` attack ascends the unweighted sum of the losses of ``tasks``
-(default: every task that has a target); the evaluator then scores the result on all tasks.
+(default: every task that has a target), each the mean over images of the image's own loss, so the
+attack on an image does not depend on the images it is batched with; the evaluator then scores the
+result on all tasks.
 """
 from __future__ import annotations
 
@@ -75,14 +77,21 @@ def as_task_loss(spec: LossSpec) -> TaskLoss:
 
 
 def task_loss(spec: LossSpec, out: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
-              ignore_index: int = 255) -> torch.Tensor:
-    """Scalar loss of one task (see the module docstring); computed in float32 under autocast too."""
+              ignore_index: int = 255, per_image: bool = False) -> torch.Tensor:
+    """Scalar loss of one task (see the module docstring); computed in float32 under autocast too.
+
+    ``per_image``: ce is each image's mean over its own labelled pixels, averaged over the images
+    (the other kinds already are: equal element counts per image), instead of the batch's pooled mean.
+    """
     spec = as_task_loss(spec)
     out = out.float()
     if spec.kind in ("ce", "prior_ce"):
         per_pixel = F.cross_entropy(out, target, ignore_index=ignore_index, reduction="none")  # 0 where ignored
         if mask is not None:
             per_pixel = per_pixel * mask.reshape(per_pixel.shape).to(per_pixel.dtype)
+        if spec.kind == "ce" and per_image:
+            n = (target != ignore_index).flatten(1).sum(1).clamp_min(1)
+            return (per_pixel.flatten(1).sum(1) / n).mean()
         if spec.kind == "ce":
             return per_pixel.sum() / (target != ignore_index).sum().clamp_min(1)
         if spec.class_weights is not None:
@@ -158,22 +167,28 @@ def task_targets(targets: Mapping[str, torch.Tensor], masks: Mapping[str, torch.
 
 def per_task_losses(outputs: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], tasks: Sequence[str],
                     task_losses: Optional[Mapping[str, LossSpec]] = None,
-                    ignore_index: int = 255) -> Dict[str, torch.Tensor]:
-    """{task: scalar loss} for `tasks` (``task_losses`` by task; CE / L1 for a task not listed)."""
+                    ignore_index: int = 255, per_image: bool = False) -> Dict[str, torch.Tensor]:
+    """{task: scalar loss} for `tasks` (``task_losses`` by task; CE / L1 for a task not listed);
+    ``per_image`` as in ``task_loss``."""
     losses = {}
     for t in tasks:
         if t not in outputs or t not in y:
             raise SetupError(f"multitask loss: task '{t}' missing from the model outputs or targets; "
                              f"outputs: {', '.join(sorted(outputs))}")
         spec = (task_losses or {}).get(t) or default_task_loss(y[t])
-        losses[t] = task_loss(spec, outputs[t], y[t], y.get(t + MASK_SUFFIX), ignore_index)
+        losses[t] = task_loss(spec, outputs[t], y[t], y.get(t + MASK_SUFFIX), ignore_index, per_image)
     return losses
 
 
 def multitask_loss(outputs: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], tasks: Sequence[str],
                    task_losses: Optional[Mapping[str, LossSpec]] = None, ignore_index: int = 255) -> torch.Tensor:
-    """Unweighted sum over `tasks` of each task's loss (the multitask attack's objective, §A3.2)."""
-    return torch.stack(list(per_task_losses(outputs, y, tasks, task_losses, ignore_index).values())).sum()
+    """Unweighted sum over `tasks` of each task's loss (the multitask attack's objective, §A3.2), every
+    term the mean over images of the image's own loss: image b's gradient is 1/B times that of its
+    loss alone. The original's attack took the training CE, pooled over the batch's labelled pixels,
+    so the weight of segmentation against the other tasks on an image depended on how many pixels the
+    other images of its batch had labelled; fixed here."""
+    losses = per_task_losses(outputs, y, tasks, task_losses, ignore_index, per_image=True)
+    return torch.stack(list(losses.values())).sum()
 
 
 def _check_multitask(name: str, options: dict) -> None:

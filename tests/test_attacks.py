@@ -317,6 +317,35 @@ def test_multitask_attacks_only_the_chosen_tasks():
         build_attack("multitask", eps=8.0, alpha=2.0, steps=1, tasks=["normal"])(model, x, y)
 
 
+class SharedTwoTask(nn.Module):
+    """Segmentation and depth both read every input channel, so their gradients compete at each pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.seg = nn.Conv2d(3, 3, 3, padding=1)
+        self.depth = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x):
+        return {"seg": self.seg(x), "depth": self.depth(x)}
+
+
+def test_multitask_attack_on_an_image_does_not_depend_on_its_batch():
+    """Two attacked tasks: image 0 (5 % of its pixels labelled) attacked alone and inside a batch of fully
+    labelled images gives the same adversarial image (the CE is each image's own mean, not the batch's)."""
+    torch.manual_seed(0)
+    model = SharedTwoTask()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 3, 16, 16, generator=g) * 0.5 + 0.25
+    seg = torch.randint(0, 3, (3, 16, 16), generator=g)
+    seg[0][torch.rand(16, 16, generator=g) > 0.05] = IGN
+    y = {"seg": seg, "depth": torch.rand(3, 1, 16, 16, generator=g) * 2}
+    attack = build_attack("multitask", eps=16.0, alpha=2.0, steps=5, tasks=["seg", "depth"], random_start=False)
+    alone = attack(model, x[:1], {k: v[:1] for k, v in y.items()})
+    batched = attack(model, x, y)
+    assert (alone - x[:1]).abs().amax() > 0
+    assert torch.allclose(alone, batched[:1], atol=1e-6)
+
+
 def test_transfer_crafts_on_the_source_only():
     source = TinyConv()
     x, y = _batch()

@@ -1228,7 +1228,8 @@ def test_mtl_none_and_mtl_share_the_weighted_loss(tiny_cfg):
 
 def test_mtl_attack_and_training_use_the_same_losses(tmp_path):
     """The evaluator's multitask attack, the mtl training attack and the training loss use one set of per-task
-    losses: the same specs (prior weights and scales included) and the same values on the same outputs."""
+    losses: the same specs (prior weights and scales included) and the same values on the same outputs, the
+    attack's averaged over the images' own losses (Cityscapes' CE: not pooled over the batch's labelled pixels)."""
     from engine.evaluator import build_attack_runs
     for maker, config, tasks in ((fx.make_taskonomy, "taskonomy/taskonomy_resnet18_autoencoder_mtl.yaml", [SEG, AE]),
                                  (fx.make_cityscapes, "cityscapes/cityscapes_drn_sdA_mtl.yaml", [SEG, DEPTH, AE])):
@@ -1256,10 +1257,17 @@ def test_mtl_attack_and_training_use_the_same_losses(tmp_path):
         out = {t: torch.randn_like(batch["targets"][t].float()) if t != SEG else
                torch.randn(2, 18 if cfg.data.name == "taskonomy" else 19, *batch["label"].shape[-2:]) for t in tasks}
         _, per_task = defense.objective(out, batch["targets"], batch["masks"])
+        alone = [defense.objective({t: o[i:i + 1] for t, o in out.items()},
+                                   {t: v[i:i + 1] for t, v in batch["targets"].items()},
+                                   {t: v[i:i + 1] for t, v in batch["masks"].items()})[1] for i in range(2)]
         y = task_targets(batch["targets"], batch["masks"])
-        for t in tasks:   # what the attack ascends (attacks.multitask.multitask_loss) is the training loss
-            assert float(multitask_loss(out, y, [t], run.attack.options["task_losses"])) == float(per_task[t])
-        assert float(multitask_loss(out, y, tasks, losses)) == pytest.approx(float(sum(per_task.values())))
+        for t in tasks:   # the attack ascends the training loss, image by image: the mean of each image's own
+            got = float(multitask_loss(out, y, [t], run.attack.options["task_losses"]))
+            assert got == pytest.approx((float(alone[0][t]) + float(alone[1][t])) / 2, rel=1e-6)
+            if t != SEG or cfg.data.name == "taskonomy":   # pooled over the batch = mean of the images' own
+                assert got == pytest.approx(float(per_task[t]), rel=1e-6)
+        assert float(multitask_loss(out, y, tasks, losses)) == pytest.approx(
+            sum(float(alone[0][t]) + float(alone[1][t]) for t in tasks) / 2, rel=1e-6)
 
 
 def test_mtl_one_iteration_touches_exactly_the_trained_parameters(tmp_path):

@@ -160,6 +160,9 @@ class Attack:
     """
 
     def __init__(self, name: str, fn: Callable, *, seed: int = 0, label: Optional[str] = None, **options):
+        prepare = getattr(fn, "prepare_options", None)
+        if prepare is not None:  # an attack that also takes pixel options from a nested mapping (transfer)
+            options = prepare(name, dict(options))
         params = inspect.signature(fn).parameters
         valid = [k for k in params if k not in RUNTIME_ARGS]
         for k in options:

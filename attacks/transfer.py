@@ -25,7 +25,8 @@ def transfer(forward: Callable, x: torch.Tensor, y, *, eps: float, source_forwar
              counter: Optional[PassCounter] = None, rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """``inner`` attack (e.g. pgd, apgd, mim) run on ``source_forward``; alpha/steps passed on when set.
 
-    ``inner_options`` holds the inner attack's other options (no pixel units: eps/alpha go top-level).
+    ``inner_options`` holds the inner attack's other options; eps goes top-level, and an alpha given
+    there (1/255) is moved top-level when the attack is built, so it is converted like the top-level one.
     """
     if not callable(source_forward):
         raise SetupError("attack 'transfer' needs source_forward: the source model's forward, built by the "
@@ -39,6 +40,19 @@ def transfer(forward: Callable, x: torch.Tensor, y, *, eps: float, source_forwar
     if rng is not None and "rng" in inspect.signature(fn).parameters:
         opts["rng"] = rng
     return fn(source_forward, x, y, eps=eps, counter=counter, **opts)
+
+
+def _hoist_alpha(name: str, options: dict) -> dict:
+    """`options` with inner_options' alpha moved to the top level, where ``Attack`` converts it from
+    1/255 (and scales it with eps); passed on from inner_options it would reach the inner attack unconverted."""
+    inner = options.get("inner_options")
+    if isinstance(inner, dict) and "alpha" in inner:
+        if options.get("alpha") is not None:
+            raise SetupError(f"attack '{name}': alpha given both at the top level and in inner_options; give it once")
+        inner = dict(inner)
+        options["alpha"] = inner.pop("alpha")
+        options["inner_options"] = inner
+    return options
 
 
 def _check_transfer(name: str, options: dict) -> None:
@@ -56,3 +70,4 @@ def _check_transfer(name: str, options: dict) -> None:
 
 
 transfer.check_options = _check_transfer
+transfer.prepare_options = _hoist_alpha

@@ -368,6 +368,25 @@ def test_transfer_crafts_on_the_source_only():
         build_attack("transfer", eps=8.0, source_forward=source, inner="fgsm", inner_options={"loss": "js"})
 
 
+def test_transfer_alpha_in_inner_options_is_in_config_units():
+    """An alpha in inner_options is 1/255 like the top-level one: one unclipped step of 2/255 (eps 16), the
+    same attack as with alpha at the top level, and scaled with eps by a warm-up."""
+    source = TinyConv()
+    x, y = _batch()
+    x = x * 0.5 + 0.25                                              # away from the [0,1] box
+    nested = build_attack("transfer", eps=16.0, source_forward=source, inner="pgd",
+                          inner_options={"alpha": 2.0, "steps": 1, "random_start": False})
+    top = build_attack("transfer", eps=16.0, source_forward=source, inner="pgd", alpha=2.0,
+                       inner_options={"steps": 1, "random_start": False})
+    d = nested(source, x, y) - x
+    assert d.abs().amax().item() == pytest.approx(2 / 255, abs=1e-6)
+    assert torch.equal(d, top(source, x, y) - x)
+    nested.set_scale(0.5)
+    assert (nested(source, x, y) - x).abs().amax().item() == pytest.approx(1 / 255, abs=1e-6)
+    with pytest.raises(SetupError, match="alpha given both"):
+        build_attack("transfer", eps=16.0, source_forward=source, alpha=1.0, inner_options={"alpha": 2.0, "steps": 1})
+
+
 # ----------------------------------------------------------------------------- build errors
 
 def test_build_errors_name_the_valid_choices():

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks import Attack
-from models.inference import merge_windows, slide_inference, split_windows
+from models.inference import merge_windows, slide_inference, split_windows, window_stride
 from utils.errors import SetupError
 
 from .common import amp_dtype
@@ -118,7 +117,7 @@ def build_protocol(cfg, model: nn.Module, device: torch.device = torch.device("c
     if getattr(model, "multitask", False) and (t.protocol != "whole" or crop is not None):
         raise SetupError("a multitask model is evaluated with test.protocol: whole and test.crop_size: null "
                          "(windows would average its regression outputs as probabilities)")
-    stride = None if crop is None else [max(1, math.ceil(c * t.stride_rate)) for c in crop]
+    stride = None if crop is None else [window_stride(c, t.stride_rate) for c in crop]
     if t.protocol == "semseg":
         if crop is None:
             raise SetupError("test.protocol semseg needs test.crop_size (the sliding window, e.g. [473, 473])")

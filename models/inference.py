@@ -21,6 +21,15 @@ def whole_inference(forward: Callable, x: torch.Tensor) -> torch.Tensor:
     return forward(x)
 
 
+def window_stride(crop: int, rate: Optional[float] = None) -> int:
+    """The sliding-window stride for `crop`: semseg's ceil(2 crop / 3) in integers when `rate` is None
+    (a float such as 0.6667 gives one more at every crop divisible by 3: 343 for 513, not 342), else
+    ceil(crop * rate), at least 1."""
+    if rate is None:
+        return -(-2 * int(crop) // 3)
+    return max(1, math.ceil(int(crop) * rate))
+
+
 def _starts(length: int, crop: int, stride: int) -> list:
     n = max(math.ceil((length - crop) / stride), 0) + 1
     return [min(i * stride, length - crop) for i in range(n)]  # last window ends at the border

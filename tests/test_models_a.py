@@ -14,7 +14,7 @@ from models.backbones.convnext import DropPath, LayerNorm2d, convnext_cvst
 from models.backbones.resnet import ResNet
 from models.ddcat import DeepLabV3DDCAT, PSPNetDDCAT, route
 from models.deeplabv3 import DeepLabV3
-from models.inference import slide_inference
+from models.inference import slide_inference, window_stride
 from models.pspnet import PSPNet
 from models.upernet import UperNet
 from models.weight_formats import load_backbone_weights
@@ -550,6 +550,20 @@ def test_slide_multi_window_matches_plain_loop(size, crop, stride):
     assert out.shape == (2, 4) + size
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(out.exp().sum(1), torch.ones(2, *size), atol=1e-5)
+
+
+def test_window_stride_is_semsegs_ceil_of_two_thirds():
+    """The default stride is ceil(2 crop / 3) exactly (ddcat.md §5: 300 for 449, 316 for 473), also at
+    crops divisible by 3, where a float rate 0.6667 gave one more (343 for 513)."""
+    from fractions import Fraction
+    from engine.protocols import build_protocol
+    assert (window_stride(513), window_stride(449), window_stride(473), window_stride(3), window_stride(1)) == \
+        (342, 300, 316, 2, 1)
+    for c in range(1, 3000):
+        assert window_stride(c) == math.ceil(Fraction(2 * c, 3)), c
+    assert window_stride(100, 0.5) == 50 and window_stride(101, 0.5) == 51 and window_stride(3, 0.1) == 1
+    cfg = load_config(os.path.join(ROOT, "config", "_base_", "default.yaml"), ["test.crop_size=[513, 449]"])
+    assert build_protocol(cfg, toy_forward()).forward.keywords["stride"] == [342, 300]
 
 
 def test_slide_is_differentiable():

@@ -346,7 +346,7 @@ RULES: Dict[str, Rule] = {
     "test.result_dir": PATH,
     "test.protocol": one_of("whole", "semseg", "sea"),
     "test.crop_size": optional(PAIR),
-    "test.stride_rate": fraction(lo_open=True),
+    "test.stride_rate": optional(fraction(lo_open=True)),
     "test.batch_size": INT_GE1,
     "test.num_images": optional(INT_GE1),
     "test.eps": list_of(positive()),

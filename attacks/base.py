@@ -34,7 +34,10 @@ RUNTIME_ARGS = ("forward", "x", "y", "counter", "rng")  # passed by the caller, 
 
 @dataclass
 class PassCounter:
-    """Forward and backward passes, counted per image (a batch of 8 through the model counts 8)."""
+    """Forward and (input) backward passes, totals since the counter was made: each image, or sliding
+    window, through the model counts one (a batch of 8 counts 8), summed over every call of the attack.
+    metrics.json's ``forward_passes`` / ``backward_passes`` are these totals over the evaluated images
+    (all processes and resumed parts); divided by ``num_images`` they give the cost per image."""
     forward: int = 0
     backward: int = 0
 

@@ -256,6 +256,18 @@ def test_every_registered_attack_is_covered():
     assert covered == set(ATTACKS.names())
 
 
+def test_pass_counts_are_totals_over_images_and_calls():
+    """PassCounter (and metrics.json's forward_passes / backward_passes): one per image per pass, summed
+    over the batch and over every call: PGD-4 on 3 images counts 12, then on 2 more 20 in all."""
+    model = TinyConv()
+    x, y = _batch(B=3)
+    a = build_attack("pgd", eps=8.0, alpha=2.0, steps=4)
+    a(model, x, y, keys=[0, 1, 2])
+    assert (a.counter.forward, a.counter.backward) == (4 * 3, 4 * 3)
+    a(model, x[:2], y[:2], keys=[3, 4])
+    assert (a.counter.forward, a.counter.backward) == (4 * 5, 4 * 5)
+
+
 def test_apgd_pass_counts_and_early_stop():
     model = TinyConv()
     x, y = _batch()

@@ -30,6 +30,15 @@ def test_quickstart_has_two_one_line_commands_and_b_is_what_ci_runs():
     assert cmds[0].startswith("python3 -m pip install -r requirements.txt && ")
 
 
+def test_readme_says_pass_counts_are_totals():
+    """metrics.json's pass counts are totals over the evaluated images (attacks.base.PassCounter), and the
+    README says so where it defines them."""
+    text = readme()
+    sentence = text[text.index("Pass counts"):].split(". ")[0]
+    assert "totals over the evaluated" in sentence and "are per image" not in sentence, sentence
+    assert "passes per image" not in text
+
+
 def test_every_path_the_readme_names_exists():
     pattern = r"`((?:tool_train|tool_test|config|tools|engine|attacks|defenses|models|datasets|utils|docs)/[\w./-]+\.(?:sh|yaml|py|md))`"
     paths = sorted(set(re.findall(pattern, readme())))

@@ -48,7 +48,7 @@ def test_metrics_json_schema_and_outputs(trained):
     assert set(m["attacks"]) == {"pgd@4", "pgd@8", "ens/pgd1@4", "ens/fgsm@4", "ens@4", "ens/pgd1@8",
                                  "ens/fgsm@8", "ens@8"}
     pgd = m["attacks"]["pgd@8"]
-    assert pgd["forward_passes"] == 16 * 2 and pgd["backward_passes"] == 16 * 2  # per image, 2 steps
+    assert pgd["forward_passes"] == 16 * 2 and pgd["backward_passes"] == 16 * 2  # totals: 16 images x 2 steps
     assert m["attacks"]["ens@8"]["forward_passes"] == 16 * 2                      # pgd1 + fgsm
     assert pgd["mIoU"] < m["attacks"]["pgd@4"]["mIoU"] < m["clean"]["mIoU"] - 0.05  # the attacks bite
     for eps in ("4", "8"):

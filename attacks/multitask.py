@@ -198,12 +198,14 @@ def _check_multitask(name: str, options: dict) -> None:
 
 
 @register_attack("multitask")
-def multitask(forward: Callable, x: torch.Tensor, y: Dict[str, torch.Tensor], *, eps: float, alpha: float,
-              steps: int, tasks: Optional[Sequence[str]] = None, task_losses: Optional[Dict[str, object]] = None,
+def multitask(forward: Callable, x: torch.Tensor, y: Dict[str, torch.Tensor], *, eps: float, steps: int,
+              alpha: Optional[float] = None, tasks: Optional[Sequence[str]] = None,
+              task_losses: Optional[Dict[str, object]] = None,
               random_start: bool = True, decay: Optional[float] = None, normalize_grad: bool = True,
               ignore_index: int = 255, counter: Optional[PassCounter] = None,
               rng: Optional[ImageSeeds] = None) -> torch.Tensor:
-    """L-inf PGD (MIM with ``decay``; MTRobust: 0.5 and ``normalize_grad=False``) on a multitask loss.
+    """L-inf PGD (MIM with ``decay``; MTRobust: 0.5 and ``normalize_grad=False``) on a multitask loss;
+    ``alpha`` defaults to 2.5 eps / steps (Madry et al.).
 
     ``task_losses``: {task: name or TaskLoss}; the evaluator and the training methods pass each task's
     training loss (``published_task_losses``), names given in a config change the kind only.

@@ -399,6 +399,53 @@ def test_transfer_alpha_in_inner_options_is_in_config_units():
         build_attack("transfer", eps=16.0, source_forward=source, alpha=1.0, inner_options={"alpha": 2.0, "steps": 1})
 
 
+def _first_step(attack, model, x, y, keys=None) -> torch.Tensor:
+    """|x_1 - x_0|: the first step the attack takes (the inputs of its first two forwards)."""
+    seen = []
+
+    def fwd(z):
+        seen.append(z.detach().clone())
+        return model(z)
+    attack(fwd, x, y, keys)
+    return (seen[1] - seen[0]).abs()
+
+
+@pytest.mark.parametrize("name", ["pgd", "mim", "segpgd", "cospgd", "multitask"])
+def test_default_step_size_is_two_and_a_half_eps_over_steps(name):
+    """No alpha: the first step is 2.5 eps / steps (Madry et al.) wherever the gradient is not 0 (SegPGD's
+    first loss has only the correct pixels); an explicit alpha is kept."""
+    torch.manual_seed(0)
+    if name == "multitask":
+        model, x = SharedTwoTask(), torch.rand(2, 3, 9, 9) * 0.5 + 0.25
+        y = {"seg": torch.randint(0, 3, (2, 9, 9)), "depth": torch.rand(2, 1, 9, 9)}
+    else:
+        model, (x, y) = TinyConv(), _batch()
+        x = x * 0.5 + 0.25                                           # steps never meet the [0,1] box
+    for opts, step in (({}, 2.5 * 8 / 10), ({"alpha": 1.0}, 1.0)):
+        a = build_attack(name, eps=8.0, steps=10, random_start=False, **opts)
+        d = _first_step(a, model, x, y)
+        moved = d[d > 0]
+        assert moved.numel() > d.numel() / 2 and torch.allclose(moved, torch.full_like(moved, step / 255), atol=1e-6)
+    assert "alpha" not in build_attack(name, eps=8.0, steps=10).options      # nothing resolved at build time
+
+
+def test_config_without_alpha_runs_with_the_default_of_each_eps():
+    """``{name: pgd, steps: 10}`` loads (it needed alpha) and each eps of test.eps gets 2.5 eps / 10."""
+    from engine.evaluator import build_attack_runs
+    from utils.config import ROOT, load_config
+    cfg = load_config(os.path.join(ROOT, "config", "_base_", "default.yaml"),
+                      ["test.attacks=[{name: pgd, steps: 10}]", "test.eps=[4, 8]"])
+    runs = build_attack_runs(cfg)
+    assert [r.key for r in runs] == ["pgd@4", "pgd@8"]
+    model, (x, y) = TinyConv(), _batch()
+    x = x * 0.5 + 0.25
+    for r, eps in zip(runs, (4.0, 8.0)):
+        d = _first_step(r.attack, model, x, y, keys=[0, 1])
+        # a random start near the ball's edge clips some first steps; none is longer than alpha
+        assert d.amax().item() == pytest.approx(2.5 * eps / 10 / 255, abs=1e-6)
+        assert (d > 2.5 * eps / 10 / 255 - 1e-6).float().mean() > 0.5
+
+
 # ----------------------------------------------------------------------------- build errors
 
 def test_build_errors_name_the_valid_choices():
@@ -417,7 +464,7 @@ def test_build_errors_name_the_valid_choices():
 
 
 @pytest.mark.parametrize("name,opts,message", [
-    ("pgd", {"alpha": "fast", "steps": 2}, "attack 'pgd': alpha must be a number, got 'fast'"),
+    ("pgd", {"alpha": "fast", "steps": 2}, "attack 'pgd': alpha must be a number or null, got 'fast'"),
     ("pgd", {"alpha": 2.0, "steps": 2, "random_start": "yes"}, "attack 'pgd': random_start must be true or false"),
     ("pgd", {"alpha": 2.0, "steps": 2, "loss": 3}, "attack 'pgd': loss must be a string, got 3"),
     ("mim", {"alpha": 2.0, "steps": 2, "decay": "slow"}, "attack 'mim': decay must be a number, got 'slow'"),

@@ -139,7 +139,7 @@ CASES = [
          ("'data.crop_size'", "divisible by 8", "[33, 33]")),
     Case("unknown_model", "train.py", ("model.name=pspnett", OVER), ("unknown model 'pspnett'", "pspnet")),
     Case("attack_option_type", "test.py", ("test.attacks=[{name: pgd, alpha: fast}]",),
-         ("attack 'pgd': alpha must be a number, got 'fast'",)),
+         ("attack 'pgd': alpha must be a number or null, got 'fast'",)),
     Case("unknown_attack", "test.py", ("test.attacks=[pgdd]",), ("unknown attack 'pgdd'",)),
     # data
     Case("missing_data_root", "train.py", ("data.root={case}/no_such_root", "model.pretrained=null", "data.workers=0",

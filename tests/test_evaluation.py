@@ -201,6 +201,19 @@ def test_semseg_protocol_with_covering_window_equals_whole(trained):
     assert target.sum() == sum(int((np.array(Image.open(p)) != 255).sum()) for p in _labels(path)[:16])
 
 
+def test_default_alpha_is_computed_for_each_eps(trained, tmp_path):
+    """A pgd entry without alpha steps 2.5 eps / steps at each eps of test.eps: the same results as alpha
+    5 at eps 4 and alpha 10 at eps 8 (2 steps, no random start)."""
+    path, _ = trained
+    bim = "steps: 2, random_start: false"
+    m = run_test(load_config(path, [f"exp_dir={tmp_path}", "test.save_images=false", "test.plots=false",
+                                    "test.examples=0", "test.num_images=4", "test.eps=[4, 8]",
+                                    f"test.attacks=[{{name: pgd, {bim}}}, {{name: pgd, label: a5, alpha: 5.0, {bim}}},"
+                                    f" {{name: pgd, label: a10, alpha: 10.0, {bim}}}]"]))
+    a = {k: v["iou_per_class"] for k, v in m["attacks"].items()}
+    assert a["pgd@4"] == a["a5@4"] and a["pgd@8"] == a["a10@8"] and a["pgd@8"] != a["a5@8"]
+
+
 def test_bad_attacks_and_mismatched_checkpoint(trained, tmp_path):
     path, exp = trained
     with pytest.raises(SetupError, match="unknown attack 'pgdd'.*valid:.*pgd"):

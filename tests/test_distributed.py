@@ -13,8 +13,9 @@ import sys
 
 import pytest
 import torch
-import rounding
 from torch.utils.data import default_collate
+
+import rounding
 
 from engine.cli import main
 from engine.evaluator import run_test

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import rounding
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -395,9 +397,17 @@ def test_sign_attacks_equal_a_plain_loop(name, loss):
 
 # ----------------------------------------------------------------------------- bf16 attacks
 
-def test_bf16_attack_strength_within_half_a_point_of_fp32(trained_model, tmp_path):
-    """test.amp=bf16: the attack's forward/backward in bf16, clean inference and scoring in fp32;
-    test.channels_last: the same numbers up to rounding."""
+# bf16 attack strength against fp32 on the fixture model (PGD-5, 16 images), over attack seeds 0-7 and
+# CPU kernels (native AVX-512, ATEN_CPU_CAPABILITY=default and avx2, ONEDNN_MAX_CPU_ISA=AVX2), each with
+# its own fixture model: |bf16 - fp32| up to BF16_MEASURED mIoU, seed 0 included; the test allows twice that.
+BF16_MEASURED = 0.0136
+BF16_TOLERANCE = 2 * BF16_MEASURED
+
+
+def test_bf16_attack_strength_close_to_fp32(trained_model, tmp_path):
+    """test.amp=bf16: the attack's forward/backward in bf16, clean inference and scoring in fp32, the
+    attack's strength within BF16_TOLERANCE of fp32's; test.channels_last: the same numbers up to
+    rounding (tests/rounding.py)."""
     from engine.evaluator import run_test
     from utils.config import load_config
     out = {}
@@ -406,14 +416,14 @@ def test_bf16_attack_strength_within_half_a_point_of_fp32(trained_model, tmp_pat
                                                  *opts, "test.attacks=[{name: pgd, steps: 5, alpha: 2.0}]"])
         out[name] = run_test(cfg)
     nhwc = out["nhwc"]
-    assert abs(nhwc["clean"]["mIoU"] - out["fp32"]["clean"]["mIoU"]) < 1e-3
-    assert abs(nhwc["attacks"]["pgd@8"]["mIoU"] - out["fp32"]["attacks"]["pgd@8"]["mIoU"]) < 0.005
+    assert abs(nhwc["clean"]["mIoU"] - out["fp32"]["clean"]["mIoU"]) <= rounding.MIOU
+    assert abs(nhwc["attacks"]["pgd@8"]["mIoU"] - out["fp32"]["attacks"]["pgd@8"]["mIoU"]) <= rounding.MIOU
     fp32, bf16 = out["fp32"], out["bf16"]
     assert fp32["clean"] == {**bf16["clean"], "seconds": fp32["clean"]["seconds"]}  # clean untouched
     a, b = fp32["attacks"]["pgd@8"]["mIoU"], bf16["attacks"]["pgd@8"]["mIoU"]
     assert a < fp32["clean"]["mIoU"] - 0.1                          # the attack bites
     assert a != b                                                   # bf16 really ran
-    assert abs(a - b) <= 0.005, (a, b)
+    assert abs(a - b) <= BF16_TOLERANCE, (a, b)
 
 
 # ----------------------------------------------------------------------------- benchmark.py

@@ -399,8 +399,10 @@ def test_sign_attacks_equal_a_plain_loop(name, loss):
 
 # bf16 attack strength against fp32 on the fixture model (PGD-5, 16 images), over attack seeds 0-7 and
 # CPU kernels (native AVX-512, ATEN_CPU_CAPABILITY=default and avx2, ONEDNN_MAX_CPU_ISA=AVX2), each with
-# its own fixture model: |bf16 - fp32| up to BF16_MEASURED mIoU, seed 0 included; the test allows twice that.
-BF16_MEASURED = 0.0136
+# its own fixture model: the mean over the seeds within 0.0043 mIoU, a single seed up to 0.0136, and 0.0295
+# in one suite run (this test, 2 threads). One seed of 16 images is that noisy: fp32 alone moves by up to
+# 0.027 from one attack seed to another. The test allows twice the largest single difference seen.
+BF16_MEASURED = 0.0295
 BF16_TOLERANCE = 2 * BF16_MEASURED
 
 
@@ -421,7 +423,7 @@ def test_bf16_attack_strength_close_to_fp32(trained_model, tmp_path):
     fp32, bf16 = out["fp32"], out["bf16"]
     assert fp32["clean"] == {**bf16["clean"], "seconds": fp32["clean"]["seconds"]}  # clean untouched
     a, b = fp32["attacks"]["pgd@8"]["mIoU"], bf16["attacks"]["pgd@8"]["mIoU"]
-    assert a < fp32["clean"]["mIoU"] - 0.1                          # the attack bites
+    assert a < fp32["clean"]["mIoU"] - 0.1 and b < fp32["clean"]["mIoU"] - 0.1  # the attack bites, in both
     assert a != b                                                   # bf16 really ran
     assert abs(a - b) <= BF16_TOLERANCE, (a, b)
 

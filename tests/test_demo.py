@@ -104,10 +104,13 @@ def test_table_and_checks():
     assert lines[0].startswith("| method | clean | BIM-2 (DDC-AT) 4/255") and len(lines) == 4
     assert lines[2] == f"| {clean} | 80.00 | - | - | - | 30.00 | 10.00 | 5.00 |"
     assert all(ok for _, ok in demo.acceptance(rows))
-    rows[robust]["sea@8"] = 19.0   # 14 points above the clean model's
+    assert [c for c, _ in demo.acceptance(rows)][-1] == f"{robust}: SEA 8/255 >= {clean} + 10"
+    rows[robust]["sea@8"] = 14.0   # 9 points above the clean model's
     rows[clean]["pgd10@8"] = 40.0  # PGD-10 weaker than BIM-2
     failed = [c for c, ok in demo.acceptance(rows) if not ok]
     assert len(failed) == 2 and failed[0].startswith(clean) and f"{robust}: SEA 8/255 >=" in failed[1]
+    rows[robust]["sea@8"] = 15.5   # 10.5 above
+    assert [c for c, ok in demo.acceptance(rows) if not ok] == failed[:1]
     assert demo.format_seconds(None) == "reused" and demo.format_seconds(75.25) == "1 min 15.2 s"
     assert demo.format_seconds(None, 3.0) == "reused (ran in 3.0 s)"
 

@@ -255,10 +255,11 @@ def read_reference(path: str) -> Optional[dict]:
 
 
 def acceptance(rows: Dict[str, Dict[str, Optional[float]]], eps: float = 8.0, clean_row: str = METHODS[0][1],
-               robust_row: str = METHODS[-1][1], margin: float = 15.0) -> List[Tuple[str, bool]]:
-    """The demo's checks (mIoU points), findings that hold for every seed of the reference runs and
-    under every CPU variant tried (README, Demo result): per method SEA <= PGD-10 <= BIM-2 at `eps`;
-    the robust row's SEA at least `margin` above the clean row's."""
+               margin: float = 10.0) -> List[Tuple[str, bool]]:
+    """The demo's checks (mIoU points), findings that held for every seed of the reference and under
+    every CPU kernel set tried (README, Demo result): per method SEA <= PGD-10 <= BIM-2 at `eps`; every
+    adversarially trained row's SEA at `eps` at least `margin` above the clean row's (smallest gap
+    seen: 20.4 points)."""
     e = f"{eps:g}"
     out = []
 
@@ -268,11 +269,13 @@ def acceptance(rows: Dict[str, Dict[str, Optional[float]]], eps: float = 8.0, cl
     for name, r in rows.items():
         sea, pgd, bim = r.get(f"{SEA_LABEL}@{e}"), r.get(f"pgd10@{e}"), r.get(f"bim2@{e}")
         out.append((f"{name}: SEA <= PGD-10 <= BIM-2 at {e}/255", le(sea, pgd) and le(pgd, bim)))
-    if clean_row in rows and robust_row in rows:
-        c, r = rows[clean_row], rows[robust_row]
-        out.append((f"{robust_row}: SEA {e}/255 >= {clean_row} + {margin:g}",
-                    le(c.get(f"{SEA_LABEL}@{e}"), None if r.get(f"{SEA_LABEL}@{e}") is None
-                       else r[f"{SEA_LABEL}@{e}"] - margin)))
+    if clean_row in rows:
+        c = rows[clean_row].get(f"{SEA_LABEL}@{e}")
+        for name, r in rows.items():
+            if name != clean_row:
+                sea = r.get(f"{SEA_LABEL}@{e}")
+                out.append((f"{name}: SEA {e}/255 >= {clean_row} + {margin:g}",
+                            le(c, None if sea is None else sea - margin)))
     return out
 
 

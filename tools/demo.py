@@ -1,7 +1,7 @@
 """The robustness demo (README command (a)): train four methods on the built-in synthetic dataset with
 one small budget, evaluate each clean and under attack, print one table.
 
-``python3 tools/demo.py [--dry-run] [--jobs N]``
+``python3 tools/demo.py [--dry-run] [--jobs N] [--seeds 0-4] [--write-reference]``
 
 Stages: train none / sat / ddcat / pirat, then test each. Each stage runs the experiment's own launcher
 (tool_train/synthetic/demo_<method>.sh, tool_test/...) as a child process with one thread, whose log
@@ -17,9 +17,14 @@ A re-run reuses what is finished:
   this very checkpoint and these test settings (engine/eval_resume.merged_counts_path) are there; an
   interrupted one resumes from its per-image counts (test.py does that by itself).
 
-The table (mIoU in %) goes to the console and to exp/synthetic/demo/table.md and table.json, with the
-wall time of every stage and the demo's acceptance checks; exp/synthetic/demo/robustness.png overlays
-the four worst-case robustness curves (tools/compare_curves.py). Configs:
+Several ``--seeds`` train each method once per seed (seed s > 0 into exp/synthetic/demo_<method>_seed<s>).
+The table (mIoU in %, one per seed, and the mean ± std over them) goes to the console and to
+exp/synthetic/demo/table.md and table.json, every cell marked ``in`` or ``OUT`` of the reference range
+(tools/demo_reference.json, the README's table: max(4 std, 2 points) around the mean over seeds 0-4;
+``--write-reference`` rewrites it from this run's seeds), with the wall time of every stage and the
+demo's checks, findings that held for every reference seed (a failing one: exit code 1, named);
+exp/synthetic/demo/robustness.png overlays the four worst-case robustness curves of the first seed
+(tools/compare_curves.py). Configs:
 config/synthetic/synthetic_demo_*.yaml (shared budget: config/_base_/demo/synthetic_demo.yaml).
 Errors: one line, exit code 2 (bad config) or the failing launcher's code, after the last lines of
 its output; a failure or Ctrl-C stops the other running stages (a training resumes from its last

@@ -77,10 +77,14 @@ def seed_overrides(seed: int, exp_dir: str) -> List[str]:
     return [] if seed == 0 else [f"seed={seed}", f"exp_dir={exp_dir}_seed{seed}"]
 
 
+def demo_overrides(method: str, seed: int) -> List[str]:
+    """The launcher overrides of one demo method at one seed (``seed_overrides`` of its config's exp_dir)."""
+    return seed_overrides(seed, load_config(config_path(method)).exp_dir) if seed else []
+
+
 def load_demo_config(method: str, seed: int = 0):
     """The resolved config of one demo method at one seed (its launcher overrides applied)."""
-    base = load_config(config_path(method))
-    return load_config(config_path(method), seed_overrides(seed, base.exp_dir)) if seed else base
+    return load_config(config_path(method), demo_overrides(method, seed))
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -197,12 +201,15 @@ def cell_text(value: Optional[float], ref: Optional[Sequence[float]] = None) -> 
     return f"{value:.2f} {'in' if within(value, ref) else 'OUT'}"
 
 
+def _table_head(columns: Sequence[Tuple[str, str]]) -> List[str]:
+    return ["| method | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---:|" * len(columns)]
+
+
 def markdown_table(rows: Dict[str, Dict[str, Optional[float]]], columns: Sequence[Tuple[str, str]],
                    reference: Optional[Dict[str, Dict[str, Sequence[float]]]] = None) -> str:
     """A markdown table: one row per method, mIoU with two decimals ("-" where missing); with a
     reference ({row: {key: (mean, std)}}), each cell marked ``in`` or ``OUT`` of its range."""
-    lines = ["| method | " + " | ".join(h for _, h in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = _table_head(columns)
     for name, row in rows.items():
         ref = (reference or {}).get(name, {})
         cells = [cell_text(row.get(k), ref.get(k) if reference is not None else None) for k, _ in columns]
@@ -212,8 +219,7 @@ def markdown_table(rows: Dict[str, Dict[str, Optional[float]]], columns: Sequenc
 
 def stats_table(stats: Dict[str, Dict[str, Sequence[float]]], columns: Sequence[Tuple[str, str]]) -> str:
     """A markdown table of ``mean ± std`` cells ({row: {key: (mean, std)}}), one decimal."""
-    lines = ["| method | " + " | ".join(h for _, h in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = _table_head(columns)
     for name, row in stats.items():
         cells = ["-" if row.get(k) is None else f"{row[k][0]:.1f} ± {row[k][1]:.1f}" for k, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -241,6 +247,22 @@ def within(value: float, ref: Sequence[float]) -> bool:
     """A run's cell is within the reference range: |value - mean| <= max(4 std, 2 points)."""
     mean, std = ref
     return abs(value - mean) <= max(WITHIN_STDS * std, WITHIN_FLOOR)
+
+
+def cell_record(value: Optional[float], ref: Optional[Sequence[float]]) -> dict:
+    """table.json's record of one cell: the run's value, the reference (mean, std) and whether the
+    value is within its range (None where either is missing)."""
+    return {"value": value, "reference_mean": None if ref is None else ref[0],
+            "reference_std": None if ref is None else ref[1],
+            "within": None if value is None or ref is None else within(value, ref)}
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `path` whole or not at all (a temporary file, then a rename)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def read_reference(path: str) -> Optional[dict]:
@@ -509,7 +531,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def chain(key: Tuple[str, int]) -> Callable[[int], None]:
         m, s = key
-        seed_args = seed_overrides(s, load_config(config_path(m)).exp_dir) if s else []
+        seed_args = demo_overrides(m, s)
 
         def run(lane: int) -> None:
             from tqdm import tqdm
@@ -595,17 +617,12 @@ def write_report(runs: Dict[int, Dict[str, Dict[str, Optional[float]]]], columns
     for seed, rows in runs.items():
         checks = acceptance(rows)
         all_ok &= all(ok for _, ok in checks)
-        mark = "" if ref_rows is None else " (in: within max(4 std, 2) of the reference mean; OUT: outside)"
+        mark = "" if ref_rows is None else \
+            f" (in: within max({WITHIN_STDS:g} std, {WITHIN_FLOOR:g}) of the reference mean; OUT: outside)"
         parts.append(f"Seed {seed}{mark}:\n\n{markdown_table(rows, columns, ref_rows)}\n\nChecks, seed {seed}:\n"
                      + "\n".join(f"- [{'x' if ok else ' '}] {c}" for c, ok in checks))
-        cells = {name: {k: {"value": row.get(k),
-                            "reference_mean": None if ref_rows is None or ref_rows.get(name, {}).get(k) is None
-                            else ref_rows[name][k][0],
-                            "reference_std": None if ref_rows is None or ref_rows.get(name, {}).get(k) is None
-                            else ref_rows[name][k][1],
-                            "within": None if row.get(k) is None or ref_rows is None or ref_rows.get(name, {}).get(k)
-                            is None else within(row[k], ref_rows[name][k])}
-                        for k, _ in columns} for name, row in rows.items()}
+        cells = {name: {k: cell_record(row.get(k), (ref_rows or {}).get(name, {}).get(k)) for k, _ in columns}
+                 for name, row in rows.items()}
         records.append({"seed": seed, "cells": cells, "checks": [{"check": c, "ok": ok} for c, ok in checks]})
     stats = cell_stats(runs) if len(runs) > 1 else None
     if stats is not None:
@@ -633,10 +650,7 @@ def write_report(runs: Dict[int, Dict[str, Dict[str, Optional[float]]]], columns
                         for s in stages],
              "wall_seconds": wall, "cpu_count": os.cpu_count(), "jobs": jobs, "threads_per_stage": THREADS_PER_STAGE,
              "platform": platform.platform(), "machine": machine_description()}, indent=1))):
-        tmp = os.path.join(OUT_DIR, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(content)
-        os.replace(tmp, os.path.join(OUT_DIR, name))
+        write_text(os.path.join(OUT_DIR, name), content)
     print(f"wrote {os.path.join(OUT_DIR, 'table.md')} and table.json")
     for r in records:
         for c in r["checks"]:
@@ -650,11 +664,7 @@ def write_reference(runs: Dict[int, Dict[str, Dict[str, Optional[float]]]], path
     that later runs are marked against (the README's demo table is this file)."""
     ref = {"seeds": list(runs), "machine": machine_description(), "rows": cell_stats(runs),
            "within": f"|value - mean| <= max({WITHIN_STDS:g} std, {WITHIN_FLOOR:g} points)"}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(ref, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(ref, indent=1) + "\n")
     print(f"wrote {path} (reference over seeds {','.join(map(str, runs))})")
     return ref
 

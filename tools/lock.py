@@ -115,8 +115,10 @@ def main(argv: List[str] = None) -> int:
         print(f"{args.out} matches the installed environment")
         return 0
     text = lock_text(versions)
-    with open(args.out, "w") as f:
+    tmp = args.out + ".tmp"  # the old lock stays whole until the new one is on disk
+    with open(tmp, "w") as f:
         f.write(text)
+    os.replace(tmp, args.out)
     print(f"wrote {args.out} ({text.count('==')} packages)")
     return 0
 

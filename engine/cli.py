@@ -10,9 +10,12 @@ import os
 import sys
 from typing import Callable, List, Optional
 
+from utils.atomic import CAUSES, write_error
 from utils.config import load_config
 from utils.errors import SetupError
 from utils.logger import setup_logger
+
+from .paths import output_lock
 
 
 def one_line(e: Exception) -> str:
@@ -33,19 +36,34 @@ def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    lock, notes = None, []
     try:
         cfg = load_config(args.config, args.overrides)
-        log = setup_logger(cfg.exp_dir, kind, main_process=int(os.environ.get("RANK", 0)) == 0)
+        main_process = int(os.environ.get("RANK", 0)) == 0
+        if main_process:  # before the first write of any process: see utils/folder_lock.py
+            lock = output_lock(kind, cfg)
+            lock.log = notes.append
+            lock.acquire()
+        log = setup_logger(cfg.exp_dir, kind, main_process=main_process)
+        for note in notes:
+            log.warning(note)
         log.info(f"config {args.config}" + (f" with overrides {' '.join(args.overrides)}" if args.overrides else ""))
         run(cfg)
         return 0
     except SetupError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write that failed outside `atomic_write` (an image, a plot, a log)
+        if e.errno not in CAUSES:
+            raise
+        print(f"error: {write_error(e.filename or 'a file', e)}", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"error: training stopped: {e}; the last good checkpoint is kept", file=sys.stderr)
         return 3
     finally:
+        if lock is not None:
+            lock.release()
         dist = sys.modules.get("utils.dist")  # loaded (with torch) only by a run that got that far
         if dist is not None:
             dist.cleanup()

@@ -32,9 +32,12 @@ import numpy as np
 import torch
 
 from utils import dist
+from utils.atomic import atomic_write
 from utils.checkpoint import list_checkpoints
 from utils.errors import SetupError
 from utils.logger import get_logger
+
+from .paths import result_dir, staging_dir
 
 FLUSH_SECONDS = 10.0
 # Test hooks (fault-injection tests only): write per-image counts after every batch, and SIGKILL
@@ -42,18 +45,7 @@ FLUSH_SECONDS = 10.0
 FLUSH_ENV = "SEGROBUST_TEST_EVAL_FLUSH_SECONDS"
 KILL_AT_BATCH_ENV = "SEGROBUST_TEST_KILL_AT_EVAL_BATCH"
 FORMAT = 2  # per-image file layout; chunks of another layout are not resumed from
-STAGING_SUFFIX = ".partial"
 IDENTITY_FILE = "identity.txt"
-
-
-def result_dir(cfg) -> str:
-    """Where test.py's results end up: ``test.result_dir``, by default ``<exp_dir>/result``."""
-    return cfg.test.result_dir or os.path.join(cfg.exp_dir, "result")
-
-
-def staging_dir(cfg) -> str:
-    """Where a running evaluation writes: ``<result>.partial``."""
-    return os.path.normpath(result_dir(cfg)) + STAGING_SUFFIX
 
 
 def prepare_staging(cfg, identity: str) -> str:
@@ -77,7 +69,7 @@ def prepare_staging(cfg, identity: str) -> str:
 
 def publish(cfg) -> str:
     """Replace ``<result>`` by the finished staging folder (main process); returns ``<result>``."""
-    final, staged = os.path.normpath(result_dir(cfg)), staging_dir(cfg)
+    final, staged = result_dir(cfg), staging_dir(cfg)
     os.remove(os.path.join(staged, IDENTITY_FILE))
     old = final + ".old"
     shutil.rmtree(old, ignore_errors=True)
@@ -111,11 +103,8 @@ def run_directory(cfg, run_one: Callable) -> Dict[str, dict]:
         summary[stem] = {"checkpoint": path, "clean_mIoU": m["clean"]["mIoU"],
                          "attacks_mIoU": {k: a["mIoU"] for k, a in m.get("attacks", {}).items()}}
     if dist.is_main():
-        os.makedirs(root, exist_ok=True)
-        tmp = os.path.join(root, "checkpoints.json.tmp")
-        with open(tmp, "w") as f:
+        with atomic_write(os.path.join(root, "checkpoints.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        os.replace(tmp, os.path.join(root, "checkpoints.json"))
         lines = [f"{stem}: clean mIoU {100 * s['clean_mIoU']:.2f}"
                  + "".join(f", {k} {100 * v:.2f}" for k, v in s["attacks_mIoU"].items()) for stem, s in summary.items()]
         log.info("mIoU (%) per checkpoint:\n" + "\n".join(lines))
@@ -211,11 +200,8 @@ class EvalProgress:
             arrays.update({f"{c}_{j}": a for c, a in cat.items() if c != "index"})
         arrays["seconds"] = np.array([seconds[r] for r in self.runs], np.float64)
         arrays["passes"] = np.array([list(passes.get(r, (0, 0))) for r in self.runs], np.int64)
-        os.makedirs(self.folder, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
 
     def flush(self, stats: Dict[str, object]) -> None:
         """Write the counts gathered since the last flush to a new chunk file of this process."""

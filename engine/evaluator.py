@@ -36,6 +36,7 @@ from datasets.palettes import class_names, palette
 from models import build_model
 from models.weights import load_model_weights
 from utils import dist
+from utils.atomic import atomic_write
 from utils.config import load_config
 from utils.env import env_record
 from utils.errors import SetupError
@@ -94,11 +95,8 @@ def training_label_counts(cfg) -> np.ndarray:
     for i in range(len(ds)):
         counts += label_counts(ds[i]["label"][None], cfg.data.classes, cfg.data.ignore_label)
     if dist.is_main():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(path, "w") as f:
             json.dump({"key": key, "counts": counts.tolist()}, f)
-        os.replace(tmp, path)
     return counts.numpy()
 
 

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset, Subset
 
 from attacks import attack_mode, build_attack
 from attacks.base import input_grad, pixel_ce
+from utils.atomic import atomic_write
 from utils.errors import SetupError
 from utils.metrics import class_map
 
@@ -298,7 +299,5 @@ def plot_robust_accuracy(data: dict, path: Optional[str] = None):
 
 def write_json(data: dict, path: str) -> None:
     """JSON through a temporary file (complete or untouched)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(data, f, indent=1)
-    os.replace(tmp, path)

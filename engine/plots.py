@@ -18,8 +18,9 @@ that is not a finite number there (NaN: no class present) is null.
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List, Optional, Sequence
+
+from utils.atomic import atomic_write
 
 POINT_KEYS = ("mIoU", "aAcc")
 Point = Dict[str, Optional[float]]  # {"eps": f, "mIoU": f|None, "aAcc": f|None}
@@ -87,9 +88,8 @@ def draw_series(series: Dict[str, List[Point]], title: str, highlight: Optional[
 
 def save_figure(fig, path: str) -> None:
     """Write a Figure as PNG through a temporary file, so `path` is complete or untouched."""
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def plot_curves(curves: dict, path: Optional[str] = None):

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from utils.atomic import atomic_write, named_write
 from utils.metrics import summarize, summarize_regression, worst_case
 
 Columns = Dict[str, np.ndarray]  # "index", "inter", "union", "target", "reg_<task>" -> per-image rows
@@ -115,10 +116,8 @@ def task_table(runs: Dict[str, dict]) -> Optional[str]:
 
 
 def _write_json(data: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def write_plots(metrics: dict, folder: str, writer, log, draw: bool = True) -> Optional[dict]:
@@ -177,6 +176,6 @@ def write_results(cfg, metrics: dict, examples: Dict[str, list], folder: str, lo
         for run, panels in examples.items():
             for j, panel in enumerate(panels):
                 path = os.path.join(folder, "examples", run, f"{j}.png")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                Image.fromarray(panel).save(path)
+                with named_write(path):
+                    Image.fromarray(panel).save(path)
                 w.add_image(f"examples/{run}/{j}", panel, 0, dataformats="HWC")

@@ -7,7 +7,7 @@ import shutil
 import signal
 import time
 import warnings
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -17,8 +17,8 @@ from defenses import build_defense
 from models import build_model, load_pretrained
 from models.weights import load_model_weights
 from utils import dist
-from utils.checkpoint import (check_fresh_run, check_init_file, list_checkpoints, remove_stale_temporaries, resolve_resume,
-                              save_checkpoint)
+from utils.checkpoint import (check_fresh_run, check_init_file, list_checkpoints, recover_model_dir,
+                              remove_stale_temporaries, replace_model_dir, resolve_resume, save_checkpoint)
 from utils.config import save_config
 from utils.env import env_record
 from utils.errors import SetupError
@@ -186,9 +186,12 @@ class Trainer:
         self.cfg, self.log = cfg, get_logger()
         t = cfg.train
         self.model_dir = os.path.join(cfg.exp_dir, "model")
+        self.device = setup_runtime(cfg)
+        if dist.is_main():  # the main process holds exp_dir's lock (engine/cli.py)
+            recover_model_dir(cfg.exp_dir)
+        dist.barrier()
         check_fresh_run(cfg.exp_dir, t.resume, t.overwrite)
         check_init_file(cfg.model)  # a missing (robust) ImageNet init file stops the run before the data is read
-        self.device = setup_runtime(cfg)
         seed_all(cfg.seed)  # same init on every process; data order comes from the sampler seed
         self.train_set = build_dataset(cfg, "train")
         self.val_set = build_dataset(cfg, "val") if t.eval_freq else None
@@ -232,6 +235,8 @@ class Trainer:
         if t.compile:
             self.model = torch.compile(self.model)
         self.writer = None  # tensorboard, opened with the first checkpoint; scalars wait in _pending
+        self.config_written = False  # config.yaml: written with the first complete checkpoint
+        self.replacing = False  # train.overwrite: model.next/ replaces model/ after the first checkpoint
         self._pending: List[Tuple[str, float, int]] = []
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
@@ -244,22 +249,40 @@ class Trainer:
             self.writer.add_scalar(tag, value, step)
 
     def _open_outputs(self) -> None:
-        """The first write into exp_dir, just before the first checkpoint: a fresh run with
-        train.overwrite empties model/ (now, not earlier, so a run that fails first loses nothing),
-        then config.yaml and the tensorboard writer, which gets the scalars logged so far."""
+        """The first write into exp_dir, just before the first checkpoint: the tensorboard writer,
+        which gets the scalars logged so far. A fresh run with train.overwrite writes its checkpoints
+        into model.next/ until the first one is complete (`_checkpoint`), so that a run that fails
+        before that (bad input, non-finite loss, full disk) leaves the earlier run's files as they were."""
         if self.writer is not None:
             return
         from tensorboardX import SummaryWriter
         cfg = self.cfg
         if cfg.train.overwrite and cfg.train.resume in (None, "", False):
-            shutil.rmtree(self.model_dir, ignore_errors=True)
+            self.model_dir, self.replacing = replace_model_dir(cfg.exp_dir, start=True), True
         else:
             remove_stale_temporaries(self.model_dir)
-        save_config(cfg, os.path.join(cfg.exp_dir, "config.yaml"))
         self.writer = SummaryWriter(os.path.join(cfg.exp_dir, "events"))
         for tag, value, step in self._pending:
             self.writer.add_scalar(tag, value, step)
         self._pending = []
+
+    def _checkpoint(self, names: Sequence[str]) -> None:
+        """Write the checkpoint files `names` into model/; then, once they are all on disk, replace
+        an overwritten run's model/ (`replace_model_dir`) and write config.yaml, which describes them."""
+        self._open_outputs()
+        state = self.state()
+        try:
+            for name in names:
+                save_checkpoint(state, os.path.join(self.model_dir, name))
+        except BaseException:
+            if self.replacing:  # the earlier run stays in model/, complete
+                shutil.rmtree(self.model_dir, ignore_errors=True)
+            raise
+        if self.replacing:
+            self.model_dir, self.replacing = replace_model_dir(self.cfg.exp_dir), False
+        if not self.config_written:
+            save_config(self.cfg, os.path.join(self.cfg.exp_dir, "config.yaml"))
+            self.config_written = True
 
     def _restore(self, path: str, ckpt: dict) -> None:
         from models.weights import load_strict
@@ -290,20 +313,14 @@ class Trainer:
         """Epoch end: epoch_<E>.pth every save_freq epochs (and the last), always last.pth."""
         if not dist.is_main():
             return
-        self._open_outputs()
-        state = self.state()
-        if self.epoch % self.cfg.train.save_freq == 0 or self.epoch == self.cfg.train.epochs:
-            save_checkpoint(state, os.path.join(self.model_dir, f"epoch_{self.epoch}.pth"))
-        save_checkpoint(state, os.path.join(self.model_dir, "last.pth"))
+        every = self.epoch % self.cfg.train.save_freq == 0 or self.epoch == self.cfg.train.epochs
+        self._checkpoint(([f"epoch_{self.epoch}.pth"] if every else []) + ["last.pth"])
 
     def save_iter(self) -> None:
         """Mid-epoch: iter_<I>.pth and last.pth; older iter_ files beyond the newest two are removed."""
         if not dist.is_main():
             return
-        self._open_outputs()
-        state = self.state()
-        save_checkpoint(state, os.path.join(self.model_dir, f"iter_{self.iteration}.pth"))
-        save_checkpoint(state, os.path.join(self.model_dir, "last.pth"))
+        self._checkpoint([f"iter_{self.iteration}.pth", "last.pth"])
         iters = [p for p in list_checkpoints(self.model_dir) if os.path.basename(p).startswith("iter_")]
         for p in iters[KEEP_ITER_CHECKPOINTS:]:
             os.remove(p)

@@ -1,20 +1,21 @@
 """Colour prediction PNGs and example panels (evaluation output)."""
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from utils.atomic import named_write
+
 
 def save_color(pred: np.ndarray, palette: np.ndarray, path: str) -> None:
     """Write an HxW id map as a palette PNG (ids readable back with PIL, colours from `palette`)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     im = Image.fromarray(pred.astype(np.uint8), mode="P")
     im.putpalette(palette.astype(np.uint8).reshape(-1).tolist())
-    im.save(path)
+    with named_write(path):
+        im.save(path)
 
 
 # Panels: tiles narrower than this are enlarged (nearest, an integer factor) so that the titles fit

@@ -52,6 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+from utils.atomic import atomic_write  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
 
@@ -259,10 +260,8 @@ def cell_record(value: Optional[float], ref: Optional[Sequence[float]]) -> dict:
 
 def write_text(path: str, text: str) -> None:
     """Write `path` whole or not at all (a temporary file, then a rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def read_reference(path: str) -> Optional[dict]:

@@ -6,7 +6,8 @@ One-line error and exit code 2 when: the config is invalid, more processes per n
 visible GPUs are asked for (or several processes on a node without GPUs, unless ``device=cpu``),
 a global batch size does not divide by the number of processes, ``train.resume``, ``model.weights``
 or ``model.pretrained`` names a file that does not exist, or a fresh training run would write into
-an exp_dir that already holds checkpoints (see ``train.overwrite``). Used by tools/launch.sh.
+an exp_dir that already holds checkpoints (see ``train.overwrite``), or the run's output folder is
+held by another run (``utils/folder_lock.py``). Used by tools/launch.sh.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.paths import output_lock  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
+from utils.folder_lock import is_held  # noqa: E402
 
 
 def visible_gpus() -> int:
@@ -57,6 +60,10 @@ def check(kind: str, config: str, nproc: int, nnodes: int, overrides: Sequence[s
             raise SetupError(f"train.resume: checkpoint not found: {resume}")
         check_fresh_run(cfg.exp_dir, resume, cfg.train.overwrite)
         check_init_file(cfg.model)
+    lock = output_lock(kind, cfg)  # a run holding the folder refuses this one before any process starts
+    holder = is_held(lock.path)
+    if holder:
+        raise SetupError(f"{lock.what} is in use by {holder}; wait for it to end or choose another folder")
     return cfg.exp_dir
 
 

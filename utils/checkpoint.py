@@ -13,10 +13,12 @@ import glob
 import os
 import pickle
 import re
+import shutil
 import signal
 import warnings
 from typing import Any, List, Mapping, Optional, Tuple
 
+from .atomic import fsync_folder, atomic_write, describe
 from .errors import SetupError
 
 REQUIRED = ("model", "optimizer", "scheduler", "epoch", "iteration", "rng", "config")
@@ -46,28 +48,14 @@ class _KillAfter:
 
 
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file, fsync, then rename: a kill or crash at any moment leaves either
-    the previous file or the complete new one under `path`, never a truncated one."""
+    """Write atomically (`utils.atomic.atomic_write`): a kill, crash or full disk at any moment leaves
+    either the previous file or the complete new one under `path`, never a truncated one."""
     global _saves
     _saves += 1
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
     kill_at = int(os.environ.get(KILL_IN_SAVE_ENV, 0) or 0)
     import torch  # here, not at module level: the launch check (tools/preflight.py) reads folders without torch
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         torch.save(state, _KillAfter(f, 4096) if kill_at == _saves else f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _first_sentence(e: BaseException) -> str:
@@ -159,6 +147,45 @@ def remove_stale_temporaries(folder: str) -> None:
             os.remove(p)
         except OSError:
             pass
+
+
+MODEL, NEXT, PREV = "model", "model.next", "model.prev"
+
+
+def replace_model_dir(exp_dir: str, start: bool = False) -> str:
+    """`train.overwrite`: the new run's checkpoints go to ``model.next/`` (`start`: returns that folder);
+    once its first checkpoint is complete, ``model.next/`` becomes ``model/`` and the earlier run's
+    files are removed (returns ``model/``). The earlier checkpoints are never deleted before the new
+    one is safely on disk; `recover_model_dir` finishes a replacement that a kill interrupted."""
+    model, nxt, prev = (os.path.join(exp_dir, d) for d in (MODEL, NEXT, PREV))
+    try:
+        if start:
+            shutil.rmtree(nxt, ignore_errors=True)
+            return nxt
+        if os.path.isdir(model):
+            os.replace(model, prev)
+        os.replace(nxt, model)
+        shutil.rmtree(prev, ignore_errors=True)
+    except OSError as e:
+        raise SetupError(f"train.overwrite: cannot replace {model} by {nxt}: {describe(e)}") from None
+    fsync_folder(exp_dir)
+    return model
+
+
+def recover_model_dir(exp_dir: str) -> None:
+    """Finish a `replace_model_dir` that was killed between its renames (model.next/ then holds a
+    complete checkpoint of the new run), and drop the model.next/ of an overwriting run killed before
+    its first checkpoint was complete (model/ still holds the earlier run)."""
+    model, nxt, prev = (os.path.join(exp_dir, d) for d in (MODEL, NEXT, PREV))
+    try:
+        if os.path.isdir(prev):
+            if not os.path.isdir(model):
+                os.replace(nxt if os.path.isdir(nxt) else prev, model)
+            shutil.rmtree(prev, ignore_errors=True)
+        if os.path.isdir(nxt):
+            shutil.rmtree(nxt)
+    except OSError as e:
+        raise SetupError(f"exp_dir {exp_dir}: cannot finish replacing {model} (train.overwrite): {describe(e)}") from None
 
 
 def newest_valid(folder: str, iters_per_epoch: int, log=None) -> Optional[Tuple[str, dict]]:

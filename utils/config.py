@@ -471,11 +471,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the fully resolved config as YAML (atomically)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    from .atomic import atomic_write
+    with atomic_write(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
 
 
 def _main(argv: Sequence[str] = ()) -> int:

@@ -19,6 +19,14 @@ def log_path(exp_dir: str, kind: str) -> str:
     return path
 
 
+class _FileHandler(logging.FileHandler):
+    """A log file that falls silent when it cannot be written (e.g. a full disk): the console
+    still has every line, and the run's own error says what failed."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        logging.getLogger(NAME).removeHandler(self)
+
+
 def setup_logger(exp_dir: str, kind: str, main_process: bool = True) -> logging.Logger:
     """Console logging on the main process; a log file too unless a launcher tees the console."""
     logger = logging.getLogger(NAME)
@@ -31,7 +39,7 @@ def setup_logger(exp_dir: str, kind: str, main_process: bool = True) -> logging.
     logger.addHandler(console)
     if main_process and not os.environ.get(TEED_ENV):
         os.makedirs(exp_dir, exist_ok=True)
-        fh = logging.FileHandler(log_path(exp_dir, kind))
+        fh = _FileHandler(log_path(exp_dir, kind))
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger

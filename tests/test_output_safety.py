@@ -142,6 +142,11 @@ def test_result_dir_that_is_a_file_is_refused_and_a_symlink_is_followed(trained_
     assert rc == 2
     one_error(err, "test.result_dir", str(user_file), "is a file")
     assert user_file.read_text() == "mine" and not (tmp_path / "notes.txt.old").exists()
+    for script in ("train.py", "test.py"):  # exp_dir naming a file: refused by both, before the logger
+        rc, _, err = run(script, trained_model.config, f"exp_dir={user_file}")
+        assert rc == 2
+        one_error(err, "exp_dir", str(user_file), "is a file")
+        assert user_file.read_text() == "mine"
     # a symbolic link to a folder: the folder gets the results (twice: replaced, not nested), the link stays
     target = tmp_path / "elsewhere" / "results"
     target.mkdir(parents=True)

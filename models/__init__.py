@@ -9,7 +9,7 @@ from . import deeplabv3, ddcat, upernet  # noqa: F401  (register)
 from . import weight_formats  # noqa: F401  (registers checkpoint converters)
 from .ddcat import route  # noqa: F401  (DDC-AT per-pixel routing of the outputs dict)
 from .weight_formats import load_backbone_weights  # noqa: F401  (ImageNet weights into model.backbone)
-from . import drn_seg, taskonomy, fpd_seg  # noqa: F401  (registers)
+from . import drn_seg, taskonomy, fpd_seg, segmenter  # noqa: F401  (registers)
 from . import weight_formats_mtl  # noqa: F401  (registers converters)
 
 

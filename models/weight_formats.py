@@ -16,6 +16,11 @@ Whole-model formats (tried by ``models.weights.load_model_weights``; ``module.``
   pwconv1,pwconv2}``, ``backbone.norm{i}``, ``decode_head.psp_modules.i.1.{conv,batch_norm}``,
   ``decode_head.{bottleneck,lateral_convs.i,fpn_convs.i,fpn_bottleneck}.{conv,batch_norm}``,
   ``decode_head.classifier``, ``auxiliary_head.convs.0.{conv,batch_norm}``, ``auxiliary_head.classifier``.
+- ``segmenter``: the released PIR-AT Segmenter-ViT-S (``model.module.state_dict()`` of ``SegMenter``):
+  ``encoder.{cls_token, pos_embed, patch_embed.proj, blocks.N.{norm1, attn.qkv, attn.proj, norm2,
+  mlp.fc1, mlp.fc2}, norm, head}`` -> ``backbone.*`` and ``decoder.{cls_emb, proj_dec, proj_patch,
+  proj_classes, blocks.N.*, decoder_norm, mask_norm}`` -> ``decode_head.*``; a position embedding
+  of another grid is resized bilinearly (logged).
 
 Backbone (ImageNet) formats, for ``load_backbone_weights(backbone, path)``:
 
@@ -27,18 +32,26 @@ Backbone (ImageNet) formats, for ``load_backbone_weights(backbone, path)``:
   ``stages.j.downsample.p``, ``stages.j.blocks.k.{gamma,conv_dw,norm,mlp.fc1,mlp.fc2}``), with
   the ``module.`` / ``base_model.`` wrappers stripped; the four per-stage output norms, absent
   from ImageNet models, keep their fresh values.
+- ``timm_vit``: timm ``vit_*_patch16`` naming (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+  ``blocks.N.*``, ``norm``), e.g. the robust ImageNet ViT-S of "Revisiting Adversarial Training at
+  Scale" (``module.base_model.model.*`` plus ``module.base_model.normalize.{mean,std}``): the
+  ``model.`` level is stripped, the 1000-class ``head`` is loaded when the file has it under
+  ``model.`` and keeps its fresh value otherwise (Segmenter never uses it), and the 14 x 14
+  position grid of a 224 model is resized bilinearly to the encoder's (logged).
 
 The ImageNet classifier (``fc.*``, ``head.*``, including timm's final ``head.norm``) and input
 normaliser buffers are dropped by name; anything else must match exactly.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from utils.logger import get_logger
 from utils.registry import Registry
 
 from utils.checkpoint import load_weights_file
@@ -119,6 +132,33 @@ def from_pirat_upernet(state: Mapping[str, torch.Tensor], model: nn.Module) -> S
     return fill_bn_counters(rename(state, PIRAT_RULES), model)
 
 
+def fit_pos_embed(state: State, key: str, module: nn.Module, source: str = "checkpoint") -> State:
+    """Resize ``state[key]``, a ViT position embedding [1, 1 + g*g, D] of a square grid, bilinearly to
+    the grid of ``module.state_dict()[key]`` (class token kept apart) and log it; anything else (a
+    missing key, another width, a token count that is no square) is left for the strict load to report."""
+    from .backbones.vit import resize_pos_embed
+    own = module.state_dict().get(key)
+    pos = state.get(key)
+    if own is None or pos is None or pos.ndim != 3 or own.ndim != 3 or pos.shape == own.shape \
+            or pos.shape[-1] != own.shape[-1]:
+        return state
+    old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(own.shape[1] - 1)
+    if old * old != pos.shape[1] - 1 or new * new != own.shape[1] - 1:
+        return state
+    state[key] = resize_pos_embed(pos.float(), (old, old), (new, new)).to(pos.dtype)
+    get_logger().info(f"{source}: position embedding {key} resized from a {old}x{old} to a {new}x{new} grid")
+    return state
+
+
+@register_converter("segmenter")
+def from_segmenter(state: Mapping[str, torch.Tensor], model: nn.Module) -> State:
+    """Released PIR-AT Segmenter (``SegMenter``): encoder -> backbone, decoder -> decode_head."""
+    _need(state, r"^encoder\.blocks\.")
+    _need(state, r"^decoder\.")
+    state = rename(state, [(r"^encoder\.", "backbone."), (r"^decoder\.", "decode_head.")])
+    return fit_pos_embed(state, "backbone.pos_embed", model, "Segmenter checkpoint")
+
+
 # ----------------------------------------------------------------------------- backbones
 
 CLASSIFIER_KEYS = (r"^fc\.", r"^head\.")  # ImageNet classifier (timm: head.norm, head.fc)
@@ -163,6 +203,18 @@ def bb_timm_convnext(state: Mapping[str, torch.Tensor], backbone: nn.Module) -> 
         if k.startswith("out_norms.") and k not in state:
             state[k] = v
     return state
+
+
+@register_backbone_format("timm_vit")
+def bb_timm_vit(state: Mapping[str, torch.Tensor], backbone: nn.Module) -> State:
+    """timm ViT naming, with or without the robust models' ``model.`` level; the ImageNet ``head`` is
+    loaded when present, else it keeps its fresh value (unused by Segmenter); position grid fitted."""
+    _need(state, r"^(model\.)?blocks\.0\.attn\.qkv\.")
+    state = rename(state, [(r"^model\.", "")])
+    for k, v in backbone.state_dict().items():
+        if k.startswith("head.") and k not in state:
+            state[k] = v
+    return fit_pos_embed(state, "pos_embed", backbone, "ViT backbone weights")
 
 
 def _strip_wrappers(state: Mapping[str, torch.Tensor]) -> State:

@@ -233,5 +233,7 @@ TINY_MODELS = {
     "drn_multitask": ["model.arch=drn_d_22", "model.pretrained=null"],
     "taskonomy_resnet": ["model.layers=18", "model.width=0.25", "model.pretrained=null"],
     "fpd_seg": ["model.layers=18", "model.width=0.25", "model.fpd.fpn_width=16", "model.pretrained=null"],
+    "segmenter": ["model.vit.embed_dim=32", "model.vit.depth=2", "model.vit.heads=2", "model.vit.decoder_layers=1",
+                  "model.pretrained=null"],
 }
 MAKERS = {"cityscapes": make_cityscapes, "voc2012": make_voc, "ade20k": make_ade20k, "taskonomy": make_taskonomy}

@@ -16,6 +16,7 @@ from models.ddcat import DeepLabV3DDCAT, PSPNetDDCAT, route
 from models.deeplabv3 import DeepLabV3
 from models.inference import slide_inference, window_stride
 from models.pspnet import PSPNet
+from models.segmenter import Segmenter
 from models.upernet import UperNet
 from models.weight_formats import load_backbone_weights
 from models.weights import load_model_weights
@@ -106,13 +107,16 @@ def small(name: str, classes: int = 5) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "upernet_convnext":
         return UperNet(classes, "convnext_t_cvst", mean=None, std=None)
+    if name == "segmenter":
+        return Segmenter(classes, img_size=64, dim=32, depth=2, heads=2)
     kw = dict(layers=18, width=0.25, mean=MEAN, std=STD)
     return {"pspnet": PSPNet, "deeplabv3": DeepLabV3, "pspnet_ddcat": PSPNetDDCAT,
             "deeplabv3_ddcat": DeepLabV3DDCAT}[name](classes, **kw)
 
 
-NAMES = ["pspnet", "deeplabv3", "pspnet_ddcat", "deeplabv3_ddcat", "upernet_convnext"]
+NAMES = ["pspnet", "deeplabv3", "pspnet_ddcat", "deeplabv3_ddcat", "upernet_convnext", "segmenter"]
 TRAIN_KEYS = {"pspnet": {"out", "aux"}, "deeplabv3": {"out", "aux"}, "upernet_convnext": {"out", "aux"},
+              "segmenter": {"out"},
               "pspnet_ddcat": {"out", "adv", "mask", "aux"}, "deeplabv3_ddcat": {"out", "adv", "mask", "aux"}}
 
 
@@ -243,7 +247,9 @@ FRAGMENTS = {"pspnet50.yaml": (PSPNet, 49_080_038), "deeplabv3_50.yaml": (DeepLa
              "deeplabv3_50_ddcat.yaml": (DeepLabV3DDCAT, 40_101_115),
              # 21-class counts less 2 classes x (512 + 1 decode + 256 + 1 aux classifier weights)
              "upernet_convnext_t.yaml": (UperNet, 60_181_610 - 2 * 770),
-             "upernet_convnext_s.yaml": (UperNet, 81_816_170 - 2 * 770)}
+             "upernet_convnext_s.yaml": (UperNet, 81_816_170 - 2 * 770),
+             # 151-class count less 132 classes x (384 class embedding + 2 mask_norm) (tests/test_models_segmenter.py)
+             "segmenter_vit_s.yaml": (Segmenter, 26_419_350 - 132 * 386)}
 
 
 @pytest.mark.parametrize("fragment", sorted(FRAGMENTS))
@@ -255,7 +261,7 @@ def test_config_fragments_build(fragment, tmp_path):
     m = on_meta(lambda: build_model(cfg))
     cls, count = FRAGMENTS[fragment]
     assert type(m) is cls and nparams(m) == count  # 19 classes
-    assert m.normalized == (cls is not UperNet)
+    assert m.normalized == (cls not in (UperNet, Segmenter))
     if cls is UperNet:
         depth = sum(len(s.blocks) for s in m.backbone.stages)
         assert m.backbone.stages[3].blocks[-1].drop_path.p == pytest.approx(0.4 if depth == 18 else 0.3)

@@ -6,7 +6,8 @@
   crop, flip averaging for the clean run, and each window attacked independently with its own labels.
   No single adversarial image exists, so this is weaker than ``whole``; use it only to reproduce.
 - ``sea``: SEA's protocol (sea.md §3): short side to the crop size and centre crop (done by the
-  dataset's ``data.eval_transform: sea``), whole-image inference, no flip.
+  dataset's ``data.eval_transform: sea``), whole-image inference, no flip. This is also the inference of
+  the released Segmenter-ViT-S (short side 512, 512 centre crop, one forward; ``*_segmenter_*.yaml``).
 """
 from __future__ import annotations
 

@@ -714,7 +714,7 @@ def test_fpd_resume_continues_both_phases_exactly(tiny_config, tmp_path):
 
 PIRAT_CONFIGS = {name: os.path.join(ROOT, "config", name.split("_")[0], name + ".yaml") for name in (
     "voc2012_upernet_pirat", "voc2012_upernet_s_pirat", "voc2012_pspnet_pirat", "ade20k_upernet_pirat",
-    "ade20k_upernet_s_pirat", "synthetic_pspnet18_pirat")}
+    "ade20k_upernet_s_pirat", "ade20k_segmenter_pirat", "synthetic_pspnet18_pirat")}
 
 
 def test_attack_warmup_ramps_eps_and_alpha_by_epoch(tiny_cfg):
@@ -1015,9 +1015,10 @@ def test_pirat_schedules_per_iteration():
     from models import build_model
     for name, per_epoch, base, warm, power, ratio in [("voc2012_upernet_pirat", 10582 // 256, 1e-3, 410, 1.0, 1e-5),
                                                       ("ade20k_upernet_pirat", 20210 // 128, 1e-4, 785, 1.0, 1e-5),
+                                                      ("ade20k_segmenter_pirat", 20210 // 112, 2e-3, 900, 0.9, 1e-5),
                                                       ("voc2012_pspnet_pirat", 10582 // 128, 4e-4, 0, 0.9, 0)]:
         cfg = _pirat_experiment(name)
-        assert warmup_iterations(cfg, per_epoch) == warm  # 10 x 41 (VOC train_aug, batch 256), 5 x 157, none
+        assert warmup_iterations(cfg, per_epoch) == warm  # 10 x 41 (VOC train_aug, batch 256), 5 x 157, 5 x 180, none
         total = cfg.train.epochs * per_epoch
         opt = build_optimizer(cfg, build_model(cfg))
         sched = build_scheduler(cfg, opt, total, per_epoch)

@@ -306,6 +306,8 @@ def test_normalised_variant_and_bad_decoder(tmp_path):
         assert torch.allclose(m(x), m.forward_features((x - mean) / std, x.shape[-2:])["out"], atol=1e-6)
     with pytest.raises(SetupError, match="model.vit.decoder"):
         load_config(PIRAT, ["model.vit.decoder=deeplab"])
+    with pytest.raises(SetupError, match="img_size a multiple of patch_size"):
+        build_model(load_config(PIRAT, [*fx.TINY_MODELS["segmenter"], "model.vit.img_size=100"]))
 
 
 # ------------------------------------------------------------------ SEA through the launcher

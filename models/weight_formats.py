@@ -56,6 +56,7 @@ from utils.registry import Registry
 
 from utils.checkpoint import load_weights_file
 
+from .backbones.vit import resize_pos_embed
 from .weights import extract_state_dict, load_best_match, register_converter
 
 State = Dict[str, torch.Tensor]
@@ -136,7 +137,6 @@ def fit_pos_embed(state: State, key: str, module: nn.Module, source: str = "chec
     """Resize ``state[key]``, a ViT position embedding [1, 1 + g*g, D] of a square grid, bilinearly to
     the grid of ``module.state_dict()[key]`` (class token kept apart) and log it; anything else (a
     missing key, another width, a token count that is no square) is left for the strict load to report."""
-    from .backbones.vit import resize_pos_embed
     own = module.state_dict().get(key)
     pos = state.get(key)
     if own is None or pos is None or pos.ndim != 3 or own.ndim != 3 or pos.shape == own.shape \

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.errors import SetupError
+from utils.textfile import read_utf8
 
 
 def is_complete(data: bytes) -> bool:
@@ -68,15 +69,14 @@ def read_list(root: str, list_file: str) -> List[Tuple[str, Optional[str]]]:
     if not os.path.isfile(path):
         raise SetupError(f"list file not found: {path}")
     items = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) > 2:
-                raise SetupError(f"{path}:{n}: expected 'image [label]', got {line.strip()!r}")
-            img, lbl = (os.path.join(root, p.lstrip("/")) for p in (parts + [""])[:2])
-            items.append((img, lbl if len(parts) == 2 else None))
+    for n, line in enumerate(read_utf8(path, "list file").split("\n"), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) > 2:
+            raise SetupError(f"{path}:{n}: expected 'image [label]', got {line.strip()!r}")
+        img, lbl = (os.path.join(root, p.lstrip("/")) for p in (parts + [""])[:2])
+        items.append((img, lbl if len(parts) == 2 else None))
     if not items:
         raise SetupError(f"list file {path} is empty")
     return items

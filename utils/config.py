@@ -22,10 +22,16 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import yaml
 
 from .errors import SetupError
+from .textfile import read_utf8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PATH = os.path.join(ROOT, "config", "_base_", "default.yaml")
 BASE_KEY = "_base_"
+# A document whose aliases expand to more nodes than this is refused: every consumer of the parsed
+# config (merge, validation, dumps) walks the expanded tree, so a few hundred bytes of nested aliases
+# ("billion laughs") would otherwise take minutes and gigabytes.
+MAX_YAML_NODES = 100_000
+SEED_MAX = 2 ** 63 - 1  # torch.manual_seed takes a 64-bit seed
 
 
 class Config(dict):
@@ -71,14 +77,81 @@ def _wrap(value: Any) -> Any:
     return value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (SafeLoader keeps the last one
+    silently); merge keys (``<<``) still override as usual."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (lines {seen[key]} and {line})", key_node.start_mark)
+                    seen[key] = line
+                except TypeError:  # unhashable: SafeLoader's own error follows
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, memo: Dict[int, int], active: set) -> int:
+    """Nodes of the document once every alias is expanded (shared nodes counted at each use)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in active:
+        raise SetupError("recursive alias")
+    active.add(id(node))
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        n += sum(_expanded_size(c, memo, active) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n += sum(_expanded_size(k, memo, active) + _expanded_size(v, memo, active) for k, v in node.value)
+    active.discard(id(node))
+    memo[id(node)] = min(n, MAX_YAML_NODES + 1)  # capped: the sum stays small however deep the nesting
+    return memo[id(node)]
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load` of `text`, stricter: a duplicate key in a mapping, a document of more than
+    `MAX_YAML_NODES` nodes after alias expansion, or invalid YAML is a one-line SetupError naming `source`."""
+    try:
+        loader = _StrictLoader(text)
+    except yaml.reader.ReaderError as e:  # e.g. a binary file that happens to be valid UTF-8
+        raise SetupError(f"{source} is not a text file (character #x{e.character:04x} at character "
+                         f"{e.position})") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {}, set())
+        except SetupError as e:
+            raise SetupError(f"{source}: {e}: refused") from None
+        if size > MAX_YAML_NODES:
+            raise SetupError(f"{source}: its aliases expand to more than {MAX_YAML_NODES} nodes: refused")
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = "" if mark is None or "duplicate key" in str(e.problem) else \
+            f" (line {mark.line + 1}, column {mark.column + 1})"
+        raise SetupError(f"{source} is not valid YAML: {e.problem}{where}") from None
+    except yaml.YAMLError as e:
+        raise SetupError(f"{source} is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise SetupError(f"{source}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise SetupError(f"config file not found: {path}")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise SetupError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = parse_yaml(read_utf8(path, "config file"), f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -105,6 +178,9 @@ def _resolve_bases(path: str, seen: tuple = ()) -> dict:
     bases = data.pop(BASE_KEY, [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise SetupError(f"config file {path}: `{BASE_KEY}` must be a file name or a list of file names, "
+                         f"got {bases!r}")
     merged: dict = {}
     for b in bases:
         merged = merge(merged, _resolve_bases(os.path.join(os.path.dirname(path), b), seen + (path,)))
@@ -251,7 +327,7 @@ PATH = optional(text())
 # checked by that registry; attack options by attacks.base.Attack.
 RULES: Dict[str, Rule] = {
     "exp_dir": text(),
-    "seed": INT_GE0,
+    "seed": Rule(lambda v: _integer(v) and 0 <= v <= SEED_MAX, "an integer in [0, 2^63-1]"),
     "device": one_of("auto", "cpu", "cuda"),
     "data.name": text(),
     "data.root": text(),
@@ -450,8 +526,10 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
             raise SetupError(f"command-line override '{item}' must look like section.key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = parse_yaml(raw, f"command-line override '{item}'") if raw.strip() else None
+        except SetupError as e:  # not YAML: the text itself (a duplicate key or an alias bomb is an error)
+            if "is not valid YAML" not in str(e) or "duplicate key" in str(e):
+                raise
             value = raw
         node = out
         parts = key.strip().split(".")
@@ -497,7 +575,12 @@ def _main(argv: Sequence[str] = ()) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.get:
             node: Any = cfg
-            for part in args.get.split("."):
+            parts = args.get.split(".")
+            for i, part in enumerate(parts):
+                if not isinstance(node, Mapping):
+                    where = ".".join(parts[:i])
+                    raise SetupError(f"--get {args.get}: '{where}' is a {_type_name(node)} ({node!r}), "
+                                     f"not a section, so it has no key '{part}'")
                 node = node[part]
             print(node)
         else:

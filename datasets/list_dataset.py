@@ -1,7 +1,13 @@
 """A dataset read from a list file of ``image label`` paths relative to a root (semseg / VOC layout)."""
 from __future__ import annotations
 
+import io
 import os
+import re
+import sys
+import tempfile
+import threading
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 import cv2
@@ -26,9 +32,65 @@ def is_complete(data: bytes) -> bool:
     return True
 
 
+# libjpeg reports damaged entropy-coded data only as a warning on stderr and decodes the rest as
+# garbage (JWRN_* messages of jerror.h: "Corrupt JPEG data: ...", "Premature end of JPEG file", ...)
+_JPEG_CORRUPT = re.compile(r"Corrupt JPEG data[^\n]*|Premature end of JPEG file|Inconsistent progression sequence[^\n]*"
+                           r"|Invalid SOS parameters[^\n]*")
+_capture = threading.Lock()
+_capture_file: dict = {}  # pid -> temporary file that receives fd 2 during a JPEG decode
+
+
+def _imdecode_with_warnings(buf: np.ndarray, flags: int) -> Tuple[Optional[np.ndarray], str]:
+    """``cv2.imdecode`` with file descriptor 2 redirected, so the decoder's warnings can be read;
+    whatever else went to stderr meanwhile is passed on."""
+    with _capture:
+        f = _capture_file.get(os.getpid())
+        if f is None:  # one per process: DataLoader workers must not share a file offset with their parent
+            f = _capture_file[os.getpid()] = tempfile.TemporaryFile()
+        sys.stderr.flush()
+        saved = os.dup(2)
+        f.seek(0)
+        f.truncate()
+        os.dup2(f.fileno(), 2)
+        try:
+            img = cv2.imdecode(buf, flags)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode("utf-8", "replace")
+    return img, text
+
+
+def _check_pixels(data: bytes, path: str) -> None:
+    """Refuse a header that claims more pixels than PIL's decompression-bomb limit (a few bytes of PNG
+    can claim 60000x60000, i.e. gigabytes once decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)):
+                pass
+    except Image.DecompressionBombError as e:
+        raise SetupError(f"cannot read image {path}: {_bomb_text(e)}") from None
+    except (OSError, ValueError, SyntaxError):  # not an image PIL knows: left to the decoder
+        pass
+
+
+def _bomb_text(e: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
+    return (f"its header claims {found.group(1)} pixels, more than the limit of {found.group(2)} "
+            f"(a decompression bomb?)" if found else "too many pixels (a decompression bomb?)")
+
+
 def decode_image(path: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
-    """cv2 decoding of a whole file (same pixels as ``cv2.imread(path, flags)``), refusing files that
-    are missing, truncated or not images with a SetupError naming the file."""
+    """cv2 decoding of a whole file (same pixels as ``cv2.imread(path, flags)`` with the EXIF
+    orientation ignored), refusing files that are missing, truncated, corrupt (any libjpeg warning of
+    corrupt data), not images, or claim more pixels than PIL's decompression-bomb limit, with a
+    SetupError naming the file.
+
+    The EXIF orientation is ignored because labels (PNG) carry none: applied to the image only, a
+    rotated JPEG would no longer line up with its label.
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -38,7 +100,20 @@ def decode_image(path: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
         raise SetupError(f"cannot read image {path}: {e.strerror or e}") from None
     if not is_complete(data):
         raise SetupError(f"cannot read image {path}: the file is truncated")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    _check_pixels(data, path)
+    if flags >= 0:  # IMREAD_UNCHANGED (-1) never applies the orientation, and takes no other flag
+        flags |= cv2.IMREAD_IGNORE_ORIENTATION
+    buf = np.frombuffer(data, np.uint8)
+    if data[:2] == b"\xff\xd8":
+        img, messages = _imdecode_with_warnings(buf, flags)
+        corrupt = _JPEG_CORRUPT.search(messages)
+        others = _JPEG_CORRUPT.sub("", messages).strip()
+        if others:
+            print(others, file=sys.stderr)
+        if corrupt:
+            raise SetupError(f"cannot read image {path}: {corrupt.group(0).strip()}")
+    else:
+        img = cv2.imdecode(buf, flags)
     if img is None:
         raise SetupError(f"cannot read image {path}: not a readable image")
     return img
@@ -57,6 +132,8 @@ def read_label(path: str) -> np.ndarray:
             if im.mode not in ("P", "L", "I", "I;16"):
                 raise SetupError(f"label {path} has mode {im.mode}; expected a single-channel or palette PNG")
             return np.array(im).astype(np.int64)
+    except Image.DecompressionBombError as e:
+        raise SetupError(f"cannot read label {path}: {_bomb_text(e)}") from None
     except (OSError, ValueError) as e:
         raise SetupError(f"cannot read label {path}: {e}") from None
 
@@ -85,8 +162,12 @@ def read_list(root: str, list_file: str) -> List[Tuple[str, Optional[str]]]:
 def header_size(path: str):
     """(width, height) from the file header; SetupError naming the file if it is not an image."""
     try:
-        with Image.open(path) as im:
-            return im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except Image.DecompressionBombError as e:
+        raise SetupError(f"cannot read image {path}: {_bomb_text(e)}") from None
     except OSError:
         raise SetupError(f"cannot read image {path}: not a readable image") from None
 

@@ -237,3 +237,25 @@ TINY_MODELS = {
                   "model.pretrained=null"],
 }
 MAKERS = {"cityscapes": make_cityscapes, "voc2012": make_voc, "ade20k": make_ade20k, "taskonomy": make_taskonomy}
+
+
+# ---------------------------------------------------------------- hostile image files
+def corrupt_jpeg_body(data: bytes, seed: int = 0) -> bytes:
+    """`data` (a JPEG) with 40 bytes of its entropy-coded data replaced by random bytes other than 0xFF:
+    the length, every marker and the end-of-image marker are kept, so only the decoder can tell."""
+    b = bytearray(data)
+    sos = b.rfind(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(b[sos + 2:sos + 4], "big")
+    assert b.rfind(b"\xff\xd9") > start + 100
+    b[start + 20:start + 60] = np.random.default_rng(seed).integers(0, 255, 40, dtype=np.uint8).tobytes()
+    return bytes(b)
+
+
+def png_claiming(w: int, h: int) -> bytes:
+    """A small, valid-looking PNG whose header claims w x h pixels."""
+    import struct
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))

@@ -1,15 +1,86 @@
 """Hostile input files, checked in-process (each also reaches an entry point in
-tests/test_bad_input.py): YAML with duplicate keys or alias bombs, text that is not UTF-8."""
+tests/test_bad_input.py): images with EXIF orientation, corrupt JPEG data and decompression-bomb
+headers; YAML with duplicate keys or alias bombs, text that is not UTF-8."""
 from __future__ import annotations
 
+import os
 import time
 
+import cv2
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
+import data_fixtures as fx
+from datasets.list_dataset import SegDataset, check_items, decode_image, header_size, read_label
 from utils.config import MAX_YAML_NODES, _expanded_size, _StrictLoader, load_config, parse_yaml
 from utils.errors import SetupError
 from utils.textfile import read_utf8
+
+
+ORIENTATION = 0x0112  # EXIF tag; 6 = "rotate 90 degrees clockwise to display"
+
+
+def halves(h: int, w: int):
+    """(image, label): class 1 (white) on the left half, class 0 (black) on the right: a rotation by 90
+    degrees turns the halves into top and bottom, so it shows on square images too."""
+    lbl = np.zeros((h, w), np.uint8)
+    lbl[:, : w // 2] = 1
+    return np.repeat(lbl[..., None] * 255, 3, axis=2), lbl
+
+
+@pytest.mark.parametrize("h,w", [(24, 40), (32, 32)], ids=["landscape", "square"])
+def test_exif_rotated_jpeg_is_read_as_stored_and_aligned_with_its_label(tmp_path, h, w):
+    img, lbl = halves(h, w)
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    rotated, plain = tmp_path / "rot.jpg", tmp_path / "plain.jpg"
+    Image.fromarray(img).save(rotated, quality=95, exif=exif)
+    Image.fromarray(img).save(plain, quality=95)
+    Image.fromarray(lbl).save(tmp_path / "rot.png")
+    # the fixture is what it should be: a reader that applies the orientation turns it
+    shown = cv2.imread(str(rotated))
+    assert shown.shape[:2] == (w, h)
+    if h == w:
+        assert ((shown[..., 0] > 127) != (lbl == 1)).mean() > 0.4
+    # read as stored: the same pixels as the file without EXIF
+    assert np.array_equal(decode_image(str(rotated)), cv2.imread(str(plain)))
+    items = check_items([(str(rotated), str(tmp_path / "rot.png"))], "fixture")
+    image, label = SegDataset(items, classes=2).load(0)
+    assert image.shape[:2] == label.shape == (h, w)
+    assert ((image.mean(axis=2) > 0.5) == (label == 1)).all()
+
+
+def test_corrupt_jpeg_data_is_refused_naming_the_file(tmp_path, capfd):
+    rng = np.random.default_rng(0)
+    img = (rng.random((41, 41, 3)) * 255).astype(np.uint8)
+    good = cv2.imencode(".jpg", img)[1].tobytes()
+    bad = fx.corrupt_jpeg_body(good)
+    assert len(bad) == len(good) and bad[-2:] == b"\xff\xd9" and bad != good
+    # libjpeg alone decodes it, to garbage, with a warning on stderr only
+    garbage = cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_COLOR)
+    assert garbage is not None and np.abs(garbage.astype(int) - img).mean() > 10
+    capfd.readouterr()
+    (tmp_path / "good.jpg").write_bytes(good)
+    (tmp_path / "bad.jpg").write_bytes(bad)
+    assert np.array_equal(decode_image(str(tmp_path / "good.jpg")), cv2.imdecode(np.frombuffer(good, np.uint8), 1))
+    with pytest.raises(SetupError) as e:
+        decode_image(str(tmp_path / "bad.jpg"))
+    assert str(e.value).startswith(f"cannot read image {tmp_path / 'bad.jpg'}: Corrupt JPEG data")
+    assert "\n" not in str(e.value)
+    os.write(2, b"after\n")  # stderr is ours again, and the decoder's warning did not leak
+    assert capfd.readouterr().err == "after\n"
+
+
+def test_decompression_bomb_headers_are_refused(tmp_path):
+    p = tmp_path / "bomb.png"
+    p.write_bytes(fx.png_claiming(60000, 60000))
+    for read in (decode_image, header_size, read_label):
+        with pytest.raises(SetupError, match=r"bomb.png: its header claims 3600000000 pixels, more than the limit"):
+            read(str(p))
+    p.write_bytes(fx.png_claiming(300, 200))  # a real size is only as good as its data
+    assert header_size(str(p)) == (300, 200)
 
 
 # ---------------------------------------------------------------- YAML and text files

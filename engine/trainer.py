@@ -159,7 +159,36 @@ def load_phase_states(objs: Dict[Optional[str], object], state: dict, path: str)
         raise SetupError(f"train.resume: {path} holds {name(saved)}, this run has {name(list(objs))} "
                          "(train.method or its settings changed?)")
     for k, o in objs.items():
-        o.load_state_dict(state if k is None else state["phases"][k])
+        what = type(o).__name__ + ("" if k is None else f" of phase {k}")
+        try:
+            o.load_state_dict(state if k is None else state["phases"][k])
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+            raise SetupError(f"train.resume: {path}: the {what} state does not fit this run "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+        if isinstance(o, torch.optim.Optimizer):
+            check_optimizer_state(o, path)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Every per-parameter buffer of a restored optimiser (momentum, Adam moments) must have its
+    parameter's shape: torch does not check, and the first step would fail or broadcast."""
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise SetupError(f"train.resume: {path}: optimizer state '{name}' of parameter {i} of group {g} "
+                                     f"has shape {list(v.shape)}, the parameter {list(p.shape)}")
+
+
+def check_progress(ckpt: dict, path: str) -> Tuple[int, int, int]:
+    """(epoch, iteration, skipped) of a training checkpoint: integers >= 0, or a one-line error."""
+    out = []
+    for name in ("epoch", "iteration", "skipped"):
+        v = ckpt.get(name, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise SetupError(f"train.resume: {path}: '{name}' must be an integer >= 0, got {v!r}")
+        out.append(v)
+    return out[0], out[1], out[2]
 
 
 def check_training_tasks(model: nn.Module, dataset) -> None:
@@ -285,19 +314,24 @@ class Trainer:
             self.config_written = True
 
     def _restore(self, path: str, ckpt: dict) -> None:
+        """Every field is checked before training starts (a wrong one is a one-line error naming it)."""
         from models.weights import load_strict
+        epoch, iteration, skipped = check_progress(ckpt, path)
         load_strict(self.model, ckpt["model"], path)
         load_phase_states(self.optimizers, ckpt["optimizer"], path)
         load_phase_states(self.schedulers, ckpt["scheduler"], path)
         if self.scaler is not None and "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
-        self.skipped = int(ckpt.get("skipped", 0))
+        self.epoch, self.iteration, self.skipped = epoch, iteration, skipped
         done = self.iteration - self.epoch * self.iters_per_epoch
         if not 0 <= done < self.iters_per_epoch:
             raise SetupError(f"{path}: iteration {self.iteration} does not fall in epoch {self.epoch + 1} at "
                              f"{self.iters_per_epoch} iterations per epoch (train.batch_size or data changed?)")
-        set_rng_state(ckpt["rng"])
+        try:
+            set_rng_state(ckpt["rng"])
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+            raise SetupError(f"train.resume: {path}: 'rng' is not a random-number state saved by this project "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
         self.log.info(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}"
                       + (f" ({done} iterations into epoch {self.epoch + 1})" if done else ""))
 

@@ -1,7 +1,10 @@
 """Segmentation models. Add one: a module with an ``@register_model`` builder, imported below."""
+import warnings
 from typing import Optional
 
 from torch import nn
+
+from utils.errors import SetupError
 
 from .registry import MODELS, register_model
 from . import pspnet  # noqa: F401  (registers)
@@ -25,8 +28,17 @@ def load_pretrained(model: nn.Module, path: str, key: Optional[str] = "model.pre
 
 
 def build_model(config) -> nn.Module:
-    """Build the model named by ``config.model.name`` (weights are loaded by the caller)."""
-    return MODELS.get(config.model.name)(config)
+    """Build the model named by ``config.model.name`` (weights are loaded by the caller); a layer
+    left without channels (``model.width`` too small) is a one-line error here, before any write."""
+    with warnings.catch_warnings():  # torch's note on zero-element layers: the error below says it
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        model = MODELS.get(config.model.name)(config)
+    for name, p in model.named_parameters():
+        if p.numel() == 0:
+            raise SetupError(f"model.width={config.model.width:g} leaves layer '{name.rsplit('.', 1)[0]}' of model "
+                             f"'{config.model.name}' with no channels (parameter shape {list(p.shape)}); "
+                             "use a larger model.width")
+    return model
 
 
 __all__ = ["build_model", "load_pretrained", "register_model", "MODELS"]

@@ -1,6 +1,7 @@
 """Hostile input files, checked in-process (each also reaches an entry point in
 tests/test_bad_input.py): images with EXIF orientation, corrupt JPEG data and decompression-bomb
-headers; YAML with duplicate keys or alias bombs, text that is not UTF-8."""
+headers; checkpoints with non-finite tensors or resume fields that do not fit; YAML with duplicate
+keys or alias bombs, text that is not UTF-8."""
 from __future__ import annotations
 
 import os
@@ -9,11 +10,14 @@ import time
 import cv2
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 import data_fixtures as fx
 from datasets.list_dataset import SegDataset, check_items, decode_image, header_size, read_label
+from engine.trainer import check_optimizer_state, check_progress, load_phase_states
+from utils.checkpoint import first_nonfinite, load_weights_file
 from utils.config import MAX_YAML_NODES, _expanded_size, _StrictLoader, load_config, parse_yaml
 from utils.errors import SetupError
 from utils.textfile import read_utf8
@@ -81,6 +85,52 @@ def test_decompression_bomb_headers_are_refused(tmp_path):
             read(str(p))
     p.write_bytes(fx.png_claiming(300, 200))  # a real size is only as good as its data
     assert header_size(str(p)) == (300, 200)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_first_nonfinite_names_the_first_bad_tensor(tmp_path):
+    state = {"model": {"a": torch.ones(3), "b": torch.tensor([1.0, float("inf")]), "c": torch.tensor([float("nan")])},
+             "rng": {"torch": torch.zeros(5, dtype=torch.uint8)}, "steps": [torch.ones(2)]}
+    assert first_nonfinite(state) == ("model.b", "inf")
+    state["model"]["b"][1] = float("nan")
+    assert first_nonfinite(state) == ("model.b", "nan")
+    state["model"]["b"][1] = 0.0
+    assert first_nonfinite(state) == ("model.c", "nan")
+    state["model"]["c"][0] = 1e38
+    assert first_nonfinite(state) is None
+    state["steps"].append(torch.tensor([-float("inf")]))
+    assert first_nonfinite(state) == ("steps.1", "inf")
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(SetupError) as e:
+        load_weights_file(str(tmp_path / "w.pth"), "model.weights")
+    assert str(e.value) == f"model.weights: {tmp_path / 'w.pth'}: tensor 'steps.1' holds non-finite values (inf); refused"
+
+
+def test_resume_fields_checked():
+    assert check_progress({"epoch": 2, "iteration": 8}, "r.pth") == (2, 8, 0)
+    for field, value in (("epoch", "x"), ("epoch", -4), ("iteration", -1), ("iteration", 2.0), ("epoch", True),
+                         ("skipped", -1)):
+        ckpt = {"epoch": 2, "iteration": 8, field: value}
+        with pytest.raises(SetupError, match=rf"^train.resume: r.pth: '{field}' must be an integer >= 0, got"):
+            check_progress(ckpt, "r.pth")
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    saved = opt.state_dict()  # as after a step (stepping would be slow: its first call loads torch._dynamo)
+    saved["state"] = {i: {"momentum_buffer": torch.zeros_like(p)} for i, p in enumerate(model.parameters())}
+    load_phase_states({None: opt}, saved, "r.pth")  # its own state fits
+    with pytest.raises(SetupError, match=r"^train.resume: r.pth: the LambdaLR state does not fit this run"):
+        load_phase_states({None: sched}, {}, "r.pth")
+    with pytest.raises(SetupError, match=r"^train.resume: r.pth: the SGD state does not fit this run"):
+        load_phase_states({None: opt}, {"state": {}}, "r.pth")
+    saved["state"][0]["momentum_buffer"] = torch.zeros(3)  # parameter 0 is the [2, 3] weight
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(SetupError, match=r"'momentum_buffer' of parameter 0 of group 0 has shape \[3\], "
+                                         r"the parameter \[2, 3\]"):
+        load_phase_states({None: fresh}, saved, "r.pth")
+    load_phase_states({None: opt}, opt.state_dict(), "r.pth")
+    assert set(opt.state[model.weight]) == {"momentum_buffer"}
+    check_optimizer_state(opt, "r.pth")  # buffers of the parameters' shapes fit
 
 
 # ---------------------------------------------------------------- YAML and text files

@@ -64,12 +64,30 @@ def _first_sentence(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def first_nonfinite(obj: Any, prefix: str = "") -> Optional[Tuple[str, str]]:
+    """(dotted name, 'nan' or 'inf') of the first floating-point tensor in the nested dicts / lists
+    `obj` that holds a NaN or an infinity; None when every one is finite."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            return prefix or "(the file itself)", "nan" if bool(torch.isnan(obj).any()) else "inf"
+        return None
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = first_nonfinite(v, f"{prefix}.{k}" if prefix else str(k))
+        if found:
+            return found
+    return None
+
+
 def read_checkpoint(path: str, key: Optional[str] = None) -> Any:
     """The one reader of every checkpoint and weights file: ``torch.load(weights_only=True)`` on CPU.
 
     SetupError with one line, prefixed with the config `key` when given, if the file is missing, a
     folder, empty, truncated or not a PyTorch file, or holds pickled code (objects other than
-    tensors and plain containers: such a file is refused and nothing of it is loaded).
+    tensors and plain containers: such a file is refused and nothing of it is loaded), or holds a
+    floating-point tensor with a NaN or an infinity (weights or optimiser state that can only give
+    NaN predictions and metrics).
     """
     where = f"{key}: " if key else ""
     if os.path.isdir(path):
@@ -82,7 +100,7 @@ def read_checkpoint(path: str, key: Optional[str] = None) -> Any:
     try:
         with warnings.catch_warnings():  # e.g. torch's note on pickle protocols: our message says it all
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower():
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
@@ -93,6 +111,10 @@ def read_checkpoint(path: str, key: Optional[str] = None) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
             UnicodeDecodeError) as e:  # what torch.load raises on a cut or foreign file
         raise SetupError(f"{where}cannot read {path}: truncated or not a PyTorch file ({_first_sentence(e)})") from None
+    bad = first_nonfinite(obj)
+    if bad:
+        raise SetupError(f"{where}{path}: tensor '{bad[0]}' holds non-finite values ({bad[1]}); refused")
+    return obj
 
 
 def load_weights_file(path: str, key: Optional[str] = None) -> dict:

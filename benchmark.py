@@ -47,6 +47,7 @@ from utils.errors import SetupError
 from utils.perf import keep_cpu_memory
 
 ATTACK_EPS, ATTACK_ALPHA = 8.0, 2.0  # config units (1/255)
+MIN_SIZE = 8  # pixels: one position of the feature map at output stride 8
 
 
 @dataclass
@@ -187,7 +188,24 @@ def parse_size(text: str) -> Tuple[int, int]:
     if not m:
         raise SetupError(f"--size must be H or HxW (pixels), got '{text}'")
     h = int(m.group(1))
-    return h, int(m.group(2) or h)
+    w = int(m.group(2) or h)
+    if min(h, w) < MIN_SIZE:
+        raise SetupError(f"--size {text}: height and width must be at least {MIN_SIZE} pixels")
+    return h, w
+
+
+def check_out(path: Optional[str]) -> None:
+    """`--out` must be a file name in a folder this process can write, checked before anything is
+    timed (a run that cannot write its rows loses them)."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SetupError(f"--out {path}: is a folder; give a .json file name")
+    if not os.path.isdir(folder):
+        raise SetupError(f"--out {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise SetupError(f"--out {path}: not writable")
 
 
 def load_benchmark_config(path: str, classes: Optional[int], overrides=()):
@@ -489,6 +507,10 @@ def main(argv=None) -> int:
         if a.batch < 2 or a.iters < 2 or a.repeats < 1 or (a.classes is not None and a.classes < 2):
             raise SetupError("--batch must be >= 2 (training steps with BatchNorm), --iters >= 2 (an iteration is "
                              "timed between two forwards), --repeats >= 1, --classes >= 2")
+        if a.threads is not None and a.threads < 1:
+            raise SetupError(f"--threads must be >= 1, got {a.threads}")
+        check_out(a.out)
+        load_benchmark_config(a.config, a.classes)  # a bad config is refused before anything is timed
         if a.device == "cuda" and not torch.cuda.is_available():
             raise SetupError("--device cuda: no GPU is visible")
         if a.amp == "fp16" and a.device != "cuda":

@@ -158,13 +158,20 @@ def write_curve_scalars(curves: dict, writer) -> str:
 
 
 def _check_points(points, where: str) -> None:
-    """Raise ValueError unless `points` is a list of {eps: number, mIoU: number|null, aAcc: number|null}."""
+    """Raise ValueError unless `points` is a list of {eps: number >= 0, mIoU: fraction|null, aAcc:
+    fraction|null} (a fraction: a finite number in [0, 1]; NaN, Infinity and percentages are refused)."""
     if not isinstance(points, list) or not points:
         raise ValueError(f"{where} must be a non-empty list of points")
-    for p in points:
+    for i, p in enumerate(points):
         if not isinstance(p, dict) or not isinstance(p.get("eps"), (int, float)) or isinstance(p.get("eps"), bool) \
                 or any(k not in p or not (p[k] is None or isinstance(p[k], (int, float))) for k in POINT_KEYS):
             raise ValueError(f"{where}: point {p!r} is not {{eps: number, mIoU: number|null, aAcc: number|null}}")
+        if not math.isfinite(p["eps"]) or p["eps"] < 0:
+            raise ValueError(f"{where}: point {i}: 'eps' is {p['eps']!r}, not a finite number >= 0")
+        for k in POINT_KEYS:
+            v = p[k]
+            if v is not None and (isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1):
+                raise ValueError(f"{where}: point {i}: '{k}' is {v!r}, not a fraction in [0, 1] or null")
 
 
 def read_curves(path: str) -> dict:

@@ -1,7 +1,7 @@
 """Hostile input files, checked in-process (each also reaches an entry point in
 tests/test_bad_input.py): images with EXIF orientation, corrupt JPEG data and decompression-bomb
 headers; checkpoints with non-finite tensors or resume fields that do not fit; YAML with duplicate
-keys or alias bombs, text that is not UTF-8."""
+keys or alias bombs, text that is not UTF-8; robustness.json values outside [0, 1]."""
 from __future__ import annotations
 
 import os
@@ -200,3 +200,19 @@ def test_read_utf8_names_the_byte_offset(tmp_path):
         read_utf8(str(p), "list file")
     p.write_bytes("h\u00e9llo\n".encode())
     assert read_utf8(str(p), "list file") == "h\u00e9llo\n"
+
+
+# ---------------------------------------------------------------- robustness.json
+@pytest.mark.parametrize("value,ok", [("0", True), ("1", True), ("null", True), ("0.25", True), ("-0.001", False),
+                                      ("1.0001", False), ("true", False), ("NaN", False), ("-Infinity", False)])
+def test_robustness_json_values_are_fractions_or_null(tmp_path, value, ok):
+    from engine.plots import read_curves
+    p = tmp_path / "robustness.json"
+    p.write_text('{"attacks": {"pgd": [{"eps": 0.0, "mIoU": 0.5, "aAcc": 0.9}, {"eps": 8, "mIoU": 0.1, "aAcc": %s}]},'
+                 ' "worst_case": [{"eps": 0.0, "mIoU": 0.5, "aAcc": 0.9}]}' % value)
+    if ok:
+        assert read_curves(str(p))["attacks"]["pgd"][1]["aAcc"] == yaml.safe_load(value)
+    else:
+        with pytest.raises(SetupError, match=rf"^{p}: not a robustness.json \(attack 'pgd': point 1"
+                                             r"(: 'aAcc' is .*, not a fraction in \[0, 1\] or null|.*is not)"):
+            read_curves(str(p))

@@ -25,7 +25,24 @@ launch() {
     NGPU=${NGPU:-1}
     NNODES=${NNODES:-1}
     NODE_RANK=${NODE_RANK:-0}
-    if [ "$NNODES" -gt 1 ] 2>/dev/null && [ -z "${MASTER_ADDR:-}" ]; then
+    # numbers only: anything else would reach torchrun (or a shell test) as text
+    for var in NGPU NNODES NODE_RANK ${MASTER_PORT:+MASTER_PORT}; do
+        eval "value=\$$var"
+        case $value in
+            '' | *[!0-9]*)
+                echo "error: $var must be a non-negative integer, got '$value'" >&2
+                return 2 ;;
+        esac
+    done
+    if [ "$NODE_RANK" -ge "$NNODES" ]; then
+        echo "error: NODE_RANK=$NODE_RANK must be below NNODES=$NNODES" >&2
+        return 2
+    fi
+    if [ -n "${MASTER_PORT:-}" ] && { [ "$MASTER_PORT" -lt 1 ] || [ "$MASTER_PORT" -gt 65535 ]; }; then
+        echo "error: MASTER_PORT must be a port number in 1..65535, got '$MASTER_PORT'" >&2
+        return 2
+    fi
+    if [ "$NNODES" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
         echo "error: NNODES=$NNODES needs MASTER_ADDR (the address of the NODE_RANK=0 machine)" >&2
         return 2
     fi
@@ -33,7 +50,7 @@ launch() {
     if [ "$NODE_RANK" -ne 0 ]; then
         log=/dev/null  # only the first node writes into exp_dir
     else
-        mkdir -p "$exp_dir"
+        mkdir -p -- "$exp_dir"
         log="$exp_dir/$kind-$(date +%Y%m%d_%H%M%S).log"
     fi
     rcfile=$(mktemp)
@@ -49,7 +66,7 @@ launch() {
     else
         set -- "$kind.py" --config "$config" "$@"
     fi
-    { SEGROBUST_LOG_TEED=1 PYTHONUNBUFFERED=1 "$PYTHON" "$@" 2>&1; echo $? >"$rcfile"; } | tee "$log"
+    { SEGROBUST_LOG_TEED=1 PYTHONUNBUFFERED=1 "$PYTHON" "$@" 2>&1; echo $? >"$rcfile"; } | tee -- "$log"
     rc=$(cat "$rcfile")
     rm -f "$rcfile"
     return "$rc"

@@ -6,8 +6,9 @@ One-line error and exit code 2 when: the config is invalid, more processes per n
 visible GPUs are asked for (or several processes on a node without GPUs, unless ``device=cpu``),
 a global batch size does not divide by the number of processes, ``train.resume``, ``model.weights``
 or ``model.pretrained`` names a file that does not exist, or a fresh training run would write into
-an exp_dir that already holds checkpoints (see ``train.overwrite``), or the run's output folder is
-held by another run (``utils/folder_lock.py``). Used by tools/launch.sh.
+an exp_dir that already holds checkpoints (see ``train.overwrite``), the run's output folder is
+held by another run (``utils/folder_lock.py``), or a path (the config, or a config key that names a
+file or folder) begins with ``-`` (it would reach a command as an option). Used by tools/launch.sh.
 """
 from __future__ import annotations
 
@@ -28,13 +29,34 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+# config keys that name a file or folder
+PATH_KEYS = ("exp_dir", "data.root", "model.pretrained", "model.weights", "train.resume", "test.checkpoint",
+             "test.result_dir")
+
+
+def check_paths(config: str, cfg) -> None:
+    """A path that begins with '-' is refused: the launcher hands exp_dir to mkdir and tee."""
+    if config.startswith("-"):
+        raise SetupError(f"config path '{config}' begins with '-'; write ./{config} if that is its name")
+    for key in PATH_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if isinstance(node, str) and node.startswith("-"):
+            raise SetupError(f"{key}='{node}' begins with '-' (a path, not an option); write ./{node} if that is "
+                             "its name")
+
+
 def check(kind: str, config: str, nproc: int, nnodes: int, overrides: Sequence[str]) -> str:
     """Validate the launch; returns exp_dir. Raises SetupError with a one-line message."""
     if kind not in ("train", "test"):
         raise SetupError(f"launch kind must be train or test, got '{kind}'")
     if nproc < 1 or nnodes < 1:
         raise SetupError(f"NGPU ({nproc}) and NNODES ({nnodes}) must be at least 1")
+    if config.startswith("-"):
+        check_paths(config, None)
     cfg = load_config(config, overrides)
+    check_paths(config, cfg)
     if cfg.device != "cpu":
         gpus = visible_gpus()
         if gpus == 0 and (cfg.device == "cuda" or nproc > 1):

@@ -128,6 +128,8 @@ def ensure_synthetic(root: str, num_train: int, num_val: int, size: int, seed: i
             raise SetupError(f"{root} holds a synthetic dataset made with {old}, not {params}: "
                              f"point data.root elsewhere or delete it")
         return
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise SetupError(f"data.root {root} is a file, not a folder")
     if os.path.exists(root) and os.listdir(root):
         raise SetupError(f"data.root {root} exists and is not a synthetic dataset")
     parent = os.path.dirname(os.path.abspath(root))

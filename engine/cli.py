@@ -26,6 +26,33 @@ def one_line(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+class LineTracker:
+    """A proxy of a text stream that remembers whether the last character written ended a line
+    (a progress bar leaves its line open: it redraws it after a carriage return)."""
+
+    def __init__(self, stream):
+        self.stream, self.line_open = stream, False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.line_open = not text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def print_error(line: str) -> None:
+    """`line` on stderr as a line of its own: progress bars still open are closed first (an error
+    raised in a loop's body leaves its bar open) and a line a bar left open is ended."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+    if getattr(sys.stderr, "line_open", False):
+        sys.stderr.write("\n")
+    print(line, file=sys.stderr)
+
+
 def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
     """`python {kind}.py --config FILE [section.key=value ...]`; returns the exit code."""
     parser = argparse.ArgumentParser(prog=f"{kind}.py", description=f"{kind} a segmentation model from a YAML config")
@@ -37,6 +64,8 @@ def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     lock, notes = None, []
+    stderr = sys.stderr
+    sys.stderr = LineTracker(stderr)  # progress bars made from now on write through it
     try:
         cfg = load_config(args.config, args.overrides)
         main_process = int(os.environ.get("RANK", 0)) == 0
@@ -51,19 +80,20 @@ def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
         run(cfg)
         return 0
     except SetupError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print_error(f"error: {one_line(e)}")
         return 2
     except OSError as e:  # a write that failed outside `atomic_write` (an image, a plot, a log)
         if e.errno not in CAUSES:
             raise
-        print(f"error: {write_error(e.filename or 'a file', e)}", file=sys.stderr)
+        print_error(f"error: {write_error(e.filename or 'a file', e)}")
         return 2
     except FloatingPointError as e:
-        print(f"error: training stopped: {e}; the last good checkpoint is kept", file=sys.stderr)
+        print_error(f"error: training stopped: {e}; the last good checkpoint is kept")
         return 3
     finally:
         if lock is not None:
             lock.release()
+        sys.stderr = stderr
         dist = sys.modules.get("utils.dist")  # loaded (with torch) only by a run that got that far
         if dist is not None:
             dist.cleanup()

@@ -1,8 +1,10 @@
-"""Bad input through the real entry points, one row per case: every case runs `train.py` or `test.py`
-in a subprocess against a copy of an exp_dir that holds a real earlier run (trained and evaluated once
-per module) and must end with the expected exit code (2, or 3 for a stopped non-finite run), exactly one
-`error:` line on stderr, no traceback, and every file of the earlier run byte-identical afterwards
-(a new timestamped log is all a failing run may add). The cases run two at a time."""
+"""Bad input through the real entry points, one row per case: every case runs `train.py`, `test.py`,
+`python -m utils.config`, a launcher, `benchmark.py` or `tools/compare_curves.py` in a subprocess
+against a copy of an exp_dir that holds a real earlier run (trained and evaluated once per module)
+and must end with the expected exit code (2, or 3 for a stopped non-finite run), exactly one
+`error:` line on stderr, a line of its own (progress bars on other lines), no traceback, and every
+file of the earlier run byte-identical afterwards (a new timestamped log is all a failing run may
+add). The cases run two at a time."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -48,14 +50,17 @@ class RunsCode:
 @dataclass
 class Case:
     id: str
-    script: str                      # train.py | test.py
-    args: Tuple[str, ...]            # after --config; {exp}, {case}, {data} are filled in
+    script: str                      # train.py | test.py | utils.config | benchmark.py | tools/compare_curves.py
+                                     # | a launcher (tool_train/... or tool_test/...)
+    args: Tuple[str, ...]            # after --config (launchers: after exp_dir=); {exp}, {case}, {data} are filled in
     words: Tuple[str, ...]           # must appear in the error line
     rc: int = 2
     config: str = "{tiny}"
     prepare: Optional[Callable[[Path, Path, str], None]] = None  # (case dir, exp copy, data root), before the snapshot
     may_add: str = LOGS              # new paths (relative to exp) a failing run may leave
     marks: tuple = field(default=())
+    env: Tuple[Tuple[str, str], ...] = ()  # extra environment (launchers), filled in like args
+    absent: str = ""                 # a path (relative to the repository, filled in) that must not exist afterwards
 
 
 # ------------------------------------------------------------------ preparations (files outside exp)
@@ -189,6 +194,208 @@ CASES = [
 ]
 
 
+# ------------------------------------------------------------------ hostile files: images, checkpoint contents,
+# config and list files, launcher values, benchmark and compare_curves arguments
+def corrupt_train_jpeg(case, exp, data):
+    p = _copy_data(case, data) / "JPEGImages" / "train_0005.jpg"
+    p.write_bytes(fx.corrupt_jpeg_body(p.read_bytes()))
+
+
+def corrupt_val_jpeg(case, exp, data):
+    p = _copy_data(case, data) / "JPEGImages" / "val_0001.jpg"
+    p.write_bytes(fx.corrupt_jpeg_body(p.read_bytes()))
+
+
+def bomb_image(case, exp, data):
+    (_copy_data(case, data) / "JPEGImages" / "train_0002.jpg").write_bytes(fx.png_claiming(60000, 60000))
+
+
+def latin1_list(case, exp, data):
+    p = _copy_data(case, data) / "list" / "train.txt"
+    p.write_bytes(p.read_bytes() + "JPEGImages/caf\u00e9.jpg\n".encode("latin-1"))
+
+
+def tiny_text(case: Path, data: str) -> str:
+    return TINY.format(exp=case / "exp", data=data)
+
+
+def latin1_config(case, exp, data):
+    (case / "latin.yaml").write_bytes(tiny_text(case, data).encode() + "# r\u00e9sum\u00e9\n".encode("latin-1"))
+
+
+def binary_config(case, exp, data):
+    (case / "binary.yaml").write_bytes(fx.png_claiming(40, 30))  # 0x89 at byte 0: not UTF-8
+
+
+def nul_config(case, exp, data):
+    (case / "nul.yaml").write_bytes(b"exp_dir: x\n\0\0\0\0")  # valid UTF-8, not text
+
+
+def base_five(case, exp, data):
+    (case / "base.yaml").write_text("_base_: 5\n" + tiny_text(case, data))
+
+
+def base_null(case, exp, data):
+    (case / "base.yaml").write_text("_base_: [null]\n" + tiny_text(case, data))
+
+
+def two_train_sections(case, exp, data):
+    (case / "dup.yaml").write_text(tiny_text(case, data) + "train:\n  lr: 0.05\n")
+
+
+def laughs(levels: int = 9) -> str:
+    """The 'billion laughs' YAML: 9 levels of 9 aliases, 9^9 leaves once expanded, ~350 bytes."""
+    names = "abcdefghij"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{c}: &{c} [" + ",".join([f"*{names[i]}"] * 9) + "]" for i, c in enumerate(names[1:levels])]
+    return "\n".join(lines) + "\n"
+
+
+def laughs_config(case, exp, data):
+    (case / "laughs.yaml").write_text(laughs())
+
+
+def laughs_in_tiny(case, exp, data):
+    (case / "laughs.yaml").write_text(tiny_text(case, data) + laughs())
+
+
+def _edited_checkpoint(exp: Path, out: Path, edit: Callable[[dict], None]) -> None:
+    ckpt = torch.load(exp / "model" / "last.pth", weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, out)
+
+
+def all_nan(case, exp, data):
+    def edit(ckpt):
+        for t in ckpt["model"].values():
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+    _edited_checkpoint(exp, case / "nan.pth", edit)
+
+
+def resume_field(**fields):
+    def prepare(case, exp, data):
+        _edited_checkpoint(exp, case / "r.pth", lambda ckpt: ckpt.update(fields))
+    return prepare
+
+
+def momentum_shape(case, exp, data):
+    def edit(ckpt):
+        state = ckpt["optimizer"]["state"]
+        k = sorted(state)[3]
+        state[k]["momentum_buffer"] = torch.zeros(3)
+    _edited_checkpoint(exp, case / "r.pth", edit)
+
+
+def curves(value) -> Callable:
+    """A result folder whose robustness.json has `value` as the pgd curve's mIoU at eps 8."""
+    def prepare(case, exp, data):
+        folder = case / "res"
+        folder.mkdir()
+        text = ('{"eps_unit": "1/255", "attacks": {"pgd": [{"eps": 0.0, "mIoU": 0.5, "aAcc": 0.8}, '
+                '{"eps": 8.0, "mIoU": %s, "aAcc": 0.4}]}, "worst_case": [{"eps": 0.0, "mIoU": 0.5, "aAcc": 0.8}, '
+                '{"eps": 8.0, "mIoU": 0.2, "aAcc": 0.4}]}' % value)
+        (folder / "robustness.json").write_text(text)
+    return prepare
+
+
+LAUNCH_TRAIN, LAUNCH_TEST = "tool_train/synthetic/pspnet18_none.sh", "tool_test/synthetic/pspnet18_none.sh"
+BENCH = "config/synthetic/synthetic_pspnet18_none.yaml"
+CASES += [
+    # images are read as their labels are: corrupt data and decompression bombs refused, naming the file
+    Case("corrupt_jpeg_in_training", "train.py", ("data.root={case}/data", OVER),
+         ("train_0005.jpg", "Corrupt JPEG data"), prepare=corrupt_train_jpeg),
+    Case("corrupt_jpeg_in_evaluation", "test.py", ("data.root={case}/data", "test.attacks=[]"),
+         ("val_0001.jpg", "Corrupt JPEG data"), prepare=corrupt_val_jpeg, may_add=".*"),
+    Case("bomb_png_as_image", "train.py", ("data.root={case}/data", OVER),
+         ("train_0002.jpg", "3600000000 pixels", "decompression bomb"), prepare=bomb_image),
+    # checkpoints with non-finite weights, through every key that names one
+    Case("nan_test_checkpoint", "test.py", ("test.checkpoint={case}/nan.pth",),
+         ("test.checkpoint:", "nan.pth: tensor 'model.", "non-finite values (nan)"), prepare=all_nan),
+    Case("nan_weights", "train.py", ("model.weights={case}/nan.pth", OVER),
+         ("model.weights:", "non-finite values (nan)"), prepare=all_nan),
+    Case("nan_pretrained", "train.py", ("model.pretrained={case}/nan.pth", OVER),
+         ("model.pretrained:", "non-finite values (nan)"), prepare=all_nan),
+    Case("nan_resume", "train.py", ("train.resume={case}/nan.pth",),
+         ("train.resume:", "non-finite values (nan)"), prepare=all_nan),
+    # resume checkpoints whose fields do not fit: refused before training starts
+    Case("resume_epoch_text", "train.py", ("train.resume={case}/r.pth",),
+         ("r.pth: 'epoch' must be an integer >= 0, got 'x'",), prepare=resume_field(epoch="x")),
+    Case("resume_epoch_negative", "train.py", ("train.resume={case}/r.pth",),
+         ("'epoch' must be an integer >= 0, got -4",), prepare=resume_field(epoch=-4, iteration=-16)),
+    Case("resume_rng_bogus", "train.py", ("train.resume={case}/r.pth",),
+         ("r.pth: 'rng' is not a random-number state",), prepare=resume_field(rng={"bogus": 1})),
+    Case("resume_optimizer_empty", "train.py", ("train.resume={case}/r.pth",),
+         ("r.pth: the SGD state does not fit this run",), prepare=resume_field(optimizer={})),
+    Case("resume_momentum_shape", "train.py", ("train.resume={case}/r.pth",),
+         ("r.pth: optimizer state 'momentum_buffer' of parameter", "has shape [3]"), prepare=momentum_shape),
+    # config and list files: UTF-8, `_base_`, duplicate keys, alias bombs, value ranges
+    Case("config_not_utf8", "train.py", (), ("latin.yaml is not UTF-8 text", "byte offset"),
+         config="{case}/latin.yaml", prepare=latin1_config),
+    Case("config_binary", "test.py", (), ("binary.yaml is not UTF-8 text (byte 0x89 at byte offset 0)",),
+         config="{case}/binary.yaml", prepare=binary_config),
+    Case("config_nul_bytes", "utils.config", (), ("nul.yaml is not a text file",), config="{case}/nul.yaml",
+         prepare=nul_config),
+    Case("data_root_a_file", "train.py", ("data.root={case}/root.txt", OVER), ("data.root", "root.txt is a file"),
+         prepare=lambda case, exp, data: (case / "root.txt").write_text("not a folder\n")),
+    Case("list_file_not_utf8", "train.py", ("data.root={case}/data", OVER), ("train.txt is not UTF-8 text",
+                                                                           "byte offset"), prepare=latin1_list),
+    Case("benchmark_config_not_utf8", "benchmark.py", (), ("latin.yaml is not UTF-8 text",),
+         config="{case}/latin.yaml", prepare=latin1_config),
+    Case("base_a_number", "train.py", (), ("base.yaml: `_base_` must be a file name or a list", "got 5"),
+         config="{case}/base.yaml", prepare=base_five),
+    Case("base_list_of_null", "utils.config", (), ("`_base_` must be", "got [None]"), config="{case}/base.yaml",
+         prepare=base_null),
+    Case("two_train_sections", "train.py", (), ("dup.yaml", "duplicate key 'train' (lines 11 and 17)"),
+         config="{case}/dup.yaml", prepare=two_train_sections),
+    Case("billion_laughs", "utils.config", (), ("laughs.yaml", "aliases expand to more than 100000 nodes"),
+         config="{case}/laughs.yaml", prepare=laughs_config),
+    Case("billion_laughs_in_experiment", "test.py", (), ("aliases expand to more than",),
+         config="{case}/laughs.yaml", prepare=laughs_in_tiny),
+    Case("duplicate_key_in_override", "utils.config", ("--get", "train.lr", "train={lr: 1, lr: 2}"),
+         ("command-line override 'train={lr: 1, lr: 2}'", "duplicate key 'lr'"),),
+    Case("get_into_a_number", "utils.config", ("--get", "train.lr.x"),
+         ("--get train.lr.x: 'train.lr' is a float (0.01), not a section",)),
+    Case("get_into_a_list", "utils.config", ("--get", "data.crop_size.0"),
+         ("--get data.crop_size.0: 'data.crop_size' is a list ([33, 33])",)),
+    Case("seed_beyond_64_bits", "train.py", ("seed=99999999999999999999999", OVER),
+         ("'seed' must be an integer in [0, 2^63-1]", "99999999999999999999999")),
+    Case("seed_two_to_the_63", "test.py", ("seed=9223372036854775808",), ("'seed'",)),
+    Case("width_leaves_no_channels", "train.py", ("model.width=0.0001", OVER),
+         ("model.width=0.0001 leaves layer", "with no channels"),),
+    # launchers: a path that begins with '-', environment numbers that are not numbers
+    Case("launch_exp_dir_option", LAUNCH_TRAIN, ("exp_dir=--version",), ("exp_dir='--version' begins with '-'",),
+         absent="--version"),
+    Case("launch_result_dir_option", LAUNCH_TEST, ("test.result_dir=-r",), ("test.result_dir='-r' begins with '-'",),
+         absent="-r"),
+    Case("launch_node_rank_command", LAUNCH_TRAIN, (), ("NODE_RANK must be a non-negative integer", "$(touch"),
+         env=(("NODE_RANK", f"$(touch {{case}}/{MARKER})"),)),
+    Case("launch_nnodes_word", LAUNCH_TRAIN, (), ("NNODES must be a non-negative integer, got 'two'",),
+         env=(("NNODES", "two"),)),
+    Case("launch_ngpu_fraction", LAUNCH_TEST, (), ("NGPU must be a non-negative integer, got '1.5'",),
+         env=(("NGPU", "1.5"),)),
+    Case("launch_master_port_word", LAUNCH_TRAIN, (), ("MASTER_PORT must be a non-negative integer, got 'http'",),
+         env=(("MASTER_PORT", "http"),)),
+    Case("launch_master_port_out_of_range", LAUNCH_TEST, (), ("MASTER_PORT must be a port number in 1..65535",
+                                                            "'99999'"), env=(("MASTER_PORT", "99999"),)),
+    Case("launch_node_rank_beyond_nnodes", LAUNCH_TEST, (), ("NODE_RANK=1 must be below NNODES=1",),
+         env=(("NODE_RANK", "1"),)),
+    # benchmark.py arguments, checked before anything is timed
+    Case("benchmark_size_zero", "benchmark.py", ("--size", "0"), ("--size 0", "at least 8 pixels"), config=BENCH),
+    Case("benchmark_threads_negative", "benchmark.py", ("--threads", "-1"), ("--threads must be >= 1, got -1",),
+         config=BENCH),
+    Case("benchmark_out_missing_folder", "benchmark.py", ("--out", "{case}/none/rows.json"),
+         ("--out", "none/rows.json", "does not exist"), config=BENCH),
+    # compare_curves.py: robustness.json holds fractions in [0, 1] or null
+    Case("curves_nan", "tools/compare_curves.py", ("{case}/res", "--out", "{case}/c.png"),
+         ("res/robustness.json", "attack 'pgd': point 1: 'mIoU' is nan"), prepare=curves("NaN")),
+    Case("curves_infinity", "tools/compare_curves.py", ("{case}/res", "--out", "{case}/c.png"),
+         ("res/robustness.json", "'mIoU' is inf"), prepare=curves("Infinity")),
+    Case("curves_percent", "tools/compare_curves.py", ("{case}/res", "--out", "{case}/c.png"),
+         ("'mIoU' is 12345", "not a fraction in [0, 1] or null"), prepare=curves("12345")),
+]
+
+
 # ------------------------------------------------------------------ harness
 def snapshot(folder: Path) -> Dict[str, str]:
     """{relative path: sha256} of every file under `folder`."""
@@ -228,10 +435,26 @@ def run_case(case: Case, base: Path, cfg: Path, earlier_exp: Path, data: str):
         for k, v in (("{exp}", exp), ("{case}", folder), ("{data}", data), ("{tiny}", cfg)):
             a = a.replace(k, str(v))
         return a
-    args = [fill(case.config), f"exp_dir={exp}", *map(fill, case.args)]
-    r = subprocess.run([sys.executable, case.script, "--config", *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    args = [*map(fill, case.args)]
+    if case.script.endswith(".sh"):  # a launcher: its own config, overrides after it
+        cmd = ["sh", case.script, f"exp_dir={exp}", f"data.root={data}", *args]
+    elif case.script == "utils.config":
+        cmd = [sys.executable, "-m", "utils.config", fill(case.config), *args]
+    elif case.script == "benchmark.py":
+        cmd = [sys.executable, case.script, "--config", fill(case.config), *args]
+    elif case.script == "tools/compare_curves.py":
+        cmd = [sys.executable, case.script, *args]
+    else:
+        cmd = [sys.executable, case.script, "--config", fill(case.config), f"exp_dir={exp}", *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, **{k: fill(v) for k, v in case.env})
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300, env=env)
+    # decoded here: text mode would turn the progress bars' "\r" into line ends
+    r.stdout, r.stderr = (b.decode("utf-8", "replace") for b in (r.stdout, r.stderr))
     after, code_ran = snapshot(exp), (folder / MARKER).exists()
+    if case.absent:
+        code_ran = code_ran or os.path.lexists(os.path.join(ROOT, fill(case.absent)))
     shutil.rmtree(folder)
     return r, before, after, code_ran
 
@@ -248,11 +471,29 @@ def outcomes(request, earlier, tmp_path_factory, synthetic_root):
         return {k: f.result() for k, f in futures.items()}
 
 
+def message_lines(stderr: str) -> list:
+    """The lines of `stderr` other than progress output. A line is split at newlines only: a line that
+    holds a progress bar ("\\r"-redrawn) and a message is kept whole, so it fails the checks."""
+    out = []
+    for ln in stderr.split("\n"):
+        pieces = [p.strip() for p in ln.split("\r") if p.strip()]
+        if not all(TQDM.match(p) for p in pieces):
+            out.append(ln)
+    return out
+
+
+def test_message_lines():
+    bar = "\repoch 1/2:   0%|          | 0/4 [00:00<?, ?it/s]\r                    \r"
+    assert message_lines(bar + "\nerror: x\n") == ["error: x"]
+    assert message_lines(bar + "error: x\n") == [bar + "error: x"]  # sharing the bar's line: not alone
+    assert message_lines("warning: y\nerror: x") == ["warning: y", "error: x"]
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
 def test_bad_input(case, outcomes):
     r, before, after, code_ran = outcomes[case.id]
     assert r.returncode == case.rc, r.stderr[-3000:]
-    lines = [s for ln in r.stderr.splitlines() for s in ln.split("\r") if s.strip() and not TQDM.match(s.strip())]
+    lines = message_lines(r.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "weights_only" not in r.stderr
     for w in case.words:
@@ -265,4 +506,4 @@ def test_bad_input(case, outcomes):
 
 
 def test_enough_cases():
-    assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
+    assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)

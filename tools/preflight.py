@@ -53,8 +53,6 @@ def check(kind: str, config: str, nproc: int, nnodes: int, overrides: Sequence[s
         raise SetupError(f"launch kind must be train or test, got '{kind}'")
     if nproc < 1 or nnodes < 1:
         raise SetupError(f"NGPU ({nproc}) and NNODES ({nnodes}) must be at least 1")
-    if config.startswith("-"):
-        check_paths(config, None)
     cfg = load_config(config, overrides)
     check_paths(config, cfg)
     if cfg.device != "cpu":

@@ -33,9 +33,10 @@ def is_complete(data: bytes) -> bool:
 
 
 # libjpeg reports damaged entropy-coded data only as a warning on stderr and decodes the rest as
-# garbage (JWRN_* messages of jerror.h: "Corrupt JPEG data: ...", "Premature end of JPEG file", ...)
-_JPEG_CORRUPT = re.compile(r"Corrupt JPEG data[^\n]*|Premature end of JPEG file|Inconsistent progression sequence[^\n]*"
-                           r"|Invalid SOS parameters[^\n]*")
+# garbage (JWRN_* messages of jerror.h: "Corrupt JPEG data: ...", "Premature end of JPEG file", ...);
+# its other warnings (an unknown JFIF revision, odd SOS parameters of a baseline file) leave the
+# pixels intact and are passed on
+_JPEG_CORRUPT = re.compile(r"Corrupt JPEG data[^\n]*|Premature end of JPEG file|Inconsistent progression sequence[^\n]*")
 _capture = threading.Lock()
 _capture_file: dict = {}  # pid -> temporary file that receives fd 2 during a JPEG decode
 

@@ -10,6 +10,7 @@ from utils.errors import SetupError
 
 from .registry import DATASETS, register_dataset
 from . import synthetic, cityscapes, voc, ade20k, taskonomy  # noqa: F401  (register)
+from . import folder  # noqa: F401  (registers: your own labelled images)
 
 SPLITS = ("train", "val", "test")
 

@@ -321,7 +321,8 @@ def run_test(cfg) -> dict:
     reg_tasks = regression_tasks(model, dataset)
     runs = build_attack_runs(cfg, device, model, dataset)
     n = len(dataset) if cfg.test.num_images is None else min(cfg.test.num_images, len(dataset))
-    classes, names = cfg.data.classes, class_names(cfg.data.name, cfg.data.classes)
+    classes = cfg.data.classes
+    names = list(cfg.data.class_names or class_names(cfg.data.name, classes))
     # everything goes to a staging folder that replaces the result folder once the evaluation is done;
     # images done by an interrupted run of the same evaluation are skipped (counts merged in `finish`)
     tracker = eval_resume.EvalProgress(cfg, ckpt, n, [(r.key, r.attack) for r in runs], run_columns(classes, reg_tasks))

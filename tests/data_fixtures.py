@@ -219,6 +219,42 @@ def make_taskonomy(root: str, seg_folder: str = "segment_semantic") -> None:
         write_rgb(os.path.join(root, "normal", name.format("normal")), np.full((h, w, 3), (128, 100, 200), np.uint8))
 
 
+# ---------------------------------------------------------------- folder (your own data)
+# raw ids as in Cityscapes' labelIds: road 7, car 26, bicycle 33, unlabelled 0, and 255; FOLDER_OVERRIDES
+# map them to 3 train ids and ignore
+FOLDER_NAMES: Dict[str, List[str]] = {"train": ["a_0", "b_1", "city/c_2", "d_3"],
+                                      "val": ["e_0", "city/f_1", "g_2", "h_3"]}
+FOLDER_LABEL_MAP = {0: 255, 7: 0, 26: 1, 33: 2, 255: 255}
+FOLDER_OVERRIDES = ["data.classes=3", "data.label_map={0: 255, 7: 0, 26: 1, 33: 2, 255: 255}",
+                    "data.class_names=[road, car, bicycle]"]
+
+
+def folder_raw_label(k: int, h: int, w: int) -> np.ndarray:
+    """Left half road (7), right half car (26), row 0 bicycle (33), column 0 unlabelled (0), (1, 1) 255;
+    image k has k more bicycle rows."""
+    lbl = np.full((h, w), 7, np.uint8)
+    lbl[:, w // 2:] = 26
+    lbl[:1 + k] = 33
+    lbl[:, 0] = 0
+    lbl[1, 1] = 255
+    return lbl
+
+
+def make_folder(root: str) -> dict:
+    """FOLDER_NAMES per split under images/<split>/ (PNG and JPEG, landscape and portrait: SHAPES) and
+    labels/<split>/ (raw ids, folder_raw_label). Returns {(split, k): image}."""
+    out = {}
+    for split, names in FOLDER_NAMES.items():
+        for k, name in enumerate(names):
+            h, w = SHAPES[k]
+            img = rgb(zlib.crc32(name.encode()) % 1000, h, w)
+            ext = ".png" if k % 2 == 0 else ".jpg"
+            write_rgb(os.path.join(root, "images", split, name + ext), img)
+            write_gray(os.path.join(root, "labels", split, name + ".png"), folder_raw_label(k, h, w))
+            out[(split, k)] = img
+    return out
+
+
 # The smallest settings each model builder accepts, without ImageNet weights, to run experiment configs on
 # these fixtures: ResNet-18 at quarter width for PSPNet, DeepLabv3 and the Taskonomy ResNet; ConvNeXt-T at
 # quarter width (inputs of at least 32 pixels); DRN-D-22, the smallest DRN (no width option); FPD-Seg on ResNet-18
@@ -236,7 +272,10 @@ TINY_MODELS = {
     "segmenter": ["model.vit.embed_dim=32", "model.vit.depth=2", "model.vit.heads=2", "model.vit.decoder_layers=1",
                   "model.pretrained=null"],
 }
-MAKERS = {"cityscapes": make_cityscapes, "voc2012": make_voc, "ade20k": make_ade20k, "taskonomy": make_taskonomy}
+MAKERS = {"cityscapes": make_cityscapes, "voc2012": make_voc, "ade20k": make_ade20k, "taskonomy": make_taskonomy,
+          "folder": make_folder}
+# settings a fixture needs beyond the experiment config's (the folder config's classes are a placeholder)
+MAKER_OVERRIDES = {"folder": FOLDER_OVERRIDES}
 
 
 # ---------------------------------------------------------------- hostile image files

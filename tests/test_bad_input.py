@@ -125,6 +125,16 @@ def other_predictions(case, exp, data):
     torch.save(ckpt, case / "class3.pth")
 
 
+# -- models and data brought by the user (models/external.py, datasets/folder.py)
+def folder_unmatched(case, exp, data):
+    fx.make_folder(str(case / "folder"))
+    (case / "folder" / "labels" / "train" / "d_3.png").unlink()
+
+
+FOLDER = ("data.name=folder", "data.root={case}/folder", "data.train_list=''", "data.val_list=''",
+          "data.test_list=''", *fx.FOLDER_OVERRIDES)
+
+
 OVER = "train.overwrite=true"  # past the fresh-run check: the failure must still come before any write
 CASES = [
     # configuration values, refused before anything is loaded
@@ -191,6 +201,10 @@ CASES = [
     Case("eval_bad_label_in_second_batch", "test.py",
          ("data.root={case}/data", "test.checkpoint={case}/class3.pth", "test.batch_size=3", "test.attacks=[]"),
          ("val_0004.png", "[9]"), prepare=other_predictions, may_add=".*"),
+    # ---- bring your own model and data (datasets/folder.py): rows kept together
+    Case("folder_unmatched_stems", "train.py", (*FOLDER, OVER),
+         ("unmatched stems", "1 image(s)", "images/train without a label (d_3)"), prepare=folder_unmatched),
+    # ---- end of bring-your-own rows
 ]
 
 

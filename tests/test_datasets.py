@@ -442,7 +442,8 @@ def test_every_dataset_has_a_config():
 def test_experiment_config_builds_dataset_and_trains(path, tmp_path):
     name = os.path.basename(os.path.dirname(path))
     FIXTURES[name](str(tmp_path))
-    small = ["data.crop_size=[33,33]", "data.base_size=32", "data.eval_crop=[32,32]", "data.taskonomy.size=16"]
+    small = ["data.crop_size=[33,33]", "data.base_size=32", "data.eval_crop=[32,32]", "data.taskonomy.size=16",
+             *fx.MAKER_OVERRIDES.get(name, [])]
     cfg = load_config(path, [f"data.root={tmp_path}", *small])
     assert cfg.data.name == name
     train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")

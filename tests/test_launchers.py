@@ -124,7 +124,7 @@ class Launches:
             root = self.roots[name]
             crop = 33 if cfg.model.name == "upernet_convnext" else 17
             data = [f"data.crop_size=[{crop},{crop}]", "data.base_size=32", "data.eval_crop=[32,32]",
-                    "data.taskonomy.size=32"]
+                    "data.taskonomy.size=32", *fx.MAKER_OVERRIDES.get(name, [])]
         # device=cpu: the same runs with or without a GPU (and no GPU probe by the launch check)
         return [f"data.root={root}", *data, "data.workers=0", *fx.TINY_MODELS[cfg.model.name], "device=cpu"]
 

@@ -351,6 +351,10 @@ RULES: Dict[str, Rule] = {
     "data.synthetic.num_val": INT_GE1,
     "data.synthetic.size": number(8, 129, integer=True),
     "data.synthetic.seed": INT_GE0,
+    "data.class_names": optional(list_of(text())),
+    "data.label_map": Rule(lambda v: isinstance(v, Mapping) and all(_integer(k) and k >= 0 and _integer(x) and x >= 0
+                                                                    for k, x in v.items()),
+                           "a mapping of raw label values to train ids (integers >= 0)"),
     "model.name": text(),
     "model.layers": one_of(18, 34, 50, 101, 152),
     "model.width": positive(),
@@ -457,6 +461,13 @@ def _cross_rules(cfg: Mapping) -> List[Tuple[str, str]]:
     if cfg["train"]["warmup_iters"] and cfg["train"]["warmup_epochs"]:
         out.append(("train.warmup_epochs", f"and train.warmup_iters are both set ({cfg['train']['warmup_epochs']:g} "
                                            f"epochs, {cfg['train']['warmup_iters']} iterations): set one of them"))
+    if d["class_names"] is not None and len(d["class_names"]) != d["classes"]:
+        out.append(("data.class_names", f"needs one name per class (data.classes = {d['classes']}), "
+                                        f"got {len(d['class_names'])}"))
+    bad = sorted({v for v in d["label_map"].values() if v >= d["classes"] and v != d["ignore_label"]})
+    if bad:
+        out.append(("data.label_map", f"maps to {bad}, neither a class of 0..{d['classes'] - 1} nor "
+                                      f"data.ignore_label {d['ignore_label']}"))
     if t["class_weights"] is not None and len(t["class_weights"]) != d["classes"]:
         out.append(("test.class_weights", f"needs one weight per class (data.classes = {d['classes']}), "
                                           f"got {len(t['class_weights'])}"))

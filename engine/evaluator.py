@@ -298,12 +298,19 @@ def checkpoint_path(cfg) -> str:
 
 
 def load_for_test(cfg, device: torch.device) -> Tuple[nn.Module, str]:
-    """Build the model and load the checkpoint strictly (before any image is processed)."""
+    """Build the model and load the checkpoint strictly (before any image is processed). Without
+    ``test.checkpoint`` and without ``<exp_dir>/model/last.pth``, a model that comes with its own weights
+    (``model.name: hf`` or ``external``: ``weights_source``, the file they came from) is evaluated as built."""
     path = checkpoint_path(cfg)
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) and cfg.test.checkpoint:
         raise SetupError(f"checkpoint not found: {path} (set test.checkpoint or train first)")
     model = build_model(cfg)
-    load_model_weights(model, path, key="test.checkpoint")
+    if not os.path.isfile(path):
+        path = getattr(model, "weights_source", None)
+        if not path or not os.path.isfile(path):
+            raise SetupError(f"checkpoint not found: {checkpoint_path(cfg)} (set test.checkpoint or train first)")
+    else:
+        load_model_weights(model, path, key="test.checkpoint")
     return model.to(device).eval(), path
 
 

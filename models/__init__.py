@@ -14,6 +14,7 @@ from .ddcat import route  # noqa: F401  (DDC-AT per-pixel routing of the outputs
 from .weight_formats import load_backbone_weights  # noqa: F401  (ImageNet weights into model.backbone)
 from . import drn_seg, taskonomy, fpd_seg, segmenter  # noqa: F401  (registers)
 from . import weight_formats_mtl  # noqa: F401  (registers converters)
+from . import external  # noqa: F401  (registers external, hf and the bare_module format)
 
 
 def load_pretrained(model: nn.Module, path: str, key: Optional[str] = "model.pretrained") -> None:

@@ -126,6 +126,16 @@ def other_predictions(case, exp, data):
 
 
 # -- models and data brought by the user (models/external.py, datasets/folder.py)
+def hf_folder_without_transformers(case, exp, data):
+    """A folder that looks like a saved model, and a transformers package that cannot be imported."""
+    (case / "hf").mkdir()
+    (case / "hf" / "config.json").write_text("{}")
+    (case / "hf" / "model.safetensors").write_bytes(b"")
+    (case / "hide" / "transformers").mkdir(parents=True)
+    hidden = case / "hide" / "transformers" / "__init__.py"
+    hidden.write_text("raise ImportError('transformers hidden by the test')\n")
+
+
 def folder_unmatched(case, exp, data):
     fx.make_folder(str(case / "folder"))
     (case / "folder" / "labels" / "train" / "d_3.png").unlink()
@@ -201,7 +211,19 @@ CASES = [
     Case("eval_bad_label_in_second_batch", "test.py",
          ("data.root={case}/data", "test.checkpoint={case}/class3.pth", "test.batch_size=3", "test.attacks=[]"),
          ("val_0004.png", "[9]"), prepare=other_predictions, may_add=".*"),
-    # ---- bring your own model and data (datasets/folder.py): rows kept together
+    # ---- bring your own model and data (models/external.py, datasets/folder.py): rows kept together
+    Case("entry_does_not_import", "test.py", ("model.name=external", "model.entry=no_such_package.models:build"),
+         ("model.entry no_such_package.models:build", "cannot import no_such_package.models", "ModuleNotFoundError")),
+    Case("entry_returns_no_module", "train.py", ("model.name=external", "model.entry=builtins:dict", OVER),
+         ("model.entry builtins:dict returned a dict, not a torch.nn.Module",)),
+    Case("entry_wrong_classes", "test.py", ("model.name=external", "model.entry=examples.my_model:build",
+                                            "model.kwargs={classes: 4, width: 4}"),
+         ("model.entry examples.my_model:build", "outputs 4 classes, data.classes is 6")),
+    Case("hf_path_without_model", "test.py", ("model.name=hf", "model.hf_path={case}"),
+         ("model.hf_path:", "holds no model saved with save_pretrained")),
+    Case("hf_without_transformers", "test.py", ("model.name=hf", "model.hf_path={case}/hf"),
+         ("model.name hf needs the transformers package", "pip install -r requirements-hf.txt"),
+         prepare=hf_folder_without_transformers, env=(("PYTHONPATH", "{case}/hide"),)),
     Case("folder_unmatched_stems", "train.py", (*FOLDER, OVER),
          ("unmatched stems", "1 image(s)", "images/train without a label (d_3)"), prepare=folder_unmatched),
     # ---- end of bring-your-own rows

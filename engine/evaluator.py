@@ -318,24 +318,83 @@ def run_test(cfg) -> dict:
     """test.py: evaluate the checkpoint clean and under every configured attack; write results."""
     if eval_resume.is_checkpoint_dir(cfg):  # a folder: each checkpoint in turn
         return eval_resume.run_directory(cfg, run_test)
-    log = get_logger()
     device = setup_runtime(cfg)
     model, ckpt = load_for_test(cfg, device)
+    return evaluate_model(model, build_dataset(cfg, cfg.test.split), cfg, checkpoint=ckpt, write=True, device=device)
+
+
+class MemoryProgress:
+    """EvalProgress's interface without files: every image of this process is evaluated, nothing is
+    resumed or saved (an in-memory model, or a loader the caller built)."""
+
+    def __init__(self, n: int, runs: Sequence[AttackRun]):
+        self.todo = list(range(dist.rank(), n, dist.world_size()))
+        self.attacks = [(r.key, r.attack) for r in runs]
+
+    def on_batch(self, stats: Dict[str, RunStats]) -> None:
+        pass
+
+    def finish(self, stats: Dict[str, RunStats]):
+        gathered = {r: s.gathered() for r, s in stats.items()}
+        seconds = {r: float(dist.all_reduce_sum(torch.tensor(s.seconds, dtype=torch.float64)))
+                   for r, s in stats.items()}
+        passes = {k: tuple(int(v) for v in dist.all_reduce_sum(torch.tensor([a.counter.forward, a.counter.backward])))
+                  for k, a in self.attacks}
+        return gathered, seconds, passes
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.zeros(0)).device
+
+
+def evaluate_model(model: nn.Module, data, cfg, *, checkpoint: Optional[str] = None, write: bool = False,
+                   device: Optional[torch.device] = None, overrides: Sequence[str] = ()) -> dict:
+    """Evaluate `model` clean and under ``test.attacks`` x ``test.eps`` on `data`; returns the dict that
+    metrics.json holds (test.py runs this very function).
+
+    `model`: an nn.Module; one that is not a project model (``Segmentor``) is wrapped by
+    ``models.external.ModelAdapter`` without normalisation (it takes [0,1] RGB; its logits are unwrapped
+    and upsampled to the input size). `data`: a dataset of samples {"image", "label", "index"}
+    (``test.num_images`` applies) or a DataLoader yielding batches of them (evaluated as it is). `cfg`: a
+    config (``utils.config.load_config``) or the path of one, with `overrides`; its ``test`` and ``data``
+    settings (classes, ignore label, class names) apply. `checkpoint`: the file the weights came from,
+    recorded in the dict; an evaluation with `write` and a checkpoint file resumes like test.py's.
+    `write`: also write the result folder (metrics.json, plots, PNGs; ``test.result_dir`` or
+    ``<exp_dir>/result``) and tensorboard events, as test.py does. `device`: default the model's.
+    """
+    from models.external import ModelAdapter
+    from models.segmentor import Segmentor
+    from torch.utils.data import DataLoader
+    if isinstance(cfg, str):
+        cfg = load_config(cfg, list(overrides))
+    log = get_logger()
+    if not isinstance(model, Segmentor):
+        model = ModelAdapter(model, cfg.data.classes, source="model")
+    device = device or _device_of(model)
     memory_format = torch.channels_last if cfg.test.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = model.to(device).to(memory_format=memory_format).eval()
     protocol = build_protocol(cfg, model, device)
-    dataset = build_dataset(cfg, cfg.test.split)
+    from_loader = isinstance(data, DataLoader)
+    dataset = data.dataset if from_loader else data
     reg_tasks = regression_tasks(model, dataset)
     runs = build_attack_runs(cfg, device, model, dataset)
-    n = len(dataset) if cfg.test.num_images is None else min(cfg.test.num_images, len(dataset))
+    n = len(dataset) if from_loader or cfg.test.num_images is None else min(cfg.test.num_images, len(dataset))
     classes = cfg.data.classes
     names = list(cfg.data.class_names or class_names(cfg.data.name, classes))
-    # everything goes to a staging folder that replaces the result folder once the evaluation is done;
-    # images done by an interrupted run of the same evaluation are skipped (counts merged in `finish`)
-    tracker = eval_resume.EvalProgress(cfg, ckpt, n, [(r.key, r.attack) for r in runs], run_columns(classes, reg_tasks))
-    staging = eval_resume.staging_dir(cfg)
-    loader = make_loader(Subset(dataset, tracker.todo), per_process_batch(cfg.test.batch_size, "test.batch_size"),
-                         cfg.data.workers, cfg.seed, collate_fn=group_collate)
+    staging = None
+    if write and not from_loader and checkpoint and os.path.isfile(checkpoint):
+        # everything goes to a staging folder that replaces the result folder once the evaluation is done;
+        # images done by an interrupted run of the same evaluation are skipped (counts merged in `finish`)
+        tracker = eval_resume.EvalProgress(cfg, checkpoint, n, [(r.key, r.attack) for r in runs],
+                                           run_columns(classes, reg_tasks))
+        staging = eval_resume.staging_dir(cfg)
+    else:
+        tracker = MemoryProgress(n, runs)
+        if write:  # weights without a file to identify them: never resumed from an earlier run's counts
+            staging = eval_resume.prepare_staging(cfg, f"unsaved-{os.getpid()}-{time.time_ns()}")
+    loader = data if from_loader else make_loader(
+        Subset(dataset, tracker.todo), per_process_batch(cfg.test.batch_size, "test.batch_size"), cfg.data.workers,
+        cfg.seed, collate_fn=group_collate)
     pal = palette(cfg.data.name, classes)  # the 151-class ADE20K variant shifts the colours as the names
     examples: Dict[str, list] = {}
     clean_preds: Dict[int, np.ndarray] = {}
@@ -359,9 +418,10 @@ def run_test(cfg) -> dict:
                                                        group["label"][b].cpu().numpy(), pal, names,
                                                        cfg.data.ignore_label))
 
-    log.info(f"evaluating {ckpt} on {n} {cfg.test.split} images, protocol {cfg.test.protocol}; attacks: "
-             f"{', '.join(f'{r.key} {r.attack}' for r in runs) or 'none'}")
-    stats = evaluate(model, loader, classes, cfg.data.ignore_label, runs, protocol, on_pred=on_pred, device=device,
+    log.info(f"evaluating {checkpoint or 'the model'} on {n} {cfg.test.split} images, protocol {cfg.test.protocol}; "
+             f"attacks: {', '.join(f'{r.key} {r.attack}' for r in runs) or 'none'}")
+    stats = evaluate(model, loader, classes, cfg.data.ignore_label, runs, protocol,
+                     on_pred=on_pred if staging is not None else None, device=device,
                      progress=dist.is_main(), on_batch=tracker.on_batch, reg_tasks=reg_tasks,
                      memory_format=memory_format)
     gathered, seconds, passes = tracker.finish(stats)
@@ -369,11 +429,12 @@ def run_test(cfg) -> dict:
     seg_task = SEG_TASK if SEG_TASK in target_tasks(dataset) else None
     tasks = (seg_task, reg_tasks) if getattr(model, "multitask", False) else None
     clean, attacks, worst = aggregate(gathered, runs, seconds, passes, names, tasks)
-    metrics = {"config": cfg.path, "checkpoint": ckpt, "split": cfg.test.split, "num_images": n,
+    metrics = {"config": cfg.path, "checkpoint": checkpoint, "split": cfg.test.split, "num_images": n,
                "protocol": cfg.test.protocol, "class_names": names, "clean": clean, "attacks": attacks,
                "worst_case": worst, "env": env_record()}
-    if dist.is_main():
-        write_results(cfg, metrics, examples, staging, log)
-        log.info(f"wrote {os.path.join(eval_resume.publish(cfg), 'metrics.json')}")
-    dist.barrier()
+    if staging is not None:
+        if dist.is_main():
+            write_results(cfg, metrics, examples, staging, log)
+            log.info(f"wrote {os.path.join(eval_resume.publish(cfg), 'metrics.json')}")
+        dist.barrier()
     return metrics

@@ -1,5 +1,5 @@
 """Bring your own model: external modules and Hugging Face models behind the project's contract,
-on the folder fixture; the examples/ recipes."""
+on the folder fixture; the Python entry (engine.api) and SEA as a plain function; the examples/ recipes."""
 from __future__ import annotations
 
 import json
@@ -11,16 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.sea import sea
+from datasets import build_dataset
+from engine.api import evaluate_model
 from engine.cli import main
-from engine.evaluator import run_test
+from engine.common import group_collate
+from engine.evaluator import balanced_class_weights, run_test
 from engine.trainer import Trainer
 from models import build_model
 from models.external import ModelAdapter, adapt, hf_normalisation, logits_of
 from models.weights import load_model_weights
 from tests import data_fixtures as fx
 from tests.conftest import ROOT
+from tests.rounding import PIXEL_FRACTION
 from utils.config import load_config
 from utils.errors import SetupError
+from utils.metrics import label_hits
 
 EXAMPLES = os.path.join(ROOT, "examples")
 VOLATILE = ("seconds", "env", "config")  # what two evaluations of the same numbers may differ in
@@ -172,6 +178,66 @@ def test_external_model_trains_with_pirat_and_its_checkpoint_evaluates(tmp_path,
     other = build_model(cfg)
     assert load_model_weights(other, str(bare), key="model.weights") == "bare_module"
     assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
+
+
+# ---------------------------------------------------------------- the Python entry and SEA on a batch
+def fixture_model(trained_model, *overrides):
+    cfg = load_config(trained_model.config, list(overrides))
+    model = build_model(cfg)
+    load_model_weights(model, trained_model.checkpoint)
+    return cfg, model.eval(), build_dataset(cfg, cfg.test.split)
+
+
+def test_python_entry_returns_what_test_py_wrote(trained_model):
+    """evaluate_model on the fixture model, dataset and config: test.py's metrics.json numbers exactly,
+    from a dataset, from a loader, and for the module behind a plain wrapper (wrapped by the adapter)."""
+    cfg, model, dataset = fixture_model(trained_model)
+    want = numbers(trained_model.metrics)
+    assert want["attacks"]["pgd@8"]["mIoU"] < want["clean"]["mIoU"] - 0.1   # attacked numbers differ from clean
+    got = evaluate_model(model, dataset, cfg, checkpoint=trained_model.checkpoint)
+    assert numbers(got) == want
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.test.batch_size, collate_fn=group_collate)
+
+    class Plain(nn.Module):  # not a project model: evaluate_model wraps it (no normalisation of its own)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+    got = evaluate_model(Plain(model), loader, cfg.path, checkpoint=trained_model.checkpoint)
+    assert numbers(got) == want
+
+
+def test_sea_on_a_batch_is_the_per_image_worst_case_of_test_py(trained_model, tmp_path):
+    """sea(model, x, y) with test.py's seeds and class weights: per image the member with the lowest
+    accuracy; its accuracies average to the worst-case aAcc test.py reports for the same SEA."""
+    steps = 6
+    cfg, model, dataset = fixture_model(trained_model, f"test.attacks=[{{name: sea, steps: {steps}}}]",
+                                        "test.num_images=4", "test.batch_size=4")
+    batch = group_collate([dataset[i] for i in range(4)])
+    assert len(batch) == 1                                    # one same-size group: test.py's batch
+    x, y, idx = batch[0]["image"], batch[0]["label"], batch[0]["index"].tolist()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x_adv, stats = sea(model, x, y, eps=8, steps=steps, class_weights=balanced_class_weights(cfg), seed=cfg.seed,
+                       keys=idx)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    acc = torch.stack([stats["member_accuracy"][m] for m in ("apgd-mask-ce-bal", "apgd-mask-ce", "apgd-js")])
+    assert torch.equal(stats["accuracy"], acc.min(0).values)
+    assert stats["member"] == [("apgd-mask-ce-bal", "apgd-mask-ce", "apgd-js")[i] for i in acc.argmin(0).tolist()]
+    with torch.no_grad():                                     # the accuracy of the image returned
+        valid = y != 255
+        fresh = label_hits(model(x_adv), y, valid).flatten(1).sum(1) / valid.flatten(1).sum(1)
+    assert (fresh - stats["accuracy"]).abs().max() <= PIXEL_FRACTION
+    clean_acc = (label_hits(model(x), y, valid).flatten(1).sum(1) / valid.flatten(1).sum(1))
+    assert (stats["accuracy"] < clean_acc).any()              # the attack did something
+    cfg.test.result_dir = str(tmp_path / "result")
+    m = evaluate_model(model, dataset, cfg, write=True)      # weights in memory: written, never resumed
+    assert numbers(json.loads((tmp_path / "result" / "metrics.json").read_text())) == numbers(m)
+    assert abs(m["attacks"]["sea@8"]["aAcc"] - float(stats["accuracy"].mean())) <= PIXEL_FRACTION
+    assert m["attacks"]["sea@8"]["forward_passes"] == stats["forward_passes"]
+    assert m["attacks"]["sea@8"]["backward_passes"] == stats["backward_passes"]
 
 
 def test_mmseg_recipe_with_a_stand_in_for_mmsegmentation(monkeypatch, tmp_path):

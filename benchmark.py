@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import inspect
 import json
 import os
 import re
@@ -309,7 +310,8 @@ def attack_specs(cfg, model: nn.Module) -> List[Tuple[str, str, dict]]:
             if getattr(model, "multitask", False):
                 specs.append(("multitask (every output)", name, dict(sign)))
             continue
-        specs.append((name, name, dict(sign, random_start=name != "mim")))
+        takes = inspect.signature(ATTACKS.get(name)).parameters  # (dag has no alpha, padam no random_start)
+        specs.append((name, name, {k: v for k, v in dict(sign, random_start=name != "mim").items() if k in takes}))
     for loss in LOSSES.names():
         opts = {"eps": ATTACK_EPS, "loss": loss, "prr": False, "early_stop": False, "random_start": True}
         if loss == "mask-ce-bal":

@@ -3,7 +3,7 @@ from typing import Optional
 
 from .base import Attack, ImageSeeds, PassCounter, attack_mode, image_seeds
 from .registry import ATTACKS, register_attack
-from . import pgd, apgd, multitask, transfer  # noqa: F401  (registers)
+from . import pgd, apgd, multitask, transfer, padam, dag, houdini  # noqa: F401  (registers)
 from .ensemble import ENSEMBLES, AttackGroup, ensemble_members, expand_attacks, needs_class_weights
 from .losses import LOSSES, class_weights_from_counts
 

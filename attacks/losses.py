@@ -14,6 +14,7 @@ Registered names (``LOSSES``):
   segpgd             ((1-l)*1[correct] + l*1[wrong]) * CE, l = step / (2*steps)   (SegPGD)
   cospgd             cos(softmax(z), onehot(y)).detach() * CE                     (CosPGD)
   mask-norm-corrlog  -(z_y / ||z||_2) on currently-correct pixels                (SEA 2023, sea+)
+  cos                1 - cos(z, onehot(y)) = 1 - z_y / ||z||_2 on the raw logits   (PAdam-Cos, Halmosi et al.)
 
 Class weights for ``mask-ce-bal``: ``class_weights_from_counts(counts)`` with counts = pixel counts per
 class over the *training* split (``utils.metrics.label_counts`` accumulates them from label maps).
@@ -214,6 +215,15 @@ def masked_norm_correct_logit_loss(logits, y, *, ignore_index=255, terms: Option
     """-(z_y / ||z||_2) on currently-correct valid pixels (the loss is minimised w.r.t. the true logit)."""
     t = _terms(logits, y, ignore_index, terms)
     return _NormCorrectLogit.apply(logits, t.yv, -t.correct)
+
+
+@LOSSES.register("cos")
+def cos_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
+    """1 - cos(z, onehot(y)) = 1 - z_y / ||z||_2 on the raw logits at every valid pixel (Halmosi et al.'s
+    PAdam-Cos; torch's cosine_similarity clamps the norm at 1e-8, this at 1e-12 as mask-norm-corrlog)."""
+    t = _terms(logits, y, ignore_index, terms)
+    valid = t.valid.to(logits.dtype)
+    return valid + _NormCorrectLogit.apply(logits, t.yv, -valid)
 
 
 def get_loss(name: str) -> Callable[..., torch.Tensor]:

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from attacks import (ATTACKS, LOSSES, PassCounter, attack_mode, build_attack,  # noqa: E402
                      class_weights_from_counts, ensemble_members, expand_attacks, needs_class_weights)
 from attacks.apgd import EARLY_STOP_EVERY, apgd_checkpoints, prr_schedule  # noqa: E402
+from attacks.houdini import houdini_loss  # noqa: E402
 from attacks.losses import js_loss, pixel_loss  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
 
@@ -234,6 +235,8 @@ SINGLE = [
     ("apgd", dict(steps=5)), ("apgd", dict(steps=10, prr=True, loss="js")),
     ("apgd", dict(steps=10, prr=True, loss="mask-ce-bal", class_weights=[0.1, 0.2, 0.3, 0.4])),
     ("apgd", dict(steps=4, loss="segpgd")), ("apgd", dict(steps=4, loss="mask-norm-corrlog")),
+    ("padam", dict(steps=3)), ("padam", dict(steps=3, loss="cos", alpha=4.0)), ("dag", dict(steps=5, gamma=0.003)),
+    ("houdini", dict(steps=3, alpha=2.0)), ("houdini", dict(steps=3, decay=None)),
 ]
 
 
@@ -452,9 +455,9 @@ def test_config_without_alpha_runs_with_the_default_of_each_eps():
 # ----------------------------------------------------------------------------- build errors
 
 def test_build_errors_name_the_valid_choices():
-    with pytest.raises(SetupError, match="valid: apgd, cospgd"):
+    with pytest.raises(SetupError, match="valid: apgd, cospgd, dag"):
         build_attack("apdg", eps=8.0)
-    with pytest.raises(SetupError, match="unknown loss 'jsd'.*valid: ce, cospgd, js"):
+    with pytest.raises(SetupError, match="unknown loss 'jsd'.*valid: ce, cos, cospgd, js"):
         build_attack("apgd", eps=8.0, loss="jsd")
     for bad in (0.0, -1.0):
         with pytest.raises(SetupError, match="eps must be > 0"):
@@ -477,6 +480,8 @@ def test_build_errors_name_the_valid_choices():
     ("transfer", {"inner": "pgd", "alpha": "x", "source_forward": print}, "attack 'transfer': alpha must be a number or null"),
     ("transfer", {"inner": "pgd", "alpha": 1.0, "steps": 1, "inner_options": {"random_start": 2},
                   "source_forward": print}, "attack 'pgd': random_start must be true or false"),
+    ("dag", {"gamma": 0.0}, "attack 'dag': gamma must be > 0"),
+    ("padam", {"loss": "cosine"}, "unknown loss 'cosine'"),
 ])
 def test_option_types_follow_the_attack_signature(name, opts, message):
     with pytest.raises(SetupError) as e:
@@ -496,11 +501,16 @@ def test_ensemble_members():
     sea = ensemble_members("sea")
     assert [m[2]["loss"] for m in sea] == ["mask-ce-bal", "mask-ce", "js"]
     assert all(m[1] == "apgd" and m[2]["steps"] == 300 and m[2]["prr"] and m[2]["random_start"] for m in sea)
-    plus = ensemble_members("sea+")
-    assert [m[2]["loss"] for m in plus] == ["mask-ce-bal", "mask-ce", "js", "segpgd", "mask-norm-corrlog"]
+    rse = ensemble_members("rse")                                         # Halmosi et al.'s settings
+    assert [(m[1], m[2].get("loss"), m[2].get("gamma")) for m in rse] == [
+        ("apgd", "mask-ce", None), ("apgd", "js", None), ("apgd", "segpgd", None), ("apgd", "mask-norm-corrlog", None),
+        ("padam", "cos", None), ("padam", "ce", None), ("dag", None, 0.003), ("dag", None, 0.001)]
+    assert all(m[2]["steps"] == 300 and not m[2]["prr"] and m[2]["random_start"] for m in rse[:4])
+    assert all(m[2]["steps"] == 200 for m in rse[4:]) and all(m[2]["alpha"] == 2.0 for m in rse[4:6])
+    assert ensemble_members("sea+") == sea + rse                         # the union, SEA first
     sea[0][2]["steps"] = 1
     assert ensemble_members("sea")[0][2]["steps"] == 300                  # copies
-    with pytest.raises(SetupError, match="valid: sea, sea\\+"):
+    with pytest.raises(SetupError, match="valid: rse, sea, sea\\+"):
         ensemble_members("sae")
 
 
@@ -589,3 +599,138 @@ def test_sea_published_weights():
     assert len(w150) == 150 and sum(w150) == pytest.approx(1.0)
     assert w150[5] / w150[9] == pytest.approx(ADE20K[6] / ADE20K[10])
     assert published_class_weights("cityscapes", 19) is None and published_class_weights("voc2012", 20) is None
+
+
+# ----------------------------------------------------------------------------- PAdam, DAG, Houdini, rse
+
+def test_cos_loss_equals_one_minus_cosine_with_the_one_hot_label():
+    z, y = _logits_labels(seed=4, C=5, scale=2.0)
+    valid = y != IGN
+    onehot = F.one_hot(torch.where(valid, y, 0), 5).permute(0, 3, 1, 2).to(z.dtype)
+    want = torch.where(valid, 1 - F.cosine_similarity(z, onehot, dim=1), torch.zeros_like(z[:, 0]))
+    got = pixel_loss("cos", z, y, IGN)
+    assert want[valid].std() > 0.1                                  # a case where the pixels differ
+    assert torch.allclose(got, want, atol=1e-12)
+    zz = z.clone().requires_grad_(True)                             # gradient: autograd of the definition
+    (g,) = torch.autograd.grad(pixel_loss("cos", zz, y, IGN).sum(), zz)
+    zz2 = z.clone().requires_grad_(True)
+    d = torch.where(valid, 1 - F.cosine_similarity(zz2, onehot, dim=1), torch.zeros_like(z[:, 0]))
+    (g2,) = torch.autograd.grad(d.sum(), zz2)
+    assert torch.allclose(g, g2, atol=1e-12)
+
+
+def test_padam_matches_a_plain_adam_loop():
+    """PAdam = torch.optim.Adam(lr, amsgrad, maximize) on delta from the seeded uniform start, the
+    per-image pixel-mean CE summed over images, delta clipped to the ball and the box after each step."""
+    from attacks import image_seeds
+    model, x, y = _linear_case(32 / 255)
+    x, y = x[:3], y[:3]
+    eps, lr, steps, keys = 8 / 255, 3 / 255, 4, [4, 7, 9]
+    with attack_mode(model):
+        attack = build_attack("padam", eps=8.0, alpha=3.0, steps=steps, seed=5, label="p")
+        x_adv = attack(model, x, y, keys)
+        start = (x + image_seeds(5, "p", keys).uniform(x, eps)).clamp(0, 1) - x
+        delta = start.clone().requires_grad_(True)
+        opt = torch.optim.Adam([delta], lr=lr, amsgrad=True, maximize=True)
+        for _ in range(steps):
+            loss = F.cross_entropy(model(x + delta), y, ignore_index=IGN, reduction="sum") / y[0].numel()
+            delta.grad = torch.autograd.grad(loss, delta)[0]
+            opt.step()
+            with torch.no_grad():
+                delta.clamp_(-eps, eps)
+                delta.copy_((x + delta).clamp(0, 1) - x)
+    assert (x_adv - (x + start)).abs().max() > 2 / 255              # it moved from its start
+    assert torch.allclose(x_adv, x + delta.detach(), atol=1e-6)
+    assert (attack.counter.forward, attack.counter.backward) == (3 * steps, 3 * steps)
+
+
+def test_houdini_gradient_is_its_custom_backward():
+    """Pixel 0 correct, pixel 1 wrong (argmax 2), pixel 2 ignored. Value (1 - Phi(m)) w, m = s_y - s_max,
+    w = the image's mIoU in % (classes 0, 1, 2: IoU 1, 0, 0); gradient on the log-softmax scores s:
+    +phi(m) w on the argmax channel and -phi(m) w on the true one, only -phi(0) w at the correct pixel
+    (where the exact derivative is 0); then through the log-softmax: g_z = g_s - p * sum(g_s)."""
+    z = torch.tensor([[2.0, 0.5, -1.0], [0.3, 1.0, 1.7], [0.0, 3.0, 0.0]], dtype=torch.float64).T.reshape(1, 3, 1, 3)
+    y = torch.tensor([[[0, 1, IGN]]])
+    w = 100 * (1 / (1 + 1e-7)) / 3
+    s = F.log_softmax(z, 1)[0, :, 0]                                # [C, pixels]
+    phi = lambda m: math.exp(-m * m / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    m0, m1 = 0.0, (s[1, 1] - s[2, 1]).item()
+    want_v = torch.tensor([0.5 * w, 0.5 * math.erfc(m1 / math.sqrt(2)) * w, 0.0], dtype=torch.float64)
+    gs = torch.zeros(3, 3, dtype=torch.float64)
+    gs[0, 0] = -phi(m0) * w
+    gs[2, 1], gs[1, 1] = phi(m1) * w, -phi(m1) * w
+    p = s.exp()
+    want_g = gs - p * gs.sum(0, keepdim=True)
+    zz = z.clone().requires_grad_(True)
+    v = houdini_loss(zz, y, IGN)
+    (g,) = torch.autograd.grad(v.sum(), zz)
+    assert torch.allclose(v[0, 0], want_v, atol=1e-12)
+    assert torch.allclose(g[0, :, 0], want_g, atol=1e-12)
+    assert g[0, :, 0, 0].abs().max() > 1                            # the correct pixel does get a gradient
+
+
+def test_dag_flips_exactly_the_pixels_a_hand_computation_says():
+    """Two classes, z_0 = x_R - 1/2 and z_1 = 0 at every pixel: a correct pixel's margin has gradient
+    +-1 in R only, so every step moves each still-correct pixel's R by gamma towards 1/2 (the L-inf
+    normalisation divides by 1). Inside the eps ball a pixel flips iff |x_R - 1/2| < eps; ignored and
+    already-wrong pixels never move. Image 1 (all margins <= 0.025 < 9 gamma) is at 0 accuracy at
+    iteration 9 and leaves the batch at iteration 10."""
+    def forward(x):
+        return torch.stack([x[:, 0] - 0.5, torch.zeros_like(x[:, 0])], 1)
+    eps, gamma, steps = 8 / 255, 0.003, 30
+    g = torch.Generator().manual_seed(0)
+    m0 = torch.tensor([0.001, -0.004, 0.01, -0.02, 0.025, -0.03, 0.0335, -0.04, 0.06, -0.2, 0.012, -0.015])
+    m1 = torch.tensor([0.001, -0.004, 0.01, -0.02, 0.025, -0.025, 0.002, -0.011, 0.02, -0.013, 0.017, -0.006])
+    x = torch.rand(2, 3, 3, 4, generator=g) * 0.5 + 0.25
+    x[:, 0] = 0.5 + torch.stack([m0, m1]).view(2, 3, 4)
+    y = (x[:, 0] < 0.5).long()                                       # every pixel correct
+    y[0, 0, 1] = IGN                                                  # an ignored pixel of margin 0.004
+    y[0, 2, 3] = 1 - y[0, 2, 3]                                       # a wrong pixel
+    a = build_attack("dag", eps=8.0, gamma=gamma, steps=steps)
+    x_adv = a(forward, x, y)
+    valid = y != IGN
+    flipped = (forward(x_adv).argmax(1) != y) & valid
+    want = valid & ((x[:, 0] - 0.5).abs() < eps)
+    want[0, 2, 3] = True                                              # wrong from the start
+    assert flipped.sum() > 5 and (~flipped & valid).sum() > 3        # both kinds in the case
+    assert torch.equal(flipped, want)
+    assert torch.equal(x_adv[:, 1:], x[:, 1:])                        # G and B: zero gradient
+    assert x_adv[0, 0, 0, 1] == x[0, 0, 0, 1] and x_adv[0, 0, 2, 3] == x[0, 0, 2, 3]
+    assert (x_adv - x).abs().max() <= eps + 1e-7
+    assert (a.counter.forward, a.counter.backward) == (steps + 10, steps - 1 + 10)
+    for n in (10, steps):                  # image 1 alone, stopped at its early stop or not: the same result
+        assert torch.equal(build_attack("dag", eps=8.0, gamma=gamma, steps=n)(forward, x[1:], y[1:]), x_adv[1:])
+
+
+def test_rse_and_sea_plus_entries_and_their_random_draws():
+    groups = expand_attacks([{"name": "sea+", "steps": 7, "skip_solved": True}, "rse",
+                             {"name": "sea", "label": "mine"}])
+    plus, rse, sea = groups
+    assert plus.skip_solved and not rse.skip_solved and all(m[2]["steps"] == 7 for m in plus.members)
+    # sea+'s members draw the starts of the ensemble that defines them: it is the union run for run
+    assert plus.seed_label("apgd-js", "8") == sea.seed_label("apgd-js", "8") == "sea/apgd-js@8"
+    assert plus.seed_label("cos-padam", "8") == rse.seed_label("cos-padam", "8") == "rse/cos-padam@8"
+    assert expand_attacks([{"name": "ensemble", "members": ["fgsm", "pgd"]}])[0].seed_label("pgd", "8") == \
+        "ensemble/pgd@8"                                                 # a user ensemble: its key
+    for bad in ("yes", 1):
+        with pytest.raises(SetupError, match="skip_solved must be true or false"):
+            expand_attacks([{"name": "rse", "skip_solved": bad}])
+
+
+def _most_passes(name: str, opts: dict):
+    """(forwards, backwards) per image a member costs at most (tested above for APGD, PAdam and DAG)."""
+    steps = opts["steps"]
+    if name == "apgd":
+        stages = [n for n, _ in prr_schedule(steps, 1.0, opts["prr"])]
+        return sum(stages) + len(stages), sum(stages)
+    return {"padam": (steps, steps), "dag": (steps, steps - 1)}[name]
+
+
+def test_readme_ensemble_costs_are_the_sum_of_the_members():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        text = f.read()
+    for ens in ("sea", "rse", "sea+"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{ens}` |"))
+        f_, b_ = (int(v) for v in row.rsplit("<=", 1)[1].strip(" |").split(" + "))
+        costs = [_most_passes(name, opts) for _, name, opts in ensemble_members(ens)]
+        assert (f_, b_) == (sum(c[0] for c in costs), sum(c[1] for c in costs)), ens

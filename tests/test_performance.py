@@ -198,6 +198,9 @@ def plain_loss(name, z, y, weights=None, step=0, steps=1):
             p = lp.exp()
             cos = lp.gather(1, yv[:, None])[:, 0].exp() / (p * p).sum(1).sqrt().clamp_min(1e-12)
         return cos * ce
+    if name == "cos":
+        v = valid.to(z.dtype)
+        return v + (-v) * (z.gather(1, yv[:, None])[:, 0] / (z * z).sum(1).sqrt().clamp_min(1e-12))
     if name == "mask-norm-corrlog":
         zy = z.gather(1, yv[:, None])[:, 0] / (z * z).sum(1).sqrt().clamp_min(1e-12)
         return -(valid.to(z.dtype) * corr) * zy

@@ -68,6 +68,7 @@ class AttackRun:
     eps: str
     attack: Attack
     tasks: List[str] = field(default_factory=lambda: [SEG_TASK])
+    skip_solved: bool = False  # an ensemble member that skips images earlier members brought to 0 accuracy
 
 
 def _load_model(config_path: str, checkpoint: str, device: torch.device, overrides=()) -> nn.Module:
@@ -173,15 +174,17 @@ def build_attack_runs(cfg, device: torch.device = torch.device("cpu"), model: Op
                         raise SetupError(f"attack '{label}': transfer needs source_config and source_checkpoint")
                     opts["source_forward"] = _load_model(opts["source_config"], opts["source_checkpoint"], device)
                 key = f"{g.label}/{label}@{e}" if g.is_ensemble else f"{label}@{e}"
-                attack = build_attack(name, seed=cfg.seed, label=key, eps=eps, **opts)
+                seed_label = g.seed_label(label, e)  # = key, except for members shared by named ensembles
+                attack = build_attack(name, seed=cfg.seed, label=seed_label, eps=eps, **opts)
                 tasks = _attacked_tasks(cfg, label, opts, attack, model, targets)
                 if attack.multitask:  # each task's training loss (attacks/multitask.py), names in opts change the kind
                     losses = merge_task_losses(published_task_losses(
                         cfg.data.name, targets, getattr(dataset, "seg_class_weights", None), cfg.model.std),
                         opts.get("task_losses"))
-                    attack = build_attack(name, seed=cfg.seed, label=key, eps=eps,
+                    attack = build_attack(name, seed=cfg.seed, label=seed_label, eps=eps,
                                           **dict(opts, tasks=tasks, task_losses=losses))
-                runs.append(AttackRun(key, f"{g.label}@{e}", e, attack, tasks))
+                runs.append(AttackRun(key, f"{g.label}@{e}", e, attack, tasks,
+                                      skip_solved=g.skip_solved and g.is_ensemble and not attack.multitask))
     return runs
 
 
@@ -245,6 +248,53 @@ def attack_targets(group: dict, attack: Attack):
     return task_targets(group["targets"], group["masks"])
 
 
+def solved_rows(part: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Bool [B]: images with valid pixels and none of them correct (0 pixel accuracy) in a run's part."""
+    return (part["target"].sum(1) > 0) & (part["inter"].sum(1) == 0)
+
+
+def _select_rows(group: dict, rows: torch.Tensor) -> dict:
+    """The rows `rows` of every per-image tensor of a batch group (nested task dicts included)."""
+    n = group["index"].shape[0]
+
+    def pick(v):
+        if isinstance(v, dict):
+            return {k: pick(u) for k, u in v.items()}
+        return v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+    return {k: pick(v) for k, v in group.items()}
+
+
+class SolvedImages:
+    """Per ensemble (group) of one batch: which images an earlier member brought to 0 pixel accuracy
+    and that member's per-image columns, which the later members of a ``skip_solved`` ensemble copy
+    for those images instead of attacking them (attacks/ensemble.py)."""
+
+    def __init__(self):
+        self.mask: Dict[str, torch.Tensor] = {}
+        self.part: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def skipped(self, group: str) -> Optional[torch.Tensor]:
+        m = self.mask.get(group)
+        return m if m is not None and bool(m.any()) else None
+
+    def merge(self, group: str, rows: torch.Tensor, part: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The full batch's columns: `part` (of the attacked rows) and the solver's for the others."""
+        full = {k: v.clone() for k, v in self.part[group].items()}
+        for k, v in part.items():
+            full[k][rows] = v
+        return full
+
+    def record(self, group: str, part: Dict[str, torch.Tensor]) -> None:
+        now = solved_rows(part)
+        if group not in self.mask:
+            self.mask[group], self.part[group] = now, {k: v.clone() for k, v in part.items()}
+            return
+        new = now & ~self.mask[group]
+        for k, v in part.items():
+            self.part[group][k][new] = v[new]
+        self.mask[group] |= now
+
+
 def evaluate(model: nn.Module, loader, classes: int, ignore: int, runs: Sequence[AttackRun] = (),
              protocol: Optional[Protocol] = None, on_pred: Optional[Callable] = None,
              device: torch.device = torch.device("cpu"), progress: bool = False,
@@ -268,7 +318,6 @@ def evaluate(model: nn.Module, loader, classes: int, ignore: int, runs: Sequence
             if memory_format != torch.contiguous_format:
                 group = channels_last(group)
             x, y = group["image"], group["label"]
-            keys = group["index"].tolist()
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = protocol.predict(x)
@@ -278,16 +327,29 @@ def evaluate(model: nn.Module, loader, classes: int, ignore: int, runs: Sequence
             stats["clean"].add(run_part(group, out, pred, classes, ignore, reg_tasks))
             if on_pred:
                 on_pred("clean", group, pred, None)
+            solved = SolvedImages()
             for run in runs:
+                skip = solved.skipped(run.group) if run.skip_solved else None
+                rows = None if skip is None else (~skip).nonzero().squeeze(1)
+                if rows is not None and rows.numel() == 0:  # every image already solved: nothing to attack
+                    stats[run.key].add(solved.merge(run.group, rows, {}))
+                    continue
+                sub = group if rows is None else _select_rows(group, rows)
                 t0 = time.perf_counter()
                 with attack_mode(model):
-                    out, x_adv = protocol.attacked(run.attack, x, attack_targets(group, run.attack), keys)
-                pred = segmentation_pred(out, y, protocol.main)
+                    out, x_adv = protocol.attacked(run.attack, sub["image"], attack_targets(sub, run.attack),
+                                                   sub["index"].tolist())
+                pred = segmentation_pred(out, sub["label"], protocol.main)
                 _sync(device)
                 stats[run.key].seconds += time.perf_counter() - t0
-                stats[run.key].add(run_part(group, out, pred, classes, ignore, reg_tasks))
+                part = run_part(sub, out, pred, classes, ignore, reg_tasks)
+                if rows is not None:
+                    part = solved.merge(run.group, rows, part)
+                if run.skip_solved:
+                    solved.record(run.group, part)
+                stats[run.key].add(part)
                 if on_pred:
-                    on_pred(run.key, group, pred, x_adv)
+                    on_pred(run.key, sub, pred, x_adv)
         if on_batch:
             on_batch(stats)
     return stats

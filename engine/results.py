@@ -36,6 +36,30 @@ def _compact(m: dict) -> dict:
             "attacks": m["labels"], "images_per_attack": counts}
 
 
+def skip_savings(member_cols: Sequence[Columns], member_passes: Sequence[Sequence[int]]) -> dict:
+    """What ``skip_solved`` saved an ensemble: per member, the images it skipped (an earlier member had
+    brought them to 0 pixel accuracy: the rule the evaluator applied, found again from the counts),
+    and the passes saved, each skipped image costed at the member's mean passes per image it did run
+    (exact for members of fixed cost: PAdam, the PGD family, Houdini; an estimate for the ones that
+    stop early: APGD with early_stop, DAG). None where a member ran on no image."""
+    n = member_cols[0]["inter"].shape[0]
+    solved = np.zeros(n, dtype=bool)
+    skipped, saved_f, saved_b = [], 0.0, 0.0
+    known = True
+    for cols, (f, b) in zip(member_cols, member_passes):
+        k = int(solved.sum())
+        skipped.append(k)
+        ran = n - k
+        if k and ran:
+            saved_f, saved_b = saved_f + k * f / ran, saved_b + k * b / ran
+        elif k:
+            known = False
+        solved |= (cols["target"].sum(1) > 0) & (cols["inter"].sum(1) == 0)
+    return {"skipped_images": skipped,
+            "saved_forward_passes": round(saved_f) if known else None,
+            "saved_backward_passes": round(saved_b) if known else None}
+
+
 def aggregate(gathered: Dict[str, Columns], runs, seconds: Dict[str, float], passes: Dict[str, Sequence[int]],
               names: List[str], tasks: Optional[Tuple[Optional[str], Sequence[str]]] = None) -> Tuple[dict, dict, dict]:
     """(clean, attacks, worst_case) sections of metrics.json from the gathered columns.
@@ -78,6 +102,9 @@ def aggregate(gathered: Dict[str, Columns], runs, seconds: Dict[str, float], pas
     for group, members in by_group.items():
         if len(members) > 1:  # an ensemble: worst case over its members
             attacks[group] = combine(members)
+            if getattr(members[0], "skip_solved", False):
+                attacks[group].update(skip_savings([gathered[r.key] for r in members],
+                                                   [passes[r.key] for r in members]))
     worst = {e: combine(members) for e, members in by_eps.items()}  # over every attack at that eps
     return clean, attacks, worst
 

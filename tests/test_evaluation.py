@@ -348,3 +348,92 @@ def test_multitask_evaluation_by_hand():
     assert a["tasks"]["depth_zbuffer"]["mae"] == pytest.approx(0.25 + 4 / 255, abs=1e-6)
     assert a["tasks"]["depth_zbuffer"]["backward_passes"] == 6
     assert attack.counter.forward == 3 * 2 and all(p.grad is None for p in model.parameters())
+
+
+
+STRONGEST = """
+test:
+  checkpoint: {ckpt}
+  num_images: 2
+  eps: [8.0]
+  attacks:
+    - {{name: sea, steps: 2}}
+    - {{name: rse, steps: 2}}
+    - {{name: sea+, steps: 2}}
+"""
+
+
+def test_rse_and_sea_plus_worst_case_and_passes(trained_model, tmp_path):
+    """On the fixture model (2 iterations per member for time): sea+ is sea and rse run for run (the same
+    draws), so its worst case is <= theirs and every member's; each ensemble's passes are its members'
+    sum."""
+    (tmp_path / "c.yaml").write_text(f"_base_: [{trained_model.config}]\nexp_dir: {tmp_path / 'exp'}\n"
+                                     + STRONGEST.format(ckpt=trained_model.checkpoint))
+    assert main("test", run_test, ["--config", str(tmp_path / "c.yaml")]) == 0
+    m = json.loads((tmp_path / "exp" / "result" / "metrics.json").read_text())["attacks"]
+    members = {g: [k for k in m if k.startswith(g + "/")] for g in ("sea", "rse", "sea+")}
+    assert [len(members[g]) for g in members] == [3, 8, 11]
+    for k in members["sea"] + members["rse"]:
+        assert m["sea+/" + k.split("/", 1)[1]]["iou_per_class"] == m[k]["iou_per_class"]
+    assert len({str(m[k]["iou_per_class"]) for k in members["sea+"]}) > 3      # the members do differ
+    plus = m["sea+@8"]
+    for g in ("sea", "rse"):
+        assert plus["mIoU"] <= m[f"{g}@8"]["mIoU"] + 1e-12 and plus["aAcc"] <= m[f"{g}@8"]["aAcc"] + 1e-12
+    assert plus["mIoU"] <= min(m[k]["mIoU"] for k in members["sea+"]) + 1e-12
+    assert m["rse@8"]["mIoU"] <= min(m[k]["mIoU"] for k in members["rse"]) + 1e-12
+    for g in ("sea", "rse", "sea+"):
+        for p in ("forward_passes", "backward_passes"):
+            assert m[f"{g}@8"][p] == sum(m[k][p] for k in members[g])
+    # per image: APGD 2 iterations = 3 forwards, 2 backwards; PAdam 2 and 2; DAG at most 2 and 1
+    assert m["rse@8"]["forward_passes"] == 2 * (4 * 3 + 2 * 2 + 2 * 2)
+    assert m["sea+@8"]["backward_passes"] == 2 * (7 * 2 + 2 * 2 + 2 * 1)
+
+
+def test_skip_solved_members_skip_images_at_zero_accuracy():
+    """An ensemble with skip_solved: once a member brings an image to 0 pixel accuracy, the later members
+    do not attack it and copy that member's counts. Model: two classes, z_0 = x_R - 1/2, z_1 = 0.
+    DAG (first) flips every pixel of image 0 (margins < eps) and not image 1's (margins > eps), so
+    PAdam and PGD (3 steps each) run on image 1 only: 3 passes saved each, reported; aAcc and the
+    per-image mIoU equal the full run's."""
+    import torch
+    from attacks import build_attack
+    from engine.evaluator import AttackRun, evaluate
+    from engine.results import aggregate
+
+    class RedModel(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([x[:, 0] - 0.5, torch.zeros_like(x[:, 0])], 1)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 4, 4, generator=g)
+    margins = torch.rand(2, 4, 4, generator=g) * 0.02 + 0.005
+    margins[1] += 0.05                                               # image 1: beyond eps = 16/255
+    sign = torch.where(torch.rand(2, 4, 4, generator=g) < 0.5, -1.0, 1.0)
+    x[:, 0] = 0.5 + sign * margins
+    y = (x[:, 0] < 0.5).long()
+    batch = {"image": x, "label": y, "index": torch.tensor([0, 1])}
+    members = [("dag", "dag", dict(steps=15, gamma=0.003)), ("padam", "padam", dict(steps=3)),
+               ("pgd", "pgd", dict(steps=3))]
+
+    def run(skip: bool):
+        runs = [AttackRun(f"e/{lab}@16", "e@16", "16", build_attack(n, eps=16.0, label=lab, **o), skip_solved=skip)
+                for lab, n, o in members]
+        stats = evaluate(RedModel(), [batch], 2, 255, runs)
+        gathered = {k: v.gathered() for k, v in stats.items()}
+        passes = {r.key: (r.attack.counter.forward, r.attack.counter.backward) for r in runs}
+        seconds = {k: 0.0 for k in gathered}
+        return gathered, aggregate(gathered, runs, seconds, passes, ["a", "b"])[1], passes
+
+    g_full, full, p_full = run(False)
+    g_skip, skip, p_skip = run(True)
+    assert g_full["e/dag@16"]["inter"][0].sum() == 0 and g_full["e/dag@16"]["inter"][1].sum() > 0
+    assert g_full["e/padam@16"]["inter"][0].sum() > 0                # PAdam alone leaves image 0 partly right
+    assert p_full["e/padam@16"] == (6, 6) and p_skip["e/padam@16"] == p_skip["e/pgd@16"] == (3, 3)
+    for k in ("inter", "union"):                                    # image 0's rows are DAG's
+        assert (g_skip["e/padam@16"][k][0] == g_skip["e/dag@16"][k][0]).all()
+        assert (g_skip["e/pgd@16"][k][1] == g_full["e/pgd@16"][k][1]).all()
+    e = skip["e@16"]
+    assert e["skipped_images"] == [0, 1, 1] and e["saved_forward_passes"] == e["saved_backward_passes"] == 6
+    assert e["forward_passes"] + 6 == full["e@16"]["forward_passes"]
+    assert e["aAcc"] == full["e@16"]["aAcc"] and e["mIoU_img"] == full["e@16"]["mIoU_img"]
+    assert "skipped_images" not in full["e@16"]

@@ -416,7 +416,7 @@ def _first_step(attack, model, x, y, keys=None) -> torch.Tensor:
     return (seen[1] - seen[0]).abs()
 
 
-@pytest.mark.parametrize("name", ["pgd", "mim", "segpgd", "cospgd", "multitask"])
+@pytest.mark.parametrize("name", ["pgd", "mim", "segpgd", "cospgd", "multitask", "houdini"])
 def test_default_step_size_is_two_and_a_half_eps_over_steps(name):
     """No alpha: the first step is 2.5 eps / steps (Madry et al.) wherever the gradient is not 0 (SegPGD's
     first loss has only the correct pixels); an explicit alpha is kept."""

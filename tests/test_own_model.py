@@ -26,6 +26,7 @@ from tests.conftest import ROOT
 from tests.rounding import PIXEL_FRACTION
 from utils.config import load_config
 from utils.errors import SetupError
+from utils.folder_lock import FolderLock
 from utils.metrics import label_hits
 
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -233,7 +234,12 @@ def test_sea_on_a_batch_is_the_per_image_worst_case_of_test_py(trained_model, tm
     clean_acc = (label_hits(model(x), y, valid).flatten(1).sum(1) / valid.flatten(1).sum(1))
     assert (stats["accuracy"] < clean_acc).any()              # the attack did something
     cfg.test.result_dir = str(tmp_path / "result")
+    with FolderLock(str(tmp_path / "result.lock"), "result folder"):  # another evaluation writing there
+        with pytest.raises(SetupError, match="is in use by"):
+            evaluate_model(model, dataset, cfg, write=True)
+    assert not (tmp_path / "result").exists()
     m = evaluate_model(model, dataset, cfg, write=True)      # weights in memory: written, never resumed
+    assert not (tmp_path / "result.lock").exists()
     assert numbers(json.loads((tmp_path / "result" / "metrics.json").read_text())) == numbers(m)
     assert abs(m["attacks"]["sea@8"]["aAcc"] - float(stats["accuracy"].mean())) <= PIXEL_FRACTION
     assert m["attacks"]["sea@8"]["forward_passes"] == stats["forward_passes"]

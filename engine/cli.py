@@ -60,6 +60,9 @@ def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=0.005 test.eps=[4,8]")
     # the deprecated torch.distributed.launch passes --local-rank / --local_rank; torchrun sets LOCAL_RANK
     parser.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    if kind == "test":
+        parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                            help="combine the result folders of test.shard=[i,n] runs into <result> (docs/scale.md)")
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -77,7 +80,10 @@ def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
         for note in notes:
             log.warning(note)
         log.info(f"config {args.config}" + (f" with overrides {' '.join(args.overrides)}" if args.overrides else ""))
-        run(cfg)
+        if getattr(args, "merge", None):
+            run(cfg, merge=args.merge)
+        else:
+            run(cfg)
         return 0
     except SetupError as e:
         print_error(f"error: {one_line(e)}")

@@ -8,10 +8,14 @@ leaves the previous results untouched, and a result folder always holds one comp
 Per-image counts (intersection, union, target per class, and regression error sums of multitask
 outputs, for every run) are written as the evaluation goes, in small ``.npz`` chunks under
 ``<result>.partial/per_image/``, named by the checkpoint and a hash of everything that determines the
-numbers (checkpoint file identity, data, model, test settings). A restarted evaluation loads them,
-skips the images already done, and pools old and new counts, so its metrics equal those of an
-uninterrupted run. When a run completes, the chunks are merged into one
-``<checkpoint>-<hash>.all.npz`` holding every image's counts (in ``<result>/per_image/``).
+numbers (checkpoint file identity, data, model, attacks, eps, protocol, seed; not the batch size, the
+process count or the shard). A restarted evaluation loads them, skips the images already done, and
+pools old and new counts, so its metrics equal those of an uninterrupted run (up to float rounding when
+the per-process batch changed, which it says in one line). When a run completes, the chunks are merged
+into one ``<checkpoint>-<hash>.all.npz`` holding every image's counts (in ``<result>/per_image/``).
+
+``test.shard: [i, n]`` evaluates the images i, i+n, ... only; ``engine/shards.py`` merges the n
+shards' count files into the result of the whole evaluation.
 
 ``test.checkpoint`` may name a folder: each ``*.pth`` in it is evaluated in turn (newest first),
 with results in ``<result>/<checkpoint stem>/`` and a summary in ``<result>/checkpoints.json``.
@@ -48,10 +52,17 @@ FORMAT = 2  # per-image file layout; chunks of another layout are not resumed fr
 IDENTITY_FILE = "identity.txt"
 
 
+def shard_images(n: int, shard) -> List[int]:
+    """The image indices an evaluation of `n` images covers: all, or every k-th from i (``shard = [i, k]``)."""
+    return list(range(n)) if not shard else list(range(shard[0], n, shard[1]))
+
+
 def prepare_staging(cfg, identity: str) -> str:
     """Empty the staging folder unless it holds an interrupted run of this very evaluation (same
-    identity), whose per-image counts are then resumed. Main process; the others wait."""
+    identity and shard), whose per-image counts are then resumed. Main process; the others wait."""
     folder = staging_dir(cfg)
+    if cfg.test.shard:
+        identity += " shard {} of {}".format(*cfg.test.shard)
     if dist.is_main():
         marker = os.path.join(folder, IDENTITY_FILE)
         same = False
@@ -59,6 +70,9 @@ def prepare_staging(cfg, identity: str) -> str:
             with open(marker) as f:
                 same = f.read().strip() == identity
         if not same:
+            if glob.glob(os.path.join(folder, "per_image", "*.npz")):
+                get_logger().info(f"{folder} holds the progress of another evaluation (other checkpoint or "
+                                  f"settings): starting afresh")
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
             with open(marker, "w") as f:
@@ -112,9 +126,12 @@ def run_directory(cfg, run_one: Callable) -> Dict[str, dict]:
 
 
 def _identity(cfg, ckpt: str, n: int) -> str:
-    """Hash of what determines the per-image numbers; a changed checkpoint or setting starts afresh."""
+    """Hash of what determines the per-image numbers; a changed checkpoint or setting starts afresh.
+    Left out: what only changes float rounding or the work split (batch size, shard) or the outputs
+    other than the counts (images, examples, plots, result folder)."""
     st = os.stat(ckpt)
-    test = {k: v for k, v in cfg.test.to_dict().items() if k not in ("checkpoint", "save_images", "plots", "result_dir")}
+    test = {k: v for k, v in cfg.test.to_dict().items()
+            if k not in ("checkpoint", "save_images", "plots", "result_dir", "batch_size", "shard", "examples")}
     data = {k: v for k, v in cfg.data.to_dict().items() if k != "workers"}
     blob = json.dumps({"checkpoint": os.path.abspath(ckpt), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                        "test": test, "data": data, "model": cfg.model.to_dict(), "seed": cfg.seed, "n": n,
@@ -144,7 +161,7 @@ class EvalProgress:
     """
 
     def __init__(self, cfg, ckpt: str, n: int, attacks: Sequence[Tuple[str, object]],
-                 columns: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]):
+                 columns: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]], batch: int = 0):
         self.identity = _identity(cfg, ckpt, n)
         self.folder = os.path.join(prepare_staging(cfg, self.identity), "per_image")
         self.prefix = f"{os.path.splitext(os.path.basename(ckpt))[0]}-{self.identity}"
@@ -153,21 +170,31 @@ class EvalProgress:
         self.runs = ["clean"] + [k for k, _ in self.attacks]
         self.flush_s = float(os.environ.get(FLUSH_ENV, FLUSH_SECONDS))
         self.kill_at = int(os.environ.get(KILL_AT_BATCH_ENV, 0) or 0)
+        self.batch = batch  # per-process batch, recorded with the counts
+        images = shard_images(n, cfg.test.shard)
+        # this process's images; earlier counts of these only are gathered from here (the others' from theirs)
+        self.own = set(images[dist.rank()::dist.world_size()])
         self.prior_files = sorted(glob.glob(os.path.join(self.folder, self.prefix + ".*.npz")))
         self.prior: Dict[str, List[Part]] = {r: [] for r in self.runs}
         self.prior_seconds = {r: 0.0 for r in self.runs}
         self.prior_passes = {r: [0, 0] for r in self.runs}
+        self.prior_batches: set = set()
         seen: set = set()
         for path in self.prior_files:
             self._load(path, seen)
         self.done = seen
-        self.todo = [i for i in range(dist.rank(), n, dist.world_size()) if i not in seen]
+        self.todo = [i for i in images[dist.rank()::dist.world_size()] if i not in seen]
         self.saved_parts = {r: 0 for r in self.runs}
         self.saved_seconds = {r: 0.0 for r in self.runs}
         self.saved_passes = {k: (0, 0) for k, _ in self.attacks}
         self.batches, self.last_flush, self.chunk = 0, time.time(), 0
         if seen:
-            get_logger().info(f"resuming evaluation: {len(seen)} of {n} images already done ({self.folder})")
+            get_logger().info(f"resuming evaluation: {len(seen)} of {len(images)} images already done ({self.folder})")
+        other = sorted(b for b in self.prior_batches if b != batch)
+        if other and batch:
+            get_logger().info(f"the per-process batch changed ({', '.join(map(str, other))} before, {batch} now): "
+                              f"the images already done are kept; the results equal an uninterrupted run up to "
+                              f"float rounding (README, Reproducibility)")
 
     def _load(self, path: str, seen: set) -> None:
         try:
@@ -176,13 +203,16 @@ class EvalProgress:
                     return
                 idx = z["index"]
                 keep = np.array([i not in seen for i in idx.tolist()], dtype=bool)
+                mine = keep & np.array([i in self.own for i in idx.tolist()], dtype=bool)
                 for j, r in enumerate(self.runs):
-                    part = {"index": torch.from_numpy(idx[keep])}
-                    part.update({c: torch.from_numpy(z[f"{c}_{j}"][keep]) for c in self.columns if c != "index"})
+                    part = {"index": torch.from_numpy(idx[mine])}
+                    part.update({c: torch.from_numpy(z[f"{c}_{j}"][mine]) for c in self.columns if c != "index"})
                     self.prior[r].append(part)
                     self.prior_seconds[r] += float(z["seconds"][j])
                     self.prior_passes[r] = [a + int(b) for a, b in zip(self.prior_passes[r], z["passes"][j])]
                 seen.update(idx[keep].tolist())
+                if "batch" in z.files and len(idx):
+                    self.prior_batches.add(int(z["batch"]))
         except (OSError, ValueError, KeyError):  # a chunk cut short by a kill is simply redone
             get_logger().warning(f"ignoring unreadable per-image file {path}")
 
@@ -200,6 +230,7 @@ class EvalProgress:
             arrays.update({f"{c}_{j}": a for c, a in cat.items() if c != "index"})
         arrays["seconds"] = np.array([seconds[r] for r in self.runs], np.float64)
         arrays["passes"] = np.array([list(passes.get(r, (0, 0))) for r in self.runs], np.int64)
+        arrays["batch"] = np.array(self.batch, np.int64)
         with atomic_write(path) as f:
             np.savez(f, **arrays)
 
@@ -228,15 +259,17 @@ class EvalProgress:
 
     def finish(self, stats: Dict[str, object]) -> Tuple[Dict[str, Dict[str, np.ndarray]], Dict[str, float],
                                                        Dict[str, Tuple[int, int]]]:
-        """Save what is left, add the earlier sessions' counts (once, on rank 0), consolidate.
+        """Save what is left, add the earlier sessions' counts (each process those of its own images;
+        times and passes once, on rank 0), consolidate.
 
         Returns (every run's columns gathered from all processes and ordered by image index, seconds
         per run summed over processes, (forward, backward) passes per attack); a collective: call it
         on every process."""
         self.flush(stats)
+        for r in self.runs:
+            stats[r].parts[:0] = [p for p in self.prior[r] if len(p["index"])]
         if dist.is_main():
             for r in self.runs:
-                stats[r].parts[:0] = [p for p in self.prior[r] if len(p["index"])]
                 stats[r].seconds += self.prior_seconds[r]
             for k, a in self.attacks:
                 a.counter.forward += self.prior_passes[k][0]

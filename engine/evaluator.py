@@ -376,6 +376,21 @@ def load_for_test(cfg, device: torch.device) -> Tuple[nn.Module, str]:
     return model.to(device).eval(), path
 
 
+def metrics_record(cfg, ckpt: Optional[str], n: int, model: nn.Module, dataset: Dataset, runs: Sequence[AttackRun],
+                   gathered: dict, seconds: Dict[str, float], passes: dict, shard=None) -> dict:
+    """The content of metrics.json from the gathered per-image columns (a shard's carries ``shard``)."""
+    seg_task = SEG_TASK if SEG_TASK in target_tasks(dataset) else None
+    tasks = (seg_task, regression_tasks(model, dataset)) if getattr(model, "multitask", False) else None
+    names = list(cfg.data.class_names or class_names(cfg.data.name, cfg.data.classes))
+    clean, attacks, worst = aggregate(gathered, runs, seconds, passes, names, tasks)
+    metrics = {"config": cfg.path, "checkpoint": ckpt, "split": cfg.test.split, "num_images": n,
+               "protocol": cfg.test.protocol, "class_names": names, "clean": clean, "attacks": attacks,
+               "worst_case": worst, "env": env_record()}
+    if shard:
+        metrics["shard"] = list(shard)
+    return metrics
+
+
 def run_test(cfg) -> dict:
     """test.py: evaluate the checkpoint clean and under every configured attack; write results."""
     if eval_resume.is_checkpoint_dir(cfg):  # a folder: each checkpoint in turn
@@ -389,8 +404,8 @@ class MemoryProgress:
     """EvalProgress's interface without files: every image of this process is evaluated, nothing is
     resumed or saved (an in-memory model, or a loader the caller built)."""
 
-    def __init__(self, n: int, runs: Sequence[AttackRun]):
-        self.todo = list(range(dist.rank(), n, dist.world_size()))
+    def __init__(self, n: int, runs: Sequence[AttackRun], shard=None):
+        self.todo = eval_resume.shard_images(n, shard)[dist.rank()::dist.world_size()]
         self.attacks = [(r.key, r.attack) for r in runs]
 
     def on_batch(self, stats: Dict[str, RunStats]) -> None:
@@ -444,19 +459,19 @@ def evaluate_model(model: nn.Module, data, cfg, *, checkpoint: Optional[str] = N
     classes = cfg.data.classes
     names = list(cfg.data.class_names or class_names(cfg.data.name, classes))
     staging = None
+    batch = per_process_batch(cfg.test.batch_size, "test.batch_size")
     if write and not from_loader and checkpoint and os.path.isfile(checkpoint):
         # everything goes to a staging folder that replaces the result folder once the evaluation is done;
         # images done by an interrupted run of the same evaluation are skipped (counts merged in `finish`)
         tracker = eval_resume.EvalProgress(cfg, checkpoint, n, [(r.key, r.attack) for r in runs],
-                                           run_columns(classes, reg_tasks))
+                                           run_columns(classes, reg_tasks), batch)
         staging = eval_resume.staging_dir(cfg)
     else:
-        tracker = MemoryProgress(n, runs)
+        tracker = MemoryProgress(n, runs, None if from_loader else cfg.test.shard)
         if write:  # weights without a file to identify them: never resumed from an earlier run's counts
             staging = eval_resume.prepare_staging(cfg, f"unsaved-{os.getpid()}-{time.time_ns()}")
     loader = data if from_loader else make_loader(
-        Subset(dataset, tracker.todo), per_process_batch(cfg.test.batch_size, "test.batch_size"), cfg.data.workers,
-        cfg.seed, collate_fn=group_collate)
+        Subset(dataset, tracker.todo), batch, cfg.data.workers, cfg.seed, collate_fn=group_collate)
     pal = palette(cfg.data.name, classes)  # the 151-class ADE20K variant shifts the colours as the names
     examples: Dict[str, list] = {}
     clean_preds: Dict[int, np.ndarray] = {}
@@ -480,7 +495,9 @@ def evaluate_model(model: nn.Module, data, cfg, *, checkpoint: Optional[str] = N
                                                        group["label"][b].cpu().numpy(), pal, names,
                                                        cfg.data.ignore_label))
 
-    log.info(f"evaluating {checkpoint or 'the model'} on {n} {cfg.test.split} images, protocol {cfg.test.protocol}; "
+    shard = " (shard {} of {}: every {}-th image)".format(*cfg.test.shard, cfg.test.shard[1]) \
+        if cfg.test.shard and not from_loader else ""
+    log.info(f"evaluating {checkpoint or 'the model'} on {n} {cfg.test.split} images{shard}, protocol {cfg.test.protocol}; "
              f"attacks: {', '.join(f'{r.key} {r.attack}' for r in runs) or 'none'}")
     stats = evaluate(model, loader, classes, cfg.data.ignore_label, runs, protocol,
                      on_pred=on_pred if staging is not None else None, device=device,
@@ -488,12 +505,8 @@ def evaluate_model(model: nn.Module, data, cfg, *, checkpoint: Optional[str] = N
                      memory_format=memory_format)
     gathered, seconds, passes = tracker.finish(stats)
     seconds = {k: v / dist.world_size() for k, v in seconds.items()}  # mean wall time per process
-    seg_task = SEG_TASK if SEG_TASK in target_tasks(dataset) else None
-    tasks = (seg_task, reg_tasks) if getattr(model, "multitask", False) else None
-    clean, attacks, worst = aggregate(gathered, runs, seconds, passes, names, tasks)
-    metrics = {"config": cfg.path, "checkpoint": checkpoint, "split": cfg.test.split, "num_images": n,
-               "protocol": cfg.test.protocol, "class_names": names, "clean": clean, "attacks": attacks,
-               "worst_case": worst, "env": env_record()}
+    metrics = metrics_record(cfg, checkpoint, n, model, dataset, runs, gathered, seconds, passes,
+                             None if from_loader else cfg.test.shard)
     if staging is not None:
         if dist.is_main():
             write_results(cfg, metrics, examples, staging, log)

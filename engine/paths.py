@@ -18,9 +18,11 @@ TRAIN_LOCK = "train.lock"
 
 
 def result_dir(cfg) -> str:
-    """Where test.py's results end up: ``test.result_dir``, by default ``<exp_dir>/result``; a
-    symbolic link is resolved, so that publishing replaces the folder it points to, not the link."""
-    path = os.path.normpath(cfg.test.result_dir or os.path.join(cfg.exp_dir, "result"))
+    """Where test.py's results end up: ``test.result_dir``, by default ``<exp_dir>/result`` (shard i of n:
+    ``<exp_dir>/result-shard<i>of<n>``); a symbolic link is resolved, so that publishing replaces the
+    folder it points to, not the link."""
+    default = "result" if not cfg.test.shard else "result-shard{}of{}".format(*cfg.test.shard)
+    path = os.path.normpath(cfg.test.result_dir or os.path.join(cfg.exp_dir, default))
     return os.path.realpath(path) if os.path.islink(path) else path
 
 

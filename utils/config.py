@@ -441,6 +441,7 @@ RULES: Dict[str, Rule] = {
     "test.stride_rate": optional(fraction(lo_open=True)),
     "test.batch_size": INT_GE1,
     "test.num_images": optional(INT_GE1),
+    "test.shard": optional(list_of(INT_GE0, n=2)),
     "test.eps": list_of(positive()),
     "test.attacks": list_of(Rule(lambda v: isinstance(v, (str, Mapping)), "an attack name or mapping"),
                             nonempty=False),
@@ -472,6 +473,8 @@ def _cross_rules(cfg: Mapping) -> List[Tuple[str, str]]:
     if bad:
         out.append(("data.label_map", f"maps to {bad}, neither a class of 0..{d['classes'] - 1} nor "
                                       f"data.ignore_label {d['ignore_label']}"))
+    if t["shard"] is not None and not t["shard"][0] < t["shard"][1]:
+        out.append(("test.shard", f"must be [i, n] with 0 <= i < n (shard i of n), got {t['shard']}"))
     if t["class_weights"] is not None and len(t["class_weights"]) != d["classes"]:
         out.append(("test.class_weights", f"needs one weight per class (data.classes = {d['classes']}), "
                                           f"got {len(t['class_weights'])}"))

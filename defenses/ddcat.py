@@ -2,8 +2,9 @@
 
 Needs a DDC-AT model (`pspnet_ddcat`, `deeplabv3_ddcat`): main branch f_n (`cls1`, the deployed
 head), auxiliary branch f_a (`cls2`), mask branch f_m (`mask1`, 2-way) and the layer3 aux head.
-One iteration, on a per-process batch of B images with the first n = floor(B * (1 - adv_fraction))
-kept clean (B//2 at the published 0.5):
+One iteration, on a global batch of B images with the first n = floor(B * (1 - adv_fraction)) kept
+clean (B//2 at the published 0.5; which images those are does not depend on the number of processes,
+see `defenses.sat.process_clean_count`, and a process may hold only clean or only adversarial ones):
 
 1. BIM on the main branch f_n for the whole batch (eps 0.03, 3 steps of 0.01, no random start,
    eval mode): the last B - n images are trained on adversarially, and the first n need it for
@@ -50,7 +51,7 @@ from utils.metrics import class_map
 
 from .base import Defense, ce_and_logp
 from .registry import register_defense
-from .sat import DDCAT_BIM, clean_count, describe_split, part_logs, refuse_multitask
+from .sat import DDCAT_BIM, describe_split, part_logs, process_clean_count, refuse_multitask
 
 DDCAT_HEADS = ("cls1", "cls2", "mask1")
 
@@ -99,7 +100,7 @@ class DDCAT(Defense):
     def training_batch(self, model: nn.Module, batch: dict) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """(images [x[:n]; x_adv[n:]], mask labels [M; 0], n clean images)."""
         x, y = batch["image"], batch["label"]
-        n_clean = clean_count(x.shape[0], self.adv_fraction)
+        n_clean = process_clean_count(x.shape[0], self.adv_fraction)
         first: dict = {}
 
         def forward(net, inp):  # the attack's first forward at the clean batch also routes its clean part

@@ -1,9 +1,11 @@
 """SAT, standard adversarial training as in DDC-AT (`train.method: sat`, ddcat.md §2).
 
-Every per-process batch is split: its first images stay clean, the last ``train.sat.adv_fraction``
+Every global batch is split: its first images stay clean, the last ``train.sat.adv_fraction``
 of them are replaced by their adversarial versions (BIM on the main logits, eps 0.03 = 7.65/255,
 3 steps of eps/3, no random start, model in eval mode), and one train-mode forward of the mixed
 batch is trained with CE(main) + aux_weight * CE(aux), as published (0.5: the last B//2 images).
+Which images are attacked depends on their position in the global batch only, not on the number of
+processes (`process_clean_count`); a process may hold only clean or only adversarial images.
 
 Fixed from the published scripts:
 - only the images that are used are attacked: the original attacked the whole batch and threw the
@@ -39,6 +41,19 @@ def clean_count(batch: int, adv_fraction: float) -> int:
     return int(math.floor(batch * (1.0 - adv_fraction) + 1e-9))
 
 
+def process_clean_count(batch: int, adv_fraction: float, rank: Optional[int] = None,
+                        world: Optional[int] = None) -> int:
+    """Clean images at the front of this process's batch of `batch` when the split is by the global
+    batch of ``batch * world`` images: the first ``clean_count(global, adv_fraction)`` positions of
+    the global batch stay clean. The sampler deals the global batch out round robin (a
+    DistributedSampler: position q goes to process q mod world), so this process holds positions
+    rank, rank + world, ...; those below the clean count are a prefix of its batch."""
+    world = dist.world_size() if world is None else world
+    rank = dist.rank() if rank is None else rank
+    n_global = clean_count(batch * world, adv_fraction)
+    return min(batch, max(0, -(-(n_global - rank) // world)))
+
+
 def masked_ce(logp: torch.Tensor, y: torch.Tensor, ignore: int) -> torch.Tensor:
     """Mean CE over the valid pixels from a log-softmax, 0 when there are none (for logs: never
     NaN); detached."""
@@ -71,10 +86,9 @@ def refuse_multitask(model: nn.Module, method: str) -> None:
 
 
 def describe_split(method: str, attack, adv_fraction: float, batch_size: int) -> str:
-    per_process = max(batch_size // max(dist.world_size(), 1), 1)
-    n_adv = per_process - clean_count(per_process, adv_fraction)
+    n_adv = batch_size - clean_count(batch_size, adv_fraction)
     return (f"{method}, training attack {attack}, adversarial share {adv_fraction:g}: the last {n_adv} "
-            f"of every {per_process} images per process are adversarial")
+            f"of every global batch of {batch_size} images are adversarial (for any number of processes)")
 
 
 @register_defense("sat")
@@ -102,7 +116,7 @@ class SAT(Defense):
         """(clean images then adversarial images, number of clean ones): only the images replaced
         are attacked."""
         x, y = batch["image"], batch["label"]
-        n_clean = clean_count(x.shape[0], self.adv_fraction)
+        n_clean = process_clean_count(x.shape[0], self.adv_fraction)
         if n_clean == x.shape[0]:
             return x, n_clean
         x_adv = self.adversarial(model, x[n_clean:], y[n_clean:], batch["index"][n_clean:])

@@ -24,7 +24,7 @@ from utils.env import env_record
 from utils.errors import SetupError
 from utils.logger import get_logger
 from utils.metrics import summarize
-from utils.rng import get_rng_state, seed_all, set_rng_state
+from utils.rng import get_rng_state, seed_all, seed_layers, set_rng_state
 
 from .common import amp_dtype, channels_last, group_collate, make_loader, per_process_batch, setup_runtime, to_device, train_sampler
 from .evaluator import evaluate, regression_tasks
@@ -370,6 +370,7 @@ class Trainer:
         the sum of the steps' losses), or None when a non-finite loss was skipped (with the
         iteration's remaining steps)."""
         t = self.cfg.train
+        seed_layers(self.cfg.seed, dist.rank(), self.iteration)  # this process's Dropout / DropPath masks
         if t.channels_last:
             batch = channels_last(batch)
         steps = self.defense.steps(self.model, batch)

@@ -157,3 +157,115 @@ def test_resumed_process_gathers_only_its_own_earlier_rows(tiny_cfg, tmp_path, m
     eval_resume.EvalProgress(cfg, str(ckpt), 8, [], cols, batch=4)
     assert capsys.readouterr().out.count("the per-process batch changed (2 before, 4 now)") == 1
 
+
+# ------------------------------------------------------------------------------ randomness per process
+def record_masks(model: torch.nn.Module) -> list:
+    """Where each training-mode forward of the first Dropout2d keeps a value: appended per call."""
+    masks = []
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout2d))
+    layer.register_forward_hook(lambda m, i, o: masks.append((o != 0).clone()) if m.training else None)
+    return masks
+
+
+def test_dropout_masks_differ_between_processes_and_repeat_after_a_resume(tiny_cfg, tmp_path, monkeypatch):
+    """Trained 4 iterations, then resumed from the iteration-2 checkpoint: the resumed iterations 2 and 3
+    draw the masks of the uninterrupted run; at one iteration with the same weights and batch, process
+    rank 1 draws other masks than rank 0."""
+    from engine.trainer import Trainer
+    common = ("train.epochs=1", "train.save_iter_freq=2", "train.eval_freq=0")
+    full = Trainer(tiny_cfg(f"exp_dir={tmp_path / 'full'}", *common))
+    masks = record_masks(full.model)
+    full.fit()
+    assert len(masks) == 4 and not torch.equal(masks[2], masks[3])
+    assert 0 < float(masks[2].float().mean()) < 1  # some values dropped
+    resumed = Trainer(tiny_cfg(f"exp_dir={tmp_path / 'resumed'}", *common,
+                               f"train.resume={tmp_path / 'full' / 'model' / 'iter_2.pth'}"))
+    again = record_masks(resumed.model)
+    torch.rand(100)  # other draws in between change nothing
+    resumed.fit()
+    assert len(again) == 2 and torch.equal(again[0], masks[2]) and torch.equal(again[1], masks[3])
+
+    t = Trainer(tiny_cfg(f"exp_dir={tmp_path / 'ranks'}", *common))
+    seen = record_masks(t.model)
+    batch = next(iter(t.loader))
+    start = {k: v.clone() for k, v in t.model.state_dict().items()}
+    for r in (0, 1, 0):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        t.model.load_state_dict(start)
+        t.train_step(batch)
+    assert not torch.equal(seen[0], seen[1]) and torch.equal(seen[0], seen[2])
+
+
+def test_drop_path_draws_per_process_and_iteration():
+    from models.backbones.convnext import DropPath
+    from utils.rng import seed_layers
+    layer = DropPath(0.5).train()
+    x = torch.ones(64, 1, 2, 2)
+
+    def mask(rank, iteration):
+        seed_layers(0, rank, iteration)
+        return layer(x) != 0
+    assert torch.equal(mask(0, 3), mask(0, 3))
+    assert not torch.equal(mask(0, 3), mask(1, 3)) and not torch.equal(mask(0, 3), mask(0, 4))
+
+
+# ------------------------------------------------------------------- SAT / DDC-AT split by the global batch
+def test_process_clean_count_equals_dealing_out_the_global_batch():
+    """Brute force: the global batch's positions dealt round robin; a process's clean images are the
+    positions below the global clean count, and they are a prefix of its batch."""
+    from defenses.sat import clean_count, process_clean_count
+    for g in range(1, 9):
+        for w in (w for w in range(1, g + 1) if g % w == 0):
+            for f in (0.0, 0.25, 0.5, 0.75, 1.0):
+                n = clean_count(g, f)
+                for r in range(w):
+                    clean = [r + j * w < n for j in range(g // w)]
+                    assert clean == sorted(clean, reverse=True)
+                    assert process_clean_count(g // w, f, r, w) == sum(clean), (g, w, f, r)
+
+
+@pytest.mark.parametrize("method", ["sat", "ddcat"])
+def test_sat_and_ddcat_attack_the_same_images_for_1_2_and_4_processes(method, tiny_cfg, monkeypatch):
+    """Global batch 4 (adversarial share 0.5) dealt to 1, 2 and 4 processes as the sampler deals it:
+    the same two images of each global batch are trained on adversarially (with 4 processes two of
+    them hold clean images only, two adversarial ones only), with the same adversarial images, and the
+    training loss summed over the labelled pixels of all processes is the same."""
+    from defenses.sat import clean_count
+    from engine.common import ResumableSampler
+    from engine.trainer import Trainer
+    extra = ("model.name=pspnet_ddcat",) if method == "ddcat" else ()
+    t = Trainer(tiny_cfg(f"train.method={method}", *extra, "train.freeze_bn=true", "model.dropout=0.0",
+                         "train.batch_size=4"))
+    net, defense = t.model, t.defense
+    net.train()
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()  # (as train.freeze_bn does): the outputs of an image do not depend on its batch
+    inputs = []
+    net.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()) if m.training else None)
+    key = "loss_main" if method == "sat" else "loss_routed"
+    results = {}
+    for w in (1, 2, 4):
+        monkeypatch.setattr(dist, "world_size", lambda w=w: w)
+        attacked, trained, total = [], {}, 0.0
+        for r in range(w):
+            monkeypatch.setattr(dist, "rank", lambda r=r: r)
+            order = list(ResumableSampler(t.train_set, num_replicas=w, rank=r, shuffle=True, seed=0, drop_last=True))
+            batch = torch.utils.data.default_collate([t.train_set[i] for i in order[:4 // w]])  # first global batch
+            inputs.clear()
+            _, logs = defense.loss(net, batch)
+            x = inputs[-1]
+            for j, i in enumerate(batch["index"].tolist()):
+                trained[i] = x[j]
+                if not torch.equal(x[j], batch["image"][j]):
+                    attacked.append(i)
+            total += float(logs[key]) * int((batch["label"] != 255).sum())
+        results[w] = (sorted(attacked), trained, total)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()
+    assert results[1][0] == sorted(perm[clean_count(4, 0.5):4])  # the last half of the global batch
+    for w in (2, 4):
+        assert results[w][0] == results[1][0], w
+        for i, x in results[1][1].items():
+            assert float((results[w][1][i] - x).abs().gt(1e-4).float().mean()) < 1e-3, (w, i)
+        assert results[w][2] == pytest.approx(results[1][2], rel=1e-4), w
+

@@ -1,6 +1,14 @@
-"""Seeding and RNG state capture, so a resumed run continues with the same random streams."""
+"""Seeding and RNG state capture, so a resumed run continues with the same random streams.
+
+Which draws depend on what (docs/scale.md): model initialisation comes from ``seed`` alone (the same on
+every process); the data order from ``seed`` and the epoch (split over processes by the sampler);
+augmentation and attack starts from ``seed`` and the image; the stochastic layers (Dropout, Dropout2d,
+DropPath) from ``seed``, the process rank and the iteration (``seed_layers``), so every process draws
+its own masks and a resumed run draws the masks an uninterrupted one would.
+"""
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -12,6 +20,18 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def layer_seed(seed: int, rank: int, iteration: int) -> int:
+    """The seed of the stochastic layers' draws of one process in one training iteration."""
+    blob = f"{seed}|layers|{rank}|{iteration}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") >> 1
+
+
+def seed_layers(seed: int, rank: int, iteration: int) -> None:
+    """Seed torch's global generator (CPU and GPUs), which Dropout and DropPath draw from, for this
+    process and iteration: other masks on every process, the same ones after a resume."""
+    torch.manual_seed(layer_seed(seed, rank, iteration))
 
 
 def get_rng_state() -> dict:

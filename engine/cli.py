@@ -69,9 +69,13 @@ def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
     lock, notes = None, []
     stderr = sys.stderr
     sys.stderr = LineTracker(stderr)  # progress bars made from now on write through it
+    main_process = int(os.environ.get("RANK", 0)) == 0
     try:
-        cfg = load_config(args.config, args.overrides)
-        main_process = int(os.environ.get("RANK", 0)) == 0
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except SetupError as e:  # the same config on every process: the same error
+            e.everywhere = True
+            raise
         if main_process:  # before the first write of any process: see utils/folder_lock.py
             lock = output_lock(kind, cfg)
             lock.log = notes.append
@@ -86,7 +90,8 @@ def main(kind: str, run: Callable, argv: Optional[List[str]] = None) -> int:
             run(cfg)
         return 0
     except SetupError as e:
-        print_error(f"error: {one_line(e)}")
+        if main_process or not getattr(e, "everywhere", False):  # under torchrun: once, from rank 0
+            print_error(f"error: {one_line(e)}")
         return 2
     except OSError as e:  # a write that failed outside `atomic_write` (an image, a plot, a log)
         if e.errno not in CAUSES:

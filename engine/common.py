@@ -19,7 +19,7 @@ def setup_runtime(cfg) -> torch.device:
     device = dist.select_device(cfg.device)
     if device.type == "cpu":
         keep_cpu_memory()
-    dist.init_distributed(device)
+    dist.init_distributed(device, cfg.dist.timeout_min)
     return device
 
 
@@ -40,7 +40,7 @@ def per_process_batch(global_batch: int, key: str) -> int:
     """Split a global batch across processes; refuse sizes that do not divide."""
     w = dist.world_size()
     if global_batch < 1 or global_batch % w:
-        raise SetupError(f"{key}={global_batch} is not divisible by the number of processes ({w})")
+        raise SetupError(f"{key}={global_batch} is not divisible by the number of processes ({w})", everywhere=True)
     return global_batch // w
 
 

@@ -18,7 +18,7 @@ from models import build_model, load_pretrained
 from models.weights import load_model_weights
 from utils import dist
 from utils.checkpoint import (check_fresh_run, check_init_file, list_checkpoints, recover_model_dir,
-                              remove_stale_temporaries, replace_model_dir, resolve_resume, save_checkpoint)
+                              remove_stale_temporaries, replace_model_dir, save_checkpoint, shared_resume)
 from utils.config import save_config
 from utils.env import env_record
 from utils.errors import SetupError
@@ -204,6 +204,9 @@ def check_training_tasks(model: nn.Module, dataset) -> None:
                          "use a multitask model (drn_multitask, taskonomy_resnet) or data.tasks: []")
 
 
+AUX_HEADS = ("aux", "aux_head", "aux_cls1")  # the auxiliary heads' attribute names (models/)
+
+
 class Trainer:
     """Builds everything from the config, validates the inputs, then runs `fit()`.
 
@@ -219,6 +222,12 @@ class Trainer:
         if dist.is_main():  # the main process holds exp_dir's lock (engine/cli.py)
             recover_model_dir(cfg.exp_dir)
         dist.barrier()
+        # torchrun restarted the job: continue (with train.overwrite, model/ may still hold the replaced
+        # run's checkpoints, so such a run starts afresh again)
+        if dist.restart_count() and not t.overwrite and list_checkpoints(self.model_dir):
+            self.log.info(f"restart {dist.restart_count()} of the job: continuing from the newest checkpoint "
+                          f"(train.resume=auto)")
+            t.resume = "auto"
         check_fresh_run(cfg.exp_dir, t.resume, t.overwrite)
         check_init_file(cfg.model)  # a missing (robust) ImageNet init file stops the run before the data is read
         seed_all(cfg.seed)  # same init on every process; data order comes from the sampler seed
@@ -251,9 +260,10 @@ class Trainer:
         self.amp_dtype = amp_dtype(t.amp, self.device, "train.amp")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.epoch, self.iteration, self.skipped = 0, 0, 0
-        resume = resolve_resume(t.resume, cfg.exp_dir, self.iters_per_epoch, self.log)
+        resume = shared_resume(t.resume, cfg.exp_dir, self.iters_per_epoch, self.log)  # rank 0 chooses
         if resume:
             self._restore(*resume)
+        self._freeze_unused_aux()
         if dist.world_size() > 1:
             if self.device.type == "cuda" and t.sync_bn:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -267,6 +277,17 @@ class Trainer:
         self.config_written = False  # config.yaml: written with the first complete checkpoint
         self.replacing = False  # train.overwrite: model.next/ replaces model/ after the first checkpoint
         self._pending: List[Tuple[str, float, int]] = []
+
+    def _freeze_unused_aux(self) -> None:
+        """``train.aux_weight: 0``: the auxiliary head gets no gradient, so it is frozen (DDP stops at
+        parameters that take part in no backward)."""
+        if self.cfg.train.aux_weight:
+            return
+        heads = [n for n in AUX_HEADS if isinstance(getattr(self.model, n, None), nn.Module)]
+        for n in heads:
+            getattr(self.model, n).requires_grad_(False)
+        if heads:
+            self.log.info(f"train.aux_weight=0: auxiliary head {', '.join(heads)} frozen")
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
         """A tensorboard scalar (main process only)."""

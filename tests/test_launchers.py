@@ -23,7 +23,8 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "config", "*", "*.yaml"
 
 
 def launch_env(**env) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ENDPOINT", "RDZV_ID", "RESTARTS")}
     e.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, **env)
     return e
 
@@ -266,7 +267,7 @@ def test_multitask_attack_tasks_scored_per_task(launches, tmp_path):
     ({"NGPU": "3"}, ["device=cpu"], "error: train.batch_size=4 is not divisible by the number of processes "
                                     "(3 per node x 1 node(s) = 3)"),
     ({}, ["train.resume=/nonexistent/last.pth"], "error: train.resume: checkpoint not found: /nonexistent/last.pth"),
-    ({"NNODES": "2"}, [], "error: NNODES=2 needs MASTER_ADDR (the address of the NODE_RANK=0 machine)"),
+    ({"NNODES": "2"}, [], "error: NNODES=2 needs MASTER_ADDR (the address of the NODE_RANK=0 machine) or RDZV_ENDPOINT"),
     ({}, ["train.epoch=3"], "unknown config key 'train.epoch'"),
 ])
 def test_bad_launch_is_one_line_error(tmp_path, env, args, message):

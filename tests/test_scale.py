@@ -269,3 +269,151 @@ def test_sat_and_ddcat_attack_the_same_images_for_1_2_and_4_processes(method, ti
             assert float((results[w][1][i] - x).abs().gt(1e-4).float().mean()) < 1e-3, (w, i)
         assert results[w][2] == pytest.approx(results[1][2], rel=1e-4), w
 
+
+# ------------------------------------------------------------------------- ranks agree on the checkpoint
+def _resume_worker(rank: int, port: int, exp_dirs: list, out: str) -> None:
+    """Rank `rank` of 2 gloo processes: resume 'auto' from its exp_dir (shared case), then with rank 1
+    unable to read rank 0's choice (another host's file system, simulated)."""
+    import datetime
+    import torch.distributed as tdist
+    from utils import checkpoint
+    from utils.errors import SetupError
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                             timeout=datetime.timedelta(seconds=60))
+    res = []
+    for case in ("shared", "unshared"):
+        if case == "unshared" and rank == 1:
+            def unreadable(path):
+                raise FileNotFoundError(2, "No such file or directory", path)
+            checkpoint.file_digest = unreadable
+        try:
+            path, ckpt = checkpoint.shared_resume("auto", exp_dirs[rank], 1)
+            res.append([path, int(ckpt["iteration"])])
+        except SetupError as e:
+            res.append(["error", str(e)])
+    with open(os.path.join(out, f"{rank}.json"), "w") as f:
+        json.dump(res, f)
+    tdist.destroy_process_group()
+
+
+def test_processes_resume_from_the_checkpoint_rank_0_chooses(tmp_path):
+    """Rank 0's exp_dir holds iteration 4, rank 1's (another host without a shared file system) only
+    iteration 2: both resume from rank 0's file. When rank 1 cannot read that file, both stop with
+    the same one line naming it and the shared file system."""
+    import socket
+    import torch.multiprocessing as mp
+    from utils.checkpoint import save_checkpoint
+    dirs = []
+    for name, it in (("node0", 4), ("node1", 2)):
+        save_checkpoint({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": it, "iteration": it, "rng": {},
+                         "config": {}}, str(tmp_path / name / "model" / "last.pth"))
+        dirs.append(str(tmp_path / name))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_resume_worker, args=(port, dirs, str(tmp_path)), nprocs=2, join=True)
+    res = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    chosen = str(tmp_path / "node0" / "model" / "last.pth")
+    assert res[0][0] == res[1][0] == [chosen, 4]
+    assert res[0][1] == res[1][1]
+    assert res[0][1][0] == "error" and res[0][1][1].startswith(f"train.resume: rank 0 resumes from {chosen}, which on "
+                                                               f"rank 1 cannot be read there")
+    assert res[0][1][1].endswith("every process of a run must see exp_dir and train.resume on a shared file system")
+
+
+# ------------------------------------------------------------------------- launchers: elastic, SLURM
+def fake_tools(tmp_path) -> dict:
+    """A PATH with fake `scontrol` (two hosts) and `srun` (prints its arguments and the launch
+    variables), and a fake interpreter for tools/launch.sh (prints the exp_dir for the preflight, else
+    its arguments)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {
+        "scontrol": 'printf "nodeA\\nnodeB\\n"\n',
+        "srun": 'echo "srun $*"\nenv | grep -E "^(NGPU|NNODES|MASTER_ADDR|MASTER_PORT|RDZV_ENDPOINT|RDZV_ID)=" | sort\n',
+        "python": f'if [ "$1" = tools/preflight.py ]; then echo {tmp_path / "exp"}; else echo "python $*"; fi\n',
+    }
+    for name, body in tools.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NGPU", "NNODES", "MASTER_",
+                                                                     "RDZV_", "RESTARTS", "NODE_RANK"))}
+    return dict(keep, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"))
+
+
+def run_sh(args, env) -> dict:
+    """Run a shell script; its output lines as {'srun'/'python': argument string, VAR: value}."""
+    r = subprocess.run(["sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    out = {}
+    for line in r.stdout.splitlines():
+        if line.startswith(("srun ", "python ")):
+            out[line.split(" ", 1)[0]] = line.split(" ", 1)[1]
+        elif "=" in line:
+            out.update([line.split("=", 1)])
+    return out
+
+
+def test_slurm_example_takes_port_id_and_gpus_from_the_allocation(tmp_path):
+    env = dict(fake_tools(tmp_path), SLURM_JOB_ID="123456", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[A-B]",
+               SLURM_GPUS_PER_NODE="a100:8", SLURM_CPUS_PER_TASK="16")
+    out = run_sh(["tools/slurm_example.sh", "tool_train/synthetic/demo_none.sh", "train.epochs=1"], env)
+    assert out["MASTER_ADDR"] == "nodeA" and out["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    assert out["RDZV_ENDPOINT"] == "nodeA:23456" and out["RDZV_ID"] == "slurm-123456"
+    assert out["NGPU"] == "8" and out["NNODES"] == "2"
+    assert out["srun"].startswith("--kill-on-bad-exit=1 --cpus-per-task=16 sh -c ")
+    assert out["srun"].endswith("tool_train/synthetic/demo_none.sh train.epochs=1")
+    # another job, one node, the GPU count of this node: its own id, and no fixed port
+    env.update(SLURM_JOB_ID="777", SLURM_NNODES="1", SLURM_GPUS_ON_NODE="2")
+    del env["SLURM_CPUS_PER_TASK"]
+    out = run_sh(["tools/slurm_example.sh", "tool_train/synthetic/demo_none.sh"], env)
+    assert out["NGPU"] == "2" and out["RDZV_ID"] == "slurm-777" and "MASTER_PORT" not in out
+    assert "--cpus-per-task" not in out["srun"]
+
+
+def test_launcher_uses_a_c10d_rendezvous_with_restarts(tmp_path):
+    env = fake_tools(tmp_path)
+    script = ["tool_train/synthetic/demo_none.sh", "train.epochs=1"]
+    out = run_sh(script, dict(env, NGPU="4", NNODES="2", NODE_RANK="1", MASTER_ADDR="node0"))["python"]
+    assert "--nproc_per_node=4 --nnodes=2 --rdzv_backend=c10d --rdzv_endpoint=node0:29500" in out
+    assert "--rdzv_id=segrobust-" in out and "--max_restarts=3 train.py" in out and out.endswith("train.epochs=1")
+    out = run_sh(script, dict(env, NNODES="2", RDZV_ENDPOINT="h:1", RDZV_ID="job7", RESTARTS="1"))["python"]
+    assert "--rdzv_endpoint=h:1 --rdzv_id=job7 --max_restarts=1" in out
+    out = run_sh(script, dict(env, NGPU="2"))["python"]  # one node: a free port, no restarts
+    assert "--standalone --nproc_per_node=2 --max_restarts=0 train.py" in out
+    out = run_sh(script, dict(env, RESTARTS="2"))["python"]  # one process that restarts
+    assert "--standalone --nproc_per_node=1 --max_restarts=2 train.py" in out
+
+
+# ------------------------------------------------------------------------------- smaller points
+def test_aux_weight_zero_freezes_the_auxiliary_head(tiny_cfg, tmp_path):
+    """Without an auxiliary loss the head would get no gradient, which DDP refuses: it is frozen, and
+    after a step every trainable parameter has a gradient; with the loss, the head trains."""
+    from engine.trainer import Trainer
+    for weight in (0.0, 0.4):
+        t = Trainer(tiny_cfg(f"exp_dir={tmp_path / str(weight)}", f"train.aux_weight={weight}"))
+        t.train_step(next(iter(t.loader)))
+        assert all(p.requires_grad == bool(weight) for p in t.model.aux.parameters())
+        assert all(p.grad is not None for p in t.model.parameters() if p.requires_grad)
+
+
+def test_launch_checks_attack_options_before_any_process_starts(tiny_config, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from preflight import check
+    from utils.errors import SetupError
+    path = tiny_config()
+    with pytest.raises(SetupError, match="attack 'pgd': alpha must be a number or null, got 'fast'"):
+        check("test", path, 1, 1, ["test.attacks=[{name: pgd, alpha: fast}]", "device=cpu"])
+    with pytest.raises(SetupError, match="attack 'pgd' has no option 'stepz'"):
+        check("train", path, 1, 1, ["train.method=sat", "train.attack={stepz: 3}", "device=cpu"])
+    assert check("train", path, 1, 1, ["train.method=sat", "device=cpu"]) == str(tmp_path / "exp")
+
+
+def test_a_config_error_is_printed_once_under_torchrun(tiny_config, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", "--config", tiny_config(), "device=cpu", "train.lr=-1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [f"error: command line: config key 'train.lr' must be a number > 0, got -1"], r.stderr[-2000:]

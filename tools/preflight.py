@@ -6,9 +6,11 @@ One-line error and exit code 2 when: the config is invalid, more processes per n
 visible GPUs are asked for (or several processes on a node without GPUs, unless ``device=cpu``),
 a global batch size does not divide by the number of processes, ``train.resume``, ``model.weights``
 or ``model.pretrained`` names a file that does not exist, or a fresh training run would write into
-an exp_dir that already holds checkpoints (see ``train.overwrite``), the run's output folder is
-held by another run (``utils/folder_lock.py``), or a path (the config, or a config key that names a
-file or folder) begins with ``-`` (it would reach a command as an option). Used by tools/launch.sh.
+an exp_dir that already holds checkpoints (see ``train.overwrite``), the training method or an
+attack (``train.attack``, ``test.attacks``) is unknown or given options it does not take, the run's
+output folder is held by another run (``utils/folder_lock.py``), or a path (the config, or a config
+key that names a file or folder) begins with ``-`` (it would reach a command as an option). Used by
+tools/launch.sh, so that such a launch fails once, before torchrun starts any process.
 """
 from __future__ import annotations
 
@@ -47,6 +49,23 @@ def check_paths(config: str, cfg) -> None:
                              "its name")
 
 
+def check_attacks(kind: str, cfg) -> None:
+    """Build the training method (and its attack) or every evaluation attack at each eps: unknown
+    names and options they do not take are refused as the run would refuse them."""
+    if kind == "train":
+        from defenses import build_defense
+        build_defense(cfg)
+        return
+    from attacks import build_attack
+    from attacks.ensemble import expand_attacks
+    for group in expand_attacks(cfg.test.attacks):
+        for label, name, opts in group.members:
+            if name == "transfer":  # its source model is loaded by the run (engine/evaluator.py)
+                continue
+            for eps in cfg.test.eps:
+                build_attack(name, seed=cfg.seed, label=label, eps=eps, **opts)
+
+
 def check(kind: str, config: str, nproc: int, nnodes: int, overrides: Sequence[str]) -> str:
     """Validate the launch; returns exp_dir. Raises SetupError with a one-line message."""
     if kind not in ("train", "test"):
@@ -80,6 +99,7 @@ def check(kind: str, config: str, nproc: int, nnodes: int, overrides: Sequence[s
             raise SetupError(f"train.resume: checkpoint not found: {resume}")
         check_fresh_run(cfg.exp_dir, resume, cfg.train.overwrite)
         check_init_file(cfg.model)
+    check_attacks(kind, cfg)
     lock = output_lock(kind, cfg)  # a run holding the folder refuses this one before any process starts
     holder = is_held(lock.path)
     if holder:

@@ -243,6 +243,48 @@ def resolve_resume(resume: Optional[str], exp_dir: str, iters_per_epoch: int = 1
     return resume, load_checkpoint(resume, "train.resume")
 
 
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (hex)."""
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def shared_resume(resume: Optional[str], exp_dir: str, iters_per_epoch: int = 1,
+                  log=None) -> Optional[Tuple[str, dict]]:
+    """`resolve_resume` on rank 0, which broadcasts its choice (path and sha256); every other process
+    loads that file and checks its digest, so that all resume from the same bytes. A process that
+    cannot read them stops every process with one line: the processes of one run must see exp_dir
+    (and train.resume) on a shared file system. One process: `resolve_resume`."""
+    from . import dist
+    if not dist.is_dist():
+        return resolve_resume(resume, exp_dir, iters_per_epoch, log)
+    found, choice, error = None, None, None
+    if dist.is_main():
+        try:
+            found = resolve_resume(resume, exp_dir, iters_per_epoch, log)
+            choice = (found[0], file_digest(found[0])) if found else None
+        except (SetupError, OSError) as e:
+            error = str(e)
+    dist.agree(error)
+    choice = dist.broadcast_object(choice)
+    problem = None
+    if choice is not None and not dist.is_main():
+        path, digest = choice
+        try:
+            if file_digest(path) != digest:
+                problem = "holds other bytes there"
+        except OSError as e:
+            problem = f"cannot be read there ({describe(e)})"
+        if problem:
+            problem = (f"train.resume: rank 0 resumes from {path}, which on rank {dist.rank()} {problem}: every "
+                       f"process of a run must see exp_dir and train.resume on a shared file system")
+    dist.agree(problem)
+    if choice is None or dist.is_main():
+        return found
+    return choice[0], load_checkpoint(choice[0], "train.resume")
+
+
 def check_fresh_run(exp_dir: str, resume: Optional[str], overwrite: bool) -> None:
     """Refuse a fresh run (`resume` null) into an exp_dir whose model/ already holds checkpoints,
     unless `overwrite`: its files would be replaced one by one and mixed with the new run's."""

@@ -329,6 +329,7 @@ RULES: Dict[str, Rule] = {
     "exp_dir": text(),
     "seed": Rule(lambda v: _integer(v) and 0 <= v <= SEED_MAX, "an integer in [0, 2^63-1]"),
     "device": one_of("auto", "cpu", "cuda"),
+    "dist.timeout_min": positive(),
     "data.name": text(),
     "data.root": text(),
     "data.classes": INT_GE1,

@@ -1,11 +1,12 @@
 """Distributed helpers in one place (torchrun / env:// rendezvous; gloo on CPU, NCCL on GPU)."""
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import threading
 import time
-from typing import List
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,11 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this job's processes (``--max-restarts``); 0 otherwise."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
 
 
 def select_device(name: str) -> torch.device:
@@ -83,12 +89,38 @@ def exit_with_parent(poll: float = PARENT_POLL_SECONDS) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_min: float = 60.0) -> None:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); no-op otherwise.
+    A collective that waits longer than `timeout_min` minutes for another rank fails (``dist.timeout_min``;
+    NCCL's own default, 10 minutes, would stop a job whose ranks finish an evaluation far apart).
     Such a process also ends when its launcher dies (`exit_with_parent`)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
         exit_with_parent()
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                timeout=datetime.timedelta(minutes=timeout_min))
+
+
+def agree(error: Optional[str]) -> None:
+    """Every process passes its problem (None if none); if any has one, every process raises the
+    first one (lowest rank) as a SetupError, so that no process goes on alone into a collective."""
+    if not is_dist():
+        if error:
+            raise SetupError(error)
+        return
+    errors: List[Optional[str]] = [None] * world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise SetupError(first, everywhere=True)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every process."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -30,7 +30,8 @@ from .common import amp_dtype, channels_last, group_collate, make_loader, per_pr
 from .evaluator import evaluate, regression_tasks
 from .results import task_metrics
 
-# Test hook (fault-injection tests only): SIGKILL the process at the end of this (1-based) iteration.
+# Test hook (fault-injection tests only): SIGKILL the process at the end of this (1-based) iteration
+# (in the first run of a job that torchrun restarts).
 KILL_AT_ITER_ENV = "SEGROBUST_TEST_KILL_AT_ITER"
 KEEP_ITER_CHECKPOINTS = 2
 
@@ -512,7 +513,7 @@ class Trainer:
             if t.save_iter_freq and self.iteration % t.save_iter_freq == 0 \
                     and self.iteration % self.iters_per_epoch:
                 self.save_iter()
-            if kill_at == self.iteration:
+            if kill_at == self.iteration and not dist.restart_count():  # (a restarted job goes on)
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook
         if not total:
             return {}

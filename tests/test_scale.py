@@ -19,6 +19,7 @@ from engine.cli import main
 from engine.eval_resume import saved_counts
 from engine.evaluator import RunStats, run_columns, run_test
 from utils import dist
+from utils.config import load_config
 from utils.logger import setup_logger
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -417,3 +418,58 @@ def test_a_config_error_is_printed_once_under_torchrun(tiny_config, tmp_path):
     assert r.returncode != 0
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert errors == [f"error: command line: config key 'train.lr' must be a number > 0, got -1"], r.stderr[-2000:]
+
+
+# -------------------------------------------------------- two nodes, one rank killed, restarted by itself
+def test_two_node_launch_restarts_after_a_killed_rank_and_ends_with_uninterrupted_weights(tmp_path):
+    """tools/launch.sh on 2 "nodes" of 1 CPU process (127.0.0.1, c10d rendezvous, RESTARTS=1; with
+    train.aux_weight=0 under DDP): node 1's process is SIGKILLed at the end of iteration 3 of 4 (after
+    the iteration-2 checkpoint); every process restarts, resumes from that checkpoint and ends with
+    the weights of an uninterrupted 2-process run, bit for bit."""
+    import signal
+    import socket
+    from engine.trainer import KILL_AT_ITER_ENV
+    from datasets import build_dataset
+    from utils.checkpoint import load_checkpoint
+    script, config = "tool_train/synthetic/pspnet18_none.sh", "config/synthetic/synthetic_pspnet18_none.yaml"
+    args = [f"data.root={tmp_path / 'data'}", "data.synthetic.num_train=16", "data.synthetic.num_val=4",
+            "data.synthetic.size=41", "data.crop_size=[33,33]", "data.workers=0", "model.width=0.25",
+            "train.epochs=1", "train.batch_size=4", "train.eval_freq=0", "train.save_iter_freq=2", "train.print_freq=1",
+            "train.aux_weight=0", "device=cpu"]
+    build_dataset(load_config(config, args), "train")  # the data, written once before the processes read it
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("NGPU", "NNODES", "NODE_RANK", "MASTER_", "RDZV_",
+                                                                    "RESTARTS", "SEGROBUST_TEST", "TORCHELASTIC"))}
+    base.update(OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    elastic = dict(base, NGPU="1", NNODES="2", RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID="kill-test", RESTARTS="1")
+    jobs = [(["sh", script, f"exp_dir={tmp_path / 'ref'}", *args], dict(base, NGPU="2")),
+            (["sh", script, f"exp_dir={tmp_path / 'killed'}", *args], dict(elastic, NODE_RANK="0")),
+            (["sh", script, f"exp_dir={tmp_path / 'killed'}", *args], dict(elastic, NODE_RANK="1",
+                                                                        **{KILL_AT_ITER_ENV: "3"}))]
+    procs = []
+    try:
+        procs.append(subprocess.Popen(jobs[0][0], cwd=ROOT, env=jobs[0][1], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+        ref_out = procs[0].communicate(timeout=240)[0]
+        assert procs[0].returncode == 0, ref_out[-3000:]
+        for cmd, env in jobs[1:]:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, start_new_session=True))
+        outs = [p.communicate(timeout=240)[0] for p in procs[1:]]
+        assert [p.returncode for p in procs[1:]] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    finally:
+        for p in procs:  # the ranks end with their launcher (utils/dist.exit_with_parent)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    logs = "".join(open(f).read() for f in glob.glob(str(tmp_path / "killed" / "train-*.log"))) + "".join(outs)
+    assert "restart 1 of the job: continuing from the newest checkpoint" in logs
+    assert "at epoch 0, iteration 2 (2 iterations into epoch 1)" in logs
+    a, b = (load_checkpoint(str(tmp_path / d / "model" / "last.pth")) for d in ("ref", "killed"))
+    assert a["iteration"] == b["iteration"] == 4
+    init = load_checkpoint(str(tmp_path / "killed" / "model" / "iter_2.pth"))["model"]
+    assert any(not torch.equal(v, init[k]) for k, v in a["model"].items())  # iterations 3-4 moved the weights
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k

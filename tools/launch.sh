@@ -68,7 +68,10 @@ launch() {
     RDZV_ID=${RDZV_ID:-segrobust-$(printf '%s' "$exp_dir" | cksum | cut -d ' ' -f 1)}
     if [ "$NNODES" -gt 1 ] || [ -n "${RDZV_ENDPOINT:-}" ] || { [ "$NGPU" -gt 1 ] && [ -n "${MASTER_PORT:-}" ]; }; then
         # c10d rendezvous: the nodes meet at RDZV_ENDPOINT; after a failure every process restarts
-        # (up to RESTARTS times) and meets again there
+        # (up to RESTARTS times) and meets again there. The processes get a new store for each round
+        # (rank 0's node hosts it on a free port): in the rendezvous' own store, which outlives a
+        # round, the restarted processes would read the dead ones' addresses and fail to connect
+        export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
         set -- -m torch.distributed.run --nproc_per_node="$NGPU" --nnodes="$NNODES" --rdzv_backend=c10d \
             --rdzv_endpoint="${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}" \
             --rdzv_id="$RDZV_ID" --max_restarts="$RESTARTS" "$kind.py" --config "$config" "$@"

@@ -24,51 +24,17 @@ def _np(a: Array) -> np.ndarray:
 
 
 def class_map(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Index of the highest score along `dim` (the predicted class map), the first one on ties.
-
-    Equal to ``scores.argmax(dim)`` (NaN included), which attacks need every iteration. On the CPU
-    build the index reductions over the channel dimension of an NCHW tensor are slow (argmax 20 ms,
-    ``max(dim).indices`` 3 ms at 8x6x97x97; the latter 40 ms at 4x151x128x128) while a value
-    reduction is not (``amax``: 5 ms at 4x151x128x128). So on the CPU the index comes from values:
-    the largest of (C-1-c) over the classes c that reach the maximum is C-1 minus the first of them
-    (20 ms there). A NaN compares unequal to the maximum, leaving no class; those maps (and GPUs,
-    where argmax is fast) take ``max(dim).indices``."""
-    c = scores.shape[dim] if scores.dim() else 0
-    if scores.device.type != "cpu" or not scores.is_floating_point() or not 0 < c <= 32767:
-        return scores.max(dim).indices
-    shape = [1] * scores.dim()
-    shape[dim] = c
-    rev = torch.arange(c - 1, -1, -1, dtype=torch.int16, device=scores.device).view(shape)
-    top = torch.where(scores == scores.amax(dim, keepdim=True), rev, -1).amax(dim)
-    if bool((top < 0).any()):  # a NaN somewhere (one host sync, free on the CPU)
-        return scores.max(dim).indices
-    return (c - 1) - top.long()
+    """Index of the highest score along `dim` (the predicted class map): ``scores.argmax(dim)``, so the
+    first class on ties and the NaN's class where a score is NaN."""
+    return scores.argmax(dim)
 
 
 def label_hits(scores: torch.Tensor, y: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bool [B,H,W]: where the class map of `scores` [B,C,H,W] is the label y (and `valid`, if given).
 
-    Equal to ``(class_map(scores) == y) & valid``, ties and NaN included. On the CPU it is found from
-    values, without the class map (an index reduction over every class, the larger share of an APGD
-    iteration's own work at 151 classes): y wins a pixel where its score is the maximum and no other
-    class reaches it (an ``amax``, a comparison and a count over the classes: 17 against 23 ms at
-    4x151x128x128, one thread; its largest temporary is a byte per score, where the copy of the
-    scores with y's own masked, 3 ms faster, raised APGD's peak by the size of the logits). A valid
-    pixel where y ties with another class, or a NaN anywhere, is rare (degenerate heads) and sends
-    the batch to the class map. `y` may hold an ignore label outside [0, C) only where `valid` is False."""
-    valid = torch.ones_like(y, dtype=torch.bool) if valid is None else valid
-    c = scores.shape[1]
-    if scores.device.type != "cpu" or not scores.is_floating_point() or not 0 < c <= 32767:
-        return (class_map(scores) == y) & valid
-    top = scores.amax(1, keepdim=True)
-    own = scores.gather(1, torch.where(valid, y, torch.zeros_like(y)).unsqueeze(1))
-    reach = scores == top
-    # classes at the maximum per pixel; bytes summed as bytes below 256 classes (no cast copy)
-    reach = reach.view(torch.uint8).sum(1, dtype=torch.uint8) if c < 256 else reach.sum(1, dtype=torch.int16)
-    wins = (own == top).squeeze(1) & valid
-    if bool((wins & (reach > 1)).any() | (top != top).any()):  # one host sync, free on the CPU
-        return (class_map(scores) == y) & valid
-    return wins  # at these pixels y alone reaches the maximum
+    ``(class_map(scores) == y) & valid``; `y` may hold an ignore label outside [0, C) where `valid` is False."""
+    hit = class_map(scores) == y
+    return hit if valid is None else hit & valid
 
 
 def label_counts(labels: torch.Tensor, classes: int, ignore: int = 255) -> torch.Tensor:

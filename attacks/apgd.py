@@ -15,12 +15,13 @@ images in the batch (SEA's code stops only when the whole batch is at 0, sea.md 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from .base import ImageSeeds, PassCounter, counted, input_grad, project, uniform_noise
-from .losses import PixelTerms, get_loss, image_loss
+from .losses import PixelTerms, get_loss, image_loss, pixel_terms
 from .registry import register_attack
 
 MOMENTUM = 0.75          # a in x + a(u - x) + (1 - a)(x - x_prev)
@@ -57,106 +58,155 @@ def prr_schedule(steps: int, eps: float, prr: bool = True) -> List[Tuple[int, fl
     return [s for s in stages if s[0] > 0]
 
 
+@dataclass
+class _Images:
+    """The per-image state of one APGD stage, every field batch-first, so that ``select(keep)`` takes
+    the same rows of all of it (the images that stay in the batch at an early stop)."""
+    rows: torch.Tensor            # original row of each image still in the batch
+    x: torch.Tensor               # clean images (the ball's centres)
+    y: torch.Tensor
+    n_valid: torch.Tensor         # labelled pixels per image (accuracy's denominator)
+    x_adv: torch.Tensor           # current iterate, its predecessor and the gradient at it
+    x_prev: torch.Tensor
+    g: torch.Tensor
+    eta: torch.Tensor             # step size [B,1,...]
+    x_best: torch.Tensor          # highest tracked loss so far: point, gradient, loss (restarts)
+    g_best: torch.Tensor
+    loss_best: torch.Tensor
+    loss_best_last: torch.Tensor  # loss_best and whether eta was reduced, at the last checkpoint
+    reduced_last: torch.Tensor
+    prev_loss: torch.Tensor       # tracked loss of the previous iterate
+    increases: torch.Tensor       # [B, n]: whether iteration i raised the tracked loss
+    x_best_adv: torch.Tensor      # lowest pixel accuracy so far: point, accuracy (the result)
+    acc: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> "_Images":
+        return _Images(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
+
+    def view(self) -> Tuple[int, ...]:
+        """Shape that broadcasts a per-image value over an image."""
+        return (self.x.shape[0],) + (1,) * (self.x.dim() - 1)
+
+
+def _tracked(t: PixelTerms, n_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tracked loss: pixel-mean CE, pixel accuracy) per image. Fix (sea.md §9.1.1): ignored pixels
+    are excluded from the accuracy's numerator and denominator, here and at the initial point alike
+    (the original counted them wrong at init and right in the loop)."""
+    with torch.no_grad():
+        hits = t.correct.flatten(1).sum(1, dtype=torch.int64)  # a count, exact in any dtype
+        return image_loss(t.ce.detach()), hits.to(n_valid.dtype) / n_valid
+
+
+def _grad_at(fwd: Callable, xa: torch.Tensor, y: torch.Tensor, n_valid: torch.Tensor, loss_fn: Callable,
+             loss_kw: dict, step: int, steps: int, counter: Optional[PassCounter]):
+    """(tracked loss, accuracy, input gradient of the attack loss) at xa from one forward."""
+    xa = xa.detach().requires_grad_(True)
+    logits = fwd(xa)
+    t = pixel_terms(logits, y, loss_kw["ignore_index"])
+    per_pixel = loss_fn(logits, t, weights=loss_kw["weights"], step=step, steps=steps)
+    tracked = _tracked(t, n_valid)
+    del t, logits  # not held through the backward, unless the loss's graph saved them
+    return (*tracked, input_grad(image_loss(per_pixel).sum(), xa, counter))
+
+
+def _start(x: torch.Tensor, y: torch.Tensor, n_valid: torch.Tensor, x_adv: torch.Tensor, eps: float,
+           n: int, grad_at: Callable) -> _Images:
+    """The stage's state at its starting point x_adv (one forward and backward)."""
+    loss, acc, g = grad_at(x_adv, y, n_valid, 0)
+    B = x.shape[0]
+    return _Images(
+        rows=torch.arange(B, device=x.device), x=x, y=y, n_valid=n_valid, x_adv=x_adv, x_prev=x_adv, g=g,
+        eta=torch.full((B,) + (1,) * (x.dim() - 1), 2.0 * eps, dtype=x.dtype, device=x.device),
+        x_best=x_adv.clone(), g_best=g.clone(), loss_best=loss, loss_best_last=loss.clone(),
+        reduced_last=torch.ones(B, dtype=torch.bool, device=x.device),
+        prev_loss=torch.zeros_like(loss),  # loss_steps[-1] reads 0 at the first check (inherited quirk)
+        increases=torch.zeros(B, n, dtype=torch.int32, device=x.device), x_best_adv=x_adv.clone(), acc=acc)
+
+
+def _move(s: _Images, i: int, eps: float) -> None:
+    """The momentum sign step from s.x_adv (a = 1 at the first iteration), projected onto the ball."""
+    with torch.no_grad():
+        a = 1.0 if i == 0 else MOMENTUM
+        u = project(s.x_adv + s.eta * s.g.sign(), s.x, eps)
+        x_new = project(s.x_adv + a * (u - s.x_adv) + (1 - a) * (s.x_adv - s.x_prev), s.x, eps)
+        s.x_prev, s.x_adv = s.x_adv, x_new
+
+
+def _record(s: _Images, i: int, loss_now: torch.Tensor, pa: torch.Tensor) -> None:
+    """Bookkeeping of iterate i: the lowest-accuracy point, the loss history and the highest-loss point."""
+    with torch.no_grad():
+        view = s.view()
+        # lowest accuracy, ties -> newer iterate, except at 0 (FREEZE): the first iterate at 0
+        # accuracy is kept, so whether an image runs on after reaching 0 (early stop, or the
+        # other images of its batch still running) never changes its result. SEA's code keeps
+        # the last one, which makes a result depend on the other images in the batch.
+        upd = (pa <= s.acc) & (s.acc > 0)
+        s.acc = torch.minimum(s.acc, pa)
+        s.x_best_adv = torch.where(upd.view(view), s.x_adv, s.x_best_adv)
+        s.increases[:, i] = (loss_now > s.prev_loss).to(torch.int32)
+        s.prev_loss = loss_now
+        better = loss_now > s.loss_best
+        s.x_best = torch.where(better.view(view), s.x_adv, s.x_best)
+        s.g_best = torch.where(better.view(view), s.g, s.g_best)
+        s.loss_best = torch.where(better, loss_now, s.loss_best)
+
+
+def _checkpoint(s: _Images, i: int, k: int) -> None:
+    """At a checkpoint closing a window of k iterations: halve eta where the tracked loss oscillated or
+    stalled, and restart those images from their highest-loss point."""
+    with torch.no_grad():
+        view = s.view()
+        oscillating = s.increases[:, i - k + 1:i + 1].sum(1) <= RHO * k
+        stalled = ~s.reduced_last & (s.loss_best_last >= s.loss_best)
+        reduce = oscillating | stalled
+        s.reduced_last, s.loss_best_last = reduce, s.loss_best.clone()
+        s.eta = torch.where(reduce.view(view), s.eta / 2, s.eta)
+        s.x_adv = torch.where(reduce.view(view), s.x_best, s.x_adv)
+        s.g = torch.where(reduce.view(view), s.g_best, s.g)
+
+
 def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor, eps: float, n: int,
            loss_fn: Callable, loss_kw: dict, n_valid: torch.Tensor, early_stop: bool,
            counter: Optional[PassCounter]) -> Tuple[torch.Tensor, torch.Tensor]:
     """One APGD run of n iterations at radius eps from x_init; returns (lowest-accuracy point, its accuracy).
 
     With ``early_stop``, every EARLY_STOP_EVERY iterations the images at 0 pixel accuracy leave the
-    batch (their point is final: see FREEZE below), so they cost no more passes and the others run on.
+    batch (their point is final: see FREEZE in ``_record``), so they cost no more passes and the
+    others run on.
     """
-    # results of images that left the batch (early stop); allocated when the first one leaves
-    out_x: Optional[torch.Tensor] = None
+    def grad_at(xa, y, n_valid, step):
+        return _grad_at(fwd, xa, y, n_valid, loss_fn, loss_kw, step, n, counter)
+
+    s = _start(x, y, n_valid, x_init.detach().clone(), eps, n, grad_at)
+    out_x = None  # results of images that left the batch, allocated when the first one leaves
     out_acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    rows = torch.arange(x.shape[0], device=x.device)  # original row of each image still in the batch
-
-    def summary(terms: PixelTerms, n_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(tracked loss: pixel-mean CE, pixel accuracy) per image. Fix (sea.md §9.1.1): ignored pixels
-        are excluded from the accuracy's numerator and denominator, here and at the initial point
-        alike (the original counted them wrong at init and right in the loop)."""
-        with torch.no_grad():
-            return image_loss(terms.ce.detach()), terms.hit.flatten(1).sum(1).to(x.dtype) / n_valid
-
-    def grad_at(xa: torch.Tensor, y: torch.Tensor, n_valid: torch.Tensor, step: int):
-        """(tracked loss, accuracy, input gradient) at xa from one forward: the attack loss and the
-        tracked values share its log-softmax and label-hit mask; nothing of the size of the logits
-        outlives the call."""
-        xa = xa.detach().requires_grad_(True)
-        terms = PixelTerms(fwd(xa), y, loss_kw["ignore_index"])
-        per_pixel = loss_fn(terms.logits, y, step=step, steps=n, terms=terms, **loss_kw)
-        tracked = summary(terms, n_valid)
-        del terms  # the logits die here unless the loss's graph saved them: not held through the backward
-        return (*tracked, input_grad(image_loss(per_pixel).sum(), xa, counter))
-
-    x_adv = x_init.detach().clone()
-    loss_best, acc, g = grad_at(x_adv, y, n_valid, 0)
-    B = x.shape[0]
-    view = (B,) + (1,) * (x.dim() - 1)
-    eta = torch.full(view, 2.0 * eps, dtype=x.dtype, device=x.device)
-    x_best, x_best_adv, g_best = x_adv.clone(), x_adv.clone(), g.clone()
-    loss_best_last = loss_best.clone()
-    reduced_last = torch.ones(B, dtype=torch.bool, device=x.device)
-    prev_loss = torch.zeros_like(loss_best)  # loss_steps[-1] reads 0 at the first check (inherited quirk)
-    increases = torch.zeros(n, B, dtype=torch.int32, device=x.device)
-    x_prev = x_adv
     k, k_min, k_decr = checkpoint_params(n)
     since = 0
     for i in range(n):
-        with torch.no_grad():
-            a = 1.0 if i == 0 else MOMENTUM
-            u = project(x_adv + eta * g.sign(), x, eps)
-            x_new = project(x_adv + a * (u - x_adv) + (1 - a) * (x_adv - x_prev), x, eps)
-            x_prev, x_adv = x_adv, x_new
-            del u, x_new
+        _move(s, i, eps)
         if i < n - 1:
-            g = None  # replaced by the new point's gradient: not held through its backward
-            loss_now, pa, g = grad_at(x_adv, y, n_valid, i + 1)
+            s.g = None  # replaced by the new point's gradient: not held through its backward
+            loss_now, pa, s.g = grad_at(s.x_adv, s.y, s.n_valid, i + 1)
         else:  # the last iterate's gradient is never used: forward only
             with torch.no_grad():
-                loss_now, pa = summary(PixelTerms(fwd(x_adv), y, loss_kw["ignore_index"]), n_valid)
-        with torch.no_grad():
-            # lowest accuracy, ties -> newer iterate, except at 0 (FREEZE): the first iterate at 0
-            # accuracy is kept, so whether an image runs on after reaching 0 (early stop, or the
-            # other images of its batch still running) never changes its result. SEA's code keeps
-            # the last one, which makes a result depend on the other images in the batch.
-            upd = (pa <= acc) & (acc > 0)
-            acc = torch.minimum(acc, pa)
-            x_best_adv = torch.where(upd.view(view), x_adv, x_best_adv)
-            increases[i] = (loss_now > prev_loss).to(torch.int32)
-            prev_loss = loss_now
-            better = loss_now > loss_best
-            x_best = torch.where(better.view(view), x_adv, x_best)
-            g_best = torch.where(better.view(view), g, g_best)
-            loss_best = torch.where(better, loss_now, loss_best)
-            since += 1
-            if since == k:
-                oscillating = increases[i - k + 1:i + 1].sum(0) <= RHO * k
-                stalled = ~reduced_last & (loss_best_last >= loss_best)
-                reduce = oscillating | stalled
-                reduced_last, loss_best_last = reduce, loss_best.clone()
-                eta = torch.where(reduce.view(view), eta / 2, eta)
-                x_adv = torch.where(reduce.view(view), x_best, x_adv)
-                g = torch.where(reduce.view(view), g_best, g)
-                since, k = 0, max(k - k_decr, k_min)
+                loss_now, pa = _tracked(pixel_terms(fwd(s.x_adv), s.y, loss_kw["ignore_index"]), s.n_valid)
+        _record(s, i, loss_now, pa)
+        since += 1
+        if since == k:
+            _checkpoint(s, i, k)
+            since, k = 0, max(k - k_decr, k_min)
         if early_stop and (i + 1) % EARLY_STOP_EVERY == 0 and i < n - 1:
-            done = acc == 0
+            done = s.acc == 0
             if bool(done.any()):  # (one host sync per EARLY_STOP_EVERY iterations)
                 if out_x is None:
                     out_x = torch.empty_like(x_init)
-                out_x[rows[done]], out_acc[rows[done]] = x_best_adv[done], acc[done]
-                keep = ~done
-                if not bool(keep.any()):
+                out_x[s.rows[done]], out_acc[s.rows[done]] = s.x_best_adv[done], s.acc[done]
+                if bool(done.all()):
                     return out_x, out_acc
-                rows, x, y, n_valid = rows[keep], x[keep], y[keep], n_valid[keep]
-                eta, x_adv, x_prev, g, x_best, x_best_adv, g_best = (
-                    t[keep] for t in (eta, x_adv, x_prev, g, x_best, x_best_adv, g_best))
-                acc, loss_best, loss_best_last, reduced_last, prev_loss = (
-                    t[keep] for t in (acc, loss_best, loss_best_last, reduced_last, prev_loss))
-                increases = increases[:, keep]
-                view = (x.shape[0],) + (1,) * (x.dim() - 1)
+                s = s.select(~done)
     if out_x is None:  # no image left early: rows are still 0..B-1 in order
-        return x_best_adv, acc
-    out_x[rows], out_acc[rows] = x_best_adv, acc
+        return s.x_best_adv, s.acc
+    out_x[s.rows], out_acc[s.rows] = s.x_best_adv, s.acc
     return out_x, out_acc
 
 

@@ -1,7 +1,7 @@
 """Per-pixel attack losses for segmentation (sea.md §1.2, field.md §1.2-1.3, §1.5).
 
-Every loss maps logits [B,C,H,W] and labels [B,H,W] (``ignore_index`` = ignored) to a per-pixel
-value [B,H,W] that is exactly 0, in value and gradient, at ignored pixels. Masks that depend on the
+Every loss maps logits [B,C,H,W] and their ``pixel_terms`` (of labels [B,H,W], ``ignore_index`` =
+ignored) to a per-pixel value [B,H,W] that is exactly 0, in value and gradient, at ignored pixels. Masks that depend on the
 prediction (currently-correct pixels, SegPGD's weights, CosPGD's cosine) are recomputed from the
 logits given and detached. Per-image losses are the mean over all H*W pixels (``image_loss``), as in
 SEA: the divisor is neither the number of valid nor of correct pixels.
@@ -22,8 +22,7 @@ class over the *training* split (``utils.metrics.label_counts`` accumulates them
 from __future__ import annotations
 
 import math
-from functools import cached_property, wraps
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,193 +36,101 @@ LOSSES = Registry("loss")
 LOG2 = math.log(2.0)
 
 
-def _differentiable(fn: Callable) -> property:
-    """A property cached only when it carries its gradient: asked for under ``no_grad`` (APGD's
-    tracked CE, a detached factor) it is computed without a graph and not kept, so no graph is built
-    for a tracked value and a loss asking later still gets a differentiable term."""
-    name = fn.__name__
-
-    @wraps(fn)
-    def get(self):
-        if name in self.__dict__:
-            return self.__dict__[name]
-        value = fn(self)
-        if self.keeps_terms():
-            self.__dict__[name] = value
-        return value
-    return property(get)
+class PixelTerms(NamedTuple):
+    """What the losses of one forward and APGD's bookkeeping share (``pixel_terms``)."""
+    valid: torch.Tensor    # bool [B,H,W]: pixels with a label
+    yv: torch.Tensor       # the labels with ignored pixels at class 0 (an index every gather can take)
+    logp: torch.Tensor     # log softmax(z) [B,C,H,W], differentiable
+    logp_y: torch.Tensor   # log softmax(z)_y [B,H,W], differentiable
+    ce: torch.Tensor       # per-pixel CE [B,H,W], exactly 0 (value and gradient) at ignored pixels
+    correct: torch.Tensor  # detached mask [B,H,W] in the logits' dtype: valid and argmax(z) == y
 
 
-class PixelTerms:
-    """What the losses of one forward share, each computed once and only when asked for: the
-    log-softmax, the per-pixel CE and the currently-correct mask.
-
-    An attack iteration builds one for its forward, so the attack loss and the tracked quantities
-    (APGD's CE and pixel accuracy) reuse one log-softmax and one correct mask instead of recomputing
-    them over every class (the cost that grows with the number of classes)."""
-
-    def __init__(self, logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255):
-        self.logits, self.y, self.ignore_index = logits, y, ignore_index
-        self.valid = y != ignore_index
-        self.yv = torch.where(self.valid, y, torch.zeros_like(y))  # ignored pixels gather class 0
-
-    def keeps_terms(self) -> bool:
-        """Whether a differentiable term computed now carries its gradient, and so may be cached."""
-        return torch.is_grad_enabled() or not self.logits.requires_grad
-
-    @_differentiable
-    def logp(self) -> torch.Tensor:
-        """log softmax(z) [B,C,H,W], held only until ``logp_y`` is built from it (ask for it first)."""
-        return F.log_softmax(self.logits, 1)
-
-    @_differentiable
-    def logp_y(self) -> torch.Tensor:
-        """log softmax(z)_y [B,H,W] (differentiable; class 0 at ignored pixels)."""
-        # the full log-softmax is released here: the graph keeps it only until its backward node has
-        # run, before the model's backward, so holding it would raise an attack's peak by one logits
-        # (asked for under no_grad while logits need a gradient, the result is not kept: then a cached
-        # log-softmax stays for the differentiable logp_y asked for later)
-        lp = self.__dict__.pop("logp", None) if self.keeps_terms() else self.__dict__.get("logp")
-        if lp is None:
-            lp = F.log_softmax(self.logits, 1)
-        return lp.gather(1, self.yv.unsqueeze(1)).squeeze(1)
-
-    @_differentiable
-    def ce(self) -> torch.Tensor:
-        """Per-pixel CE, exactly 0 (value and gradient) at ignored pixels: F.cross_entropy(...,
-        reduction='none') bit for bit (nll of the same log-softmax)."""
-        return torch.where(self.valid, -self.logp_y, torch.zeros_like(self.logp_y))
-
-    @cached_property
-    def hit(self) -> torch.Tensor:
-        """Bool mask of valid pixels whose prediction (argmax) is the label (found without the class
-        map on the CPU: ``utils.metrics.label_hits``)."""
-        return label_hits(self.logits.detach(), self.y, self.valid)
-
-    @cached_property
-    def correct(self) -> torch.Tensor:
-        """`hit` as a detached float mask in the logits' dtype (a factor of the masked losses)."""
-        return self.hit.to(self.logits.dtype)
-
-
-def _terms(logits, y, ignore_index: int, terms: Optional[PixelTerms]) -> PixelTerms:
-    return terms if terms is not None else PixelTerms(logits, y, ignore_index)
+def pixel_terms(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255) -> PixelTerms:
+    """One forward's per-pixel terms, each computed once: the attack loss and APGD's tracked CE and
+    accuracy read them from here. The CE is F.cross_entropy(..., reduction='none') bit for bit (the
+    nll of the same log-softmax). Drop the result before the input backward: ``logp`` is the size of
+    the logits, and the graph keeps its own reference only until log_softmax's backward has run."""
+    valid = y != ignore_index
+    yv = torch.where(valid, y, torch.zeros_like(y))
+    logp = F.log_softmax(logits, 1)
+    logp_y = logp.gather(1, yv.unsqueeze(1)).squeeze(1)
+    ce = torch.where(valid, -logp_y, torch.zeros_like(logp_y))
+    correct = label_hits(logits.detach(), y, valid).to(logits.dtype)
+    return PixelTerms(valid, yv, logp, logp_y, ce, correct)
 
 
 @LOSSES.register("ce")
-def ce_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
+def ce_loss(logits: torch.Tensor, t: PixelTerms, **_) -> torch.Tensor:
     """Cross-entropy per pixel; 0 at ignored pixels."""
-    return _terms(logits, y, ignore_index, terms).ce
+    return t.ce
 
 
 @LOSSES.register("mask-ce")
-def masked_ce_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
+def masked_ce_loss(logits: torch.Tensor, t: PixelTerms, **_) -> torch.Tensor:
     """CE on pixels that are currently classified correctly; exactly 0 elsewhere."""
-    t = _terms(logits, y, ignore_index, terms)
     return t.correct * t.ce
 
 
 @LOSSES.register("mask-ce-bal")
-def masked_balanced_ce_loss(logits, y, *, ignore_index=255, weights: Optional[torch.Tensor] = None,
-                            terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
+def masked_balanced_ce_loss(logits: torch.Tensor, t: PixelTerms, *, weights: Optional[torch.Tensor] = None,
+                            **_) -> torch.Tensor:
     """w[y] * mask-ce, with w a fixed per-class vector (not renormalised; sign steps make scale moot)."""
     if weights is None:
         raise SetupError("loss 'mask-ce-bal' needs class weights (attack option 'class_weights'); "
                          "get them with attacks.losses.class_weights_from_counts(training label counts)")
-    t = _terms(logits, y, ignore_index, terms)
     w = torch.as_tensor(weights, dtype=logits.dtype, device=logits.device)
     return w[t.yv] * (t.correct * t.ce)
 
 
 @LOSSES.register("js")
-def js_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
+def js_loss(logits: torch.Tensor, t: PixelTerms, **_) -> torch.Tensor:
     """JS(p || e_y) = log 2 + 1/2 [p_y log p_y - (1+p_y) log(1+p_y)], p = softmax(logits).
 
     Computed from log-softmax, so it stays finite where softmax underflows (the two-KL form of the
     original code can give 0 * log 0 = NaN there; sea.md §9.1.2). Bounded in [0, log 2].
     """
-    t = _terms(logits, y, ignore_index, terms)
-    logp_y = t.logp_y
-    p_y = logp_y.exp()
-    js = LOG2 + 0.5 * (p_y * logp_y - (1 + p_y) * torch.log1p(p_y))
+    p_y = t.logp_y.exp()
+    js = LOG2 + 0.5 * (p_y * t.logp_y - (1 + p_y) * torch.log1p(p_y))
     return torch.where(t.valid, js, torch.zeros_like(js))
 
 
 @LOSSES.register("segpgd")
-def segpgd_loss(logits, y, *, ignore_index=255, step: int = 0, steps: int = 1,
-                terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
+def segpgd_loss(logits: torch.Tensor, t: PixelTerms, *, step: int = 0, steps: int = 1, **_) -> torch.Tensor:
     """SegPGD: CE weighted (1-l) on correct and l on wrong pixels, l = step/(2*steps), step 0-based."""
     lam = step / (2.0 * max(steps, 1))
-    t = _terms(logits, y, ignore_index, terms)
-    c = t.correct
-    return ((1 - lam) * c + lam * (1 - c)) * t.ce
+    return ((1 - lam) * t.correct + lam * (1 - t.correct)) * t.ce
 
 
 @LOSSES.register("cospgd")
-def cospgd_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
-    """CosPGD: CE scaled by the detached cosine between softmax(z) and onehot(y), i.e. p_y / ||p||_2.
-
-    p is exp of the CE's log-softmax rather than a second softmax, and ||p||_2 a sum of squares rather
-    than the CPU build's slow norm reduction over channels: at 151 classes that is 3 passes over the
-    logits instead of 6 (cos agrees with the softmax form to within a few float32 ulps)."""
-    t = _terms(logits, y, ignore_index, terms)
-    lp = t.logp   # outside no_grad, and before ce, whose logp_y releases it from the terms
-    ce = t.ce
+def cospgd_loss(logits: torch.Tensor, t: PixelTerms, **_) -> torch.Tensor:
+    """CosPGD: CE scaled by the detached cosine between softmax(z) and onehot(y), i.e. p_y / ||p||_2,
+    with p the exp of the CE's log-softmax (no second softmax)."""
     with torch.no_grad():
-        p = lp.detach().exp()
+        p = t.logp.detach().exp()
         cos = t.logp_y.detach().exp() / p.mul_(p).sum(1).sqrt().clamp_min(1e-12)
-    return cos * ce
+    return cos * t.ce
 
 
-class _NormCorrectLogit(torch.autograd.Function):
-    """-c * z_y / max(||z||_2, 1e-12) per pixel, ||z||_2 = sqrt(sum_k z_k^2), c a detached factor.
-
-    The norm is a plain sum of squares: the CPU build's ``torch.linalg.vector_norm`` over channels is
-    a scalar strided loop, about 6x slower (50 against 8 ms at 4x151x128x128, 5 % of a DRN-D-22
-    attack iteration), and differs from it only in the rounding of the sum. The backward is autograd's
-    arithmetic for that expression, operation for operation, in one product and one scatter-add over
-    the logits instead of autograd's six passes, so the gradient is autograd's bit for bit
-    (tests/test_performance.py) except where ||z|| = 0: autograd's sqrt backward gives 0/0 = NaN
-    there, this gives the norm term its subgradient 0."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, yv: torch.Tensor, neg_c: torch.Tensor) -> torch.Tensor:
-        n_raw = (z * z).sum(1).sqrt()
-        n = n_raw.clamp_min(1e-12)
-        q = z.gather(1, yv.unsqueeze(1)).squeeze(1) / n
-        ctx.save_for_backward(z, yv, neg_c, n_raw, n, q)
-        return neg_c * q
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        z, yv, neg_c, n_raw, n, q = ctx.saved_tensors
-        grad_q = g * neg_c                                           # MulBackward
-        grad_zy = grad_q / n                                         # DivBackward, numerator
-        grad_n = -grad_q * (q / n)                                   # DivBackward, denominator
-        grad_n = torch.where(n_raw >= 1e-12, grad_n, torch.zeros_like(grad_n))  # ClampMinBackward
-        grad_s = grad_n / (2 * n_raw)                                # SqrtBackward
-        grad_s = torch.where(n_raw > 0, grad_s, torch.zeros_like(grad_s))
-        # SumBackward expands grad_s; MulBackward of z * z gives grad_s * z twice, and their sum is
-        # exactly z * (2 * grad_s) (doubling is exact); then the gather's gradient is added
-        gz = z * (2 * grad_s).unsqueeze(1)
-        return gz.scatter_add_(1, yv.unsqueeze(1), grad_zy.unsqueeze(1)), None, None
+def _label_logit_over_norm(logits: torch.Tensor, yv: torch.Tensor) -> torch.Tensor:
+    """z_y / max(||z||_2, 1e-12) per pixel, ||z||_2 as the root of a sum of squares. The sum is clamped
+    at 1e-24 before the root as well, so where z = 0 the norm term's gradient is 0, not sqrt's 0/0."""
+    z_y = logits.gather(1, yv.unsqueeze(1)).squeeze(1)
+    return z_y / (logits * logits).sum(1).clamp_min(1e-24).sqrt().clamp_min(1e-12)
 
 
 @LOSSES.register("mask-norm-corrlog")
-def masked_norm_correct_logit_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None,
-                                   **_) -> torch.Tensor:
+def masked_norm_correct_logit_loss(logits: torch.Tensor, t: PixelTerms, **_) -> torch.Tensor:
     """-(z_y / ||z||_2) on currently-correct valid pixels (the loss is minimised w.r.t. the true logit)."""
-    t = _terms(logits, y, ignore_index, terms)
-    return _NormCorrectLogit.apply(logits, t.yv, -t.correct)
+    return (-t.correct) * _label_logit_over_norm(logits, t.yv)
 
 
 @LOSSES.register("cos")
-def cos_loss(logits, y, *, ignore_index=255, terms: Optional[PixelTerms] = None, **_) -> torch.Tensor:
+def cos_loss(logits: torch.Tensor, t: PixelTerms, **_) -> torch.Tensor:
     """1 - cos(z, onehot(y)) = 1 - z_y / ||z||_2 on the raw logits at every valid pixel (Halmosi et al.'s
     PAdam-Cos; torch's cosine_similarity clamps the norm at 1e-8, this at 1e-12 as mask-norm-corrlog)."""
-    t = _terms(logits, y, ignore_index, terms)
     valid = t.valid.to(logits.dtype)
-    return valid + _NormCorrectLogit.apply(logits, t.yv, -valid)
+    return valid + (-valid) * _label_logit_over_norm(logits, t.yv)
 
 
 def get_loss(name: str) -> Callable[..., torch.Tensor]:
@@ -232,11 +139,9 @@ def get_loss(name: str) -> Callable[..., torch.Tensor]:
 
 
 def pixel_loss(name: str, logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255,
-               weights: Optional[torch.Tensor] = None, step: int = 0, steps: int = 1,
-               terms: Optional[PixelTerms] = None) -> torch.Tensor:
-    """Per-pixel loss [B,H,W] by name; `terms` (of the same logits and labels) shares their work."""
-    return get_loss(name)(logits, y, ignore_index=ignore_index, weights=weights, step=step, steps=steps,
-                          terms=terms)
+               weights: Optional[torch.Tensor] = None, step: int = 0, steps: int = 1) -> torch.Tensor:
+    """Per-pixel loss [B,H,W] by name, from the logits and labels."""
+    return get_loss(name)(logits, pixel_terms(logits, y, ignore_index), weights=weights, step=step, steps=steps)
 
 
 def image_loss(per_pixel: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from .base import ImageSeeds, PassCounter, counted, input_grad, uniform_noise
-from .losses import get_loss, image_loss
+from .losses import get_loss, image_loss, pixel_loss
 from .registry import register_attack
 
 DEFAULT_LR = 2.0 / 255  # Halmosi et al.'s step size (lr), in [0,1] units
@@ -35,14 +35,14 @@ def padam(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, st
     Published settings: 200 steps. Cost: `steps` forwards and backwards per image.
     """
     lr = DEFAULT_LR if alpha is None else alpha
-    loss_fn = get_loss(loss)
+    get_loss(loss)  # an unknown name fails before the first forward
     fwd = counted(forward, counter)
     x = x.detach()
     delta = (x + uniform_noise(x, eps, rng)).clamp(0, 1) - x
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=lr, amsgrad=True, maximize=True)
     for t in range(steps):
-        per_pixel = loss_fn(fwd(x + delta), y, ignore_index=ignore_index, step=t, steps=steps)
+        per_pixel = pixel_loss(loss, fwd(x + delta), y, ignore_index, step=t, steps=steps)
         delta.grad = input_grad(image_loss(per_pixel).sum(), delta, counter)
         opt.step()
         with torch.no_grad():

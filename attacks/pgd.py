@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from .base import ImageSeeds, PassCounter, counted, input_grad, project, uniform_noise
-from .losses import get_loss, image_loss
+from .losses import get_loss, image_loss, pixel_loss
 from .registry import register_attack
 
 
@@ -58,10 +58,10 @@ def sign_attack(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: flo
                 normalize_grad: bool = True, ignore_index: int = 255, class_weights=None,
                 counter: Optional[PassCounter] = None, rng: Optional[ImageSeeds] = None) -> torch.Tensor:
     """`sign_steps` on the per-image mean of the per-pixel ``loss``, summed over the batch."""
-    loss_fn = get_loss(loss)
+    get_loss(loss)  # an unknown name fails before the first forward
 
     def objective(logits: torch.Tensor, t: int) -> torch.Tensor:
-        per_pixel = loss_fn(logits, y, ignore_index=ignore_index, weights=class_weights, step=t, steps=steps)
+        per_pixel = pixel_loss(loss, logits, y, ignore_index, weights=class_weights, step=t, steps=steps)
         return image_loss(per_pixel).sum()
     return sign_steps(forward, x, objective, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
                       decay=decay, normalize_grad=normalize_grad, counter=counter, rng=rng)

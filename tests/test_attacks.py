@@ -17,7 +17,7 @@ from attacks import (ATTACKS, LOSSES, PassCounter, attack_mode, build_attack,  #
                      class_weights_from_counts, ensemble_members, expand_attacks, needs_class_weights)
 from attacks.apgd import EARLY_STOP_EVERY, apgd_checkpoints, prr_schedule  # noqa: E402
 from attacks.houdini import houdini_loss  # noqa: E402
-from attacks.losses import js_loss, pixel_loss  # noqa: E402
+from attacks.losses import pixel_loss, pixel_terms  # noqa: E402
 from utils.errors import SetupError  # noqa: E402
 
 IGN = 255
@@ -44,13 +44,13 @@ def test_js_closed_form_equals_definition():
     m = (p + q) / 2
     kl_pm = (p * (p / m).log()).sum(1)
     kl_qm = torch.where(q > 0, q * (q / m).log(), torch.zeros_like(q)).sum(1)
-    assert torch.allclose(js_loss(z, y), 0.5 * kl_pm + 0.5 * kl_qm, atol=1e-12)
+    assert torch.allclose(pixel_loss("js", z, y), 0.5 * kl_pm + 0.5 * kl_qm, atol=1e-12)
 
 
 def test_js_bounds_and_no_nan_when_softmax_underflows():
     z = torch.tensor([[[[1e4]], [[-1e4]]]], dtype=torch.float32, requires_grad=True)  # p_0 = 1, p_1 = 0
-    v0 = js_loss(z, torch.tensor([[[0]]]))
-    v1 = js_loss(z, torch.tensor([[[1]]]))
+    v0 = pixel_loss("js", z, torch.tensor([[[0]]]))
+    v1 = pixel_loss("js", z, torch.tensor([[[1]]]))
     assert v0.item() == pytest.approx(0.0, abs=1e-6) and v1.item() == pytest.approx(math.log(2), abs=1e-6)
     (g,) = torch.autograd.grad(v1.sum() + v0.sum(), z)
     assert torch.isfinite(g).all()
@@ -76,26 +76,26 @@ def test_cospgd_cosine_from_the_log_softmax_equals_the_definition(scale):
     assert torch.allclose(gz, ref, rtol=1e-4, atol=1e-7)
 
 
-def test_pixel_terms_first_asked_under_no_grad_stay_differentiable():
-    from attacks.losses import PixelTerms
+def test_pixel_terms_are_their_definitions_with_and_without_a_graph():
+    """pixel_terms gives the same values whether built under no_grad or not, and, with a graph, the
+    CE's gradient is cross-entropy's; the correct mask is detached."""
     z, y = _logits_labels()
     z.requires_grad_(True)
-    t = PixelTerms(z, y, IGN)
+    valid = y != IGN
+    assert valid.any() and (~valid).any()
     with torch.no_grad():
-        t.logp
-        t.logp_y
-    assert "logp" not in t.__dict__                              # the full log-softmax is not held on
-    assert not t.__dict__.keys() & {"logp_y", "ce"}               # nothing graph-less is cached
+        plain = pixel_terms(z, y, IGN)
+    t = pixel_terms(z, y, IGN)
+    assert not plain.ce.requires_grad and t.ce.requires_grad and not t.correct.requires_grad
+    for a, b in zip(plain, t):
+        assert torch.equal(a, b.detach())
+    yv = torch.where(valid, y, 0)
+    assert torch.equal(t.yv, yv) and torch.equal(t.valid, valid)
+    assert torch.equal(t.logp_y, F.log_softmax(z, 1).gather(1, yv[:, None])[:, 0])
+    assert torch.equal(t.correct, ((z.argmax(1) == y) & valid).to(z.dtype))
     (g,) = torch.autograd.grad(t.ce.sum(), z)
     (ref,) = torch.autograd.grad(F.cross_entropy(z, y, ignore_index=IGN, reduction="sum"), z)
     assert torch.allclose(g, ref)
-    t = PixelTerms(z, y, IGN)
-    lp = t.logp                                                  # differentiable: cached
-    with torch.no_grad():
-        t.logp_y
-    assert t.__dict__.get("logp") is lp                          # kept for the differentiable logp_y
-    (g,) = torch.autograd.grad(t.ce.sum(), z)
-    assert "logp" not in t.__dict__ and torch.allclose(g, ref)   # released once logp_y is built from it
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES.names()))

@@ -22,7 +22,7 @@ import benchmark  # noqa: E402
 from attacks import ATTACKS, LOSSES, build_attack  # noqa: E402
 from attacks.apgd import MOMENTUM, RHO, checkpoint_params, prr_schedule  # noqa: E402
 from attacks.base import project  # noqa: E402
-from attacks.losses import PixelTerms, pixel_loss  # noqa: E402
+from attacks.losses import pixel_loss, pixel_terms  # noqa: E402
 from utils.metrics import class_map, label_hits  # noqa: E402
 
 IGN = 255
@@ -91,10 +91,10 @@ def test_shared_ce_is_cross_entropy_bit_for_bit(classes):
     y = torch.randint(0, classes, (2, 7, 5), generator=g)
     y[:, 0] = IGN
     plain = F.cross_entropy(z, y, ignore_index=IGN, reduction="none")
-    t = PixelTerms(z, y, IGN)
+    t = pixel_terms(z, y, IGN)
     assert torch.equal(t.ce, plain)
     assert torch.equal(torch.autograd.grad(t.ce.sum(), z)[0], torch.autograd.grad(plain.sum(), z)[0])
-    assert torch.equal(t.hit, (z.argmax(1) == y) & (y != IGN))
+    assert torch.equal(t.correct, ((z.argmax(1) == y) & (y != IGN)).float())
 
 
 @pytest.mark.parametrize("classes", [2, 21, 151])

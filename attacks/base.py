@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
@@ -27,9 +26,9 @@ from utils.errors import SetupError
 from utils.registry import closest
 
 from .losses import get_loss
+from .registry import attack_spec
 
 PIXEL_OPTIONS = ("eps", "alpha")  # given in 1/255 in configs
-RUNTIME_ARGS = ("forward", "x", "y", "counter", "rng")  # passed by the caller, never config options
 
 
 @dataclass
@@ -163,19 +162,14 @@ class Attack:
     """
 
     def __init__(self, name: str, fn: Callable, *, seed: int = 0, label: Optional[str] = None, **options):
-        prepare = getattr(fn, "prepare_options", None)
-        if prepare is not None:  # an attack that also takes pixel options from a nested mapping (transfer)
-            options = prepare(name, dict(options))
-        params = inspect.signature(fn).parameters
-        valid = [k for k in params if k not in RUNTIME_ARGS]
+        spec = attack_spec(fn)
+        if spec.prepare is not None:
+            options = spec.prepare(name, dict(options))
         for k in options:
-            if k not in valid:
-                raise SetupError(f"attack '{name}' has no option '{k}'{closest(k, valid)}; valid: {', '.join(valid)}")
-        try:
-            hints = typing.get_type_hints(fn)
-        except (NameError, TypeError):  # an annotation that does not resolve: types left unchecked
-            hints = {}
-        options = {k: typed_option(name, k, v, hints.get(k)) for k, v in options.items()}
+            if k not in spec.options:
+                raise SetupError(f"attack '{name}' has no option '{k}'{closest(k, spec.options)}; "
+                                 f"valid: {', '.join(spec.options)}")
+        options = {k: typed_option(name, k, v, spec.hints.get(k)) for k, v in options.items()}
         if "eps" in options and not options["eps"] > 0:
             raise SetupError(f"attack '{name}': eps must be > 0, got {options['eps']}")
         if "alpha" in options and options["alpha"] is not None and not options["alpha"] > 0:
@@ -187,18 +181,15 @@ class Attack:
             raise SetupError(f"attack '{name}': decay must be >= 0, got {options['decay']}")
         if "loss" in options:
             get_loss(options["loss"])  # validates the name, listing the valid ones
-        missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty
-                   and k not in RUNTIME_ARGS and k not in options]
+        missing = [k for k in spec.required if k not in options]
         if missing:
             raise SetupError(f"attack '{name}' needs option(s) {', '.join(missing)}")
-        check = getattr(fn, "check_options", None)
-        if check is not None:  # attack-specific validation at build time
-            check(name, dict(options))
-        self.name, self.fn, self.options = name, fn, dict(options)
+        if spec.check is not None:
+            spec.check(name, dict(options))
+        self.name, self.fn, self.spec, self.options = name, fn, spec, dict(options)
         self.seed, self.label = seed, label or name
         self.kwargs = {k: (v / 255.0 if k in PIXEL_OPTIONS and v is not None else v) for k, v in options.items()}
         self.counter = PassCounter()
-        self.takes_rng = "rng" in params
         self.scale = 1.0
 
     def set_scale(self, factor: float) -> None:
@@ -213,11 +204,11 @@ class Attack:
     @property
     def multitask(self) -> bool:
         """True for attacks on multitask outputs: forward returns {task: output}, y is {task: target}."""
-        return bool(getattr(self.fn, "multitask", False))
+        return self.spec.multitask
 
     def __call__(self, forward: Callable, x: torch.Tensor, y, keys: Optional[Sequence] = None) -> torch.Tensor:
         """x_adv for the batch; `keys` (one image index or key tuple per row) seed its random draws."""
-        extra = {"rng": image_seeds(self.seed, self.label, keys)} if self.takes_rng and keys is not None else {}
+        extra = {"rng": image_seeds(self.seed, self.label, keys)} if self.spec.takes_rng and keys is not None else {}
         return self.fn(forward, x, y, counter=self.counter, **self.kwargs, **extra)
 
     def __repr__(self) -> str:

@@ -34,7 +34,13 @@ def logit_margin(logits: torch.Tensor, yv: torch.Tensor) -> torch.Tensor:
     return (zy - others.amax(1, keepdim=True)).squeeze(1)
 
 
-@register_attack("dag")
+def _check_dag(name: str, options: dict) -> None:
+    gamma = options.get("gamma", 0.001)
+    if not gamma > 0:
+        raise SetupError(f"attack '{name}': gamma must be > 0, got {gamma}")
+
+
+@register_attack("dag", check=_check_dag)
 def dag(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, gamma: float = 0.001,
         steps: int = 200, ignore_index: int = 255, counter: Optional[PassCounter] = None) -> torch.Tensor:
     """DAG with step `gamma` (L-inf-normalised gradient) for `steps` iterations, projected to the eps
@@ -71,12 +77,3 @@ def dag(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, gamm
             g = g / g.abs().flatten(1).amax(1).clamp_min(1e-8).view(view)
             xa = project(xa.detach() - gamma * g, xi, eps)
     return best_x
-
-
-def _check_dag(name: str, options: dict) -> None:
-    gamma = options.get("gamma", 0.001)
-    if not gamma > 0:
-        raise SetupError(f"attack '{name}': gamma must be > 0, got {gamma}")
-
-
-dag.check_options = _check_dag

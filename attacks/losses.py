@@ -1,8 +1,8 @@
 """Per-pixel attack losses for segmentation (sea.md §1.2, field.md §1.2-1.3, §1.5).
 
 Every loss maps logits [B,C,H,W] and their ``pixel_terms`` (of labels [B,H,W], ``ignore_index`` =
-ignored) to a per-pixel value [B,H,W] that is exactly 0, in value and gradient, at ignored pixels. Masks that depend on the
-prediction (currently-correct pixels, SegPGD's weights, CosPGD's cosine) are recomputed from the
+ignored) to a per-pixel value [B,H,W] that is exactly 0, in value and gradient, at ignored pixels.
+Masks that depend on the prediction (currently-correct pixels, SegPGD's weights, CosPGD's cosine) are recomputed from the
 logits given and detached. Per-image losses are the mean over all H*W pixels (``image_loss``), as in
 SEA: the divisor is neither the number of valid nor of correct pixels.
 

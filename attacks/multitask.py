@@ -197,7 +197,7 @@ def _check_multitask(name: str, options: dict) -> None:
             raise SetupError(f"attack '{name}': unknown task loss '{spec}' for '{t}'; valid: {', '.join(TASK_LOSSES)}")
 
 
-@register_attack("multitask")
+@register_attack("multitask", multitask=True, check=_check_multitask)  # forward returns {task: output}
 def multitask(forward: Callable, x: torch.Tensor, y: Dict[str, torch.Tensor], *, eps: float, steps: int,
               alpha: Optional[float] = None, tasks: Optional[Sequence[str]] = None,
               task_losses: Optional[Dict[str, object]] = None,
@@ -218,6 +218,3 @@ def multitask(forward: Callable, x: torch.Tensor, y: Dict[str, torch.Tensor], *,
                       eps=eps, alpha=alpha, steps=steps, random_start=random_start, decay=decay,
                       normalize_grad=normalize_grad, counter=counter, rng=rng)
 
-
-multitask.multitask = True  # forward returns {task: output} and y is {task: target} (see Attack.multitask)
-multitask.check_options = _check_multitask

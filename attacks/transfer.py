@@ -7,7 +7,6 @@ it in ``attack_mode`` and passes ``source_forward=<its forward>`` to ``build_att
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Optional
 
 import torch
@@ -15,31 +14,7 @@ import torch
 from utils.errors import SetupError
 
 from .base import Attack, ImageSeeds, PassCounter
-from .registry import ATTACKS, register_attack
-
-
-@register_attack("transfer")
-def transfer(forward: Callable, x: torch.Tensor, y, *, eps: float, source_forward: Callable, inner: str = "pgd",
-             alpha: Optional[float] = None, steps: Optional[int] = None, inner_options: Optional[dict] = None,
-             source_config: Optional[str] = None, source_checkpoint: Optional[str] = None,
-             counter: Optional[PassCounter] = None, rng: Optional[ImageSeeds] = None) -> torch.Tensor:
-    """``inner`` attack (e.g. pgd, apgd, mim) run on ``source_forward``; alpha/steps passed on when set.
-
-    ``inner_options`` holds the inner attack's other options; eps goes top-level, and an alpha given
-    there (1/255) is moved top-level when the attack is built, so it is converted like the top-level one.
-    """
-    if not callable(source_forward):
-        raise SetupError("attack 'transfer' needs source_forward: the source model's forward, built by the "
-                         "evaluator from source_config / source_checkpoint")
-    opts = dict(inner_options or {})
-    if alpha is not None:
-        opts["alpha"] = alpha
-    if steps is not None:
-        opts["steps"] = steps
-    fn = ATTACKS.get(inner)
-    if rng is not None and "rng" in inspect.signature(fn).parameters:
-        opts["rng"] = rng
-    return fn(source_forward, x, y, eps=eps, counter=counter, **opts)
+from .registry import ATTACKS, attack_spec, register_attack
 
 
 def _hoist_alpha(name: str, options: dict) -> dict:
@@ -69,5 +44,25 @@ def _check_transfer(name: str, options: dict) -> None:
     Attack(inner, ATTACKS.get(inner), eps=options.get("eps", 1.0), **opts)
 
 
-transfer.check_options = _check_transfer
-transfer.prepare_options = _hoist_alpha
+@register_attack("transfer", check=_check_transfer, prepare=_hoist_alpha)
+def transfer(forward: Callable, x: torch.Tensor, y, *, eps: float, source_forward: Callable, inner: str = "pgd",
+             alpha: Optional[float] = None, steps: Optional[int] = None, inner_options: Optional[dict] = None,
+             source_config: Optional[str] = None, source_checkpoint: Optional[str] = None,
+             counter: Optional[PassCounter] = None, rng: Optional[ImageSeeds] = None) -> torch.Tensor:
+    """``inner`` attack (e.g. pgd, apgd, mim) run on ``source_forward``; alpha/steps passed on when set.
+
+    ``inner_options`` holds the inner attack's other options; eps goes top-level, and an alpha given
+    there (1/255) is moved top-level when the attack is built, so it is converted like the top-level one.
+    """
+    if not callable(source_forward):
+        raise SetupError("attack 'transfer' needs source_forward: the source model's forward, built by the "
+                         "evaluator from source_config / source_checkpoint")
+    opts = dict(inner_options or {})
+    if alpha is not None:
+        opts["alpha"] = alpha
+    if steps is not None:
+        opts["steps"] = steps
+    fn = ATTACKS.get(inner)
+    if rng is not None and attack_spec(fn).takes_rng:
+        opts["rng"] = rng
+    return fn(source_forward, x, y, eps=eps, counter=counter, **opts)

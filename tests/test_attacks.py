@@ -259,6 +259,33 @@ def test_every_registered_attack_is_covered():
     assert covered == set(ATTACKS.names())
 
 
+def test_attack_declarations_are_read_once_at_registration_not_from_function_attributes():
+    from attacks.registry import attack_spec
+    for name in ATTACKS.names():
+        assert not vars(ATTACKS.get(name)), name                   # nothing set on the function itself
+    multitask, pgd = attack_spec(ATTACKS.get("multitask")), attack_spec(ATTACKS.get("pgd"))
+    assert multitask.multitask and not pgd.multitask
+    assert build_attack("multitask", eps=8.0, steps=2).multitask and not build_attack("pgd", eps=8.0, steps=2).multitask
+    assert pgd.required == ("eps", "steps") and "counter" not in pgd.options and pgd.takes_rng
+    assert attack_spec(ATTACKS.get("dag")).check is not None and attack_spec(ATTACKS.get("transfer")).prepare is not None
+    with pytest.raises(SetupError, match="gamma must be > 0"):
+        build_attack("dag", eps=8.0, gamma=0.0)
+
+
+def test_no_function_in_the_attacks_or_the_metrics_is_over_60_lines():
+    import ast
+    import glob
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sorted(glob.glob(os.path.join(root, "attacks", "*.py"))) + [os.path.join(root, "utils", "metrics.py")]
+    lengths = {}
+    for path in files:
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lengths[f"{os.path.basename(path)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert max(lengths.values()) > 40                               # it measures real functions
+    assert {k: n for k, n in lengths.items() if n > 60} == {}
+
+
 def test_pass_counts_are_totals_over_images_and_calls():
     """PassCounter (and metrics.json's forward_passes / backward_passes): one per image per pass, summed
     over the batch and over every call: PGD-4 on 3 images counts 12, then on 2 more 20 in all."""

@@ -43,10 +43,16 @@ class PixelTerms(NamedTuple):
     logp: torch.Tensor     # log softmax(z) [B,C,H,W], differentiable
     logp_y: torch.Tensor   # log softmax(z)_y [B,H,W], differentiable
     ce: torch.Tensor       # per-pixel CE [B,H,W], exactly 0 (value and gradient) at ignored pixels
-    correct: torch.Tensor  # detached mask [B,H,W] in the logits' dtype: valid and argmax(z) == y
+    correct: Optional[torch.Tensor]  # detached mask [B,H,W] in the logits' dtype: valid and argmax(z) == y
+    #                                  (None when built without it)
 
 
-def pixel_terms(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255) -> PixelTerms:
+# the losses that read ``correct`` (the others are computed without the class map)
+USES_CORRECT = frozenset({"mask-ce", "mask-ce-bal", "segpgd", "mask-norm-corrlog"})
+
+
+def pixel_terms(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255,
+                with_correct: bool = True) -> PixelTerms:
     """One forward's per-pixel terms, each computed once: the attack loss and APGD's tracked CE and
     accuracy read them from here. The CE is F.cross_entropy(..., reduction='none') bit for bit (the
     nll of the same log-softmax). Drop the result before the input backward: ``logp`` is the size of
@@ -56,7 +62,7 @@ def pixel_terms(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255) 
     logp = F.log_softmax(logits, 1)
     logp_y = logp.gather(1, yv.unsqueeze(1)).squeeze(1)
     ce = torch.where(valid, -logp_y, torch.zeros_like(logp_y))
-    correct = label_hits(logits.detach(), y, valid).to(logits.dtype)
+    correct = label_hits(logits.detach(), y, valid).to(logits.dtype) if with_correct else None
     return PixelTerms(valid, yv, logp, logp_y, ce, correct)
 
 
@@ -141,7 +147,8 @@ def get_loss(name: str) -> Callable[..., torch.Tensor]:
 def pixel_loss(name: str, logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255,
                weights: Optional[torch.Tensor] = None, step: int = 0, steps: int = 1) -> torch.Tensor:
     """Per-pixel loss [B,H,W] by name, from the logits and labels."""
-    return get_loss(name)(logits, pixel_terms(logits, y, ignore_index), weights=weights, step=step, steps=steps)
+    terms = pixel_terms(logits, y, ignore_index, with_correct=name in USES_CORRECT)
+    return get_loss(name)(logits, terms, weights=weights, step=step, steps=steps)
 
 
 def image_loss(per_pixel: torch.Tensor) -> torch.Tensor:

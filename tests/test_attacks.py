@@ -99,6 +99,19 @@ def test_pixel_terms_are_their_definitions_with_and_without_a_graph():
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES.names()))
+def test_losses_read_the_correct_mask_only_where_declared(name):
+    """pixel_loss builds the terms without the correct mask for losses outside USES_CORRECT: they give
+    what they give with it (a loss reading it without being listed fails on None)."""
+    from attacks.losses import USES_CORRECT, get_loss
+    z, y = _logits_labels(seed=2)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=z.dtype)
+    full = get_loss(name)(z, pixel_terms(z, y, IGN), weights=w, step=3, steps=10)
+    assert torch.equal(pixel_loss(name, z, y, IGN, weights=w, step=3, steps=10), full)
+    if name not in USES_CORRECT:
+        assert torch.equal(get_loss(name)(z, pixel_terms(z, y, IGN, with_correct=False), weights=w), full)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES.names()))
 def test_loss_zero_value_and_gradient_at_ignored_pixels(name):
     z, y = _logits_labels(seed=1)
     z.requires_grad_(True)

@@ -1,5 +1,5 @@
-"""The fast paths give the plain implementation's results: class maps, shared loss terms, APGD and the
-sign attacks against straightforward reference loops; bf16 attacks; benchmark.py's rows and errors."""
+"""The attack paths give the plain implementation's results: class maps, shared loss terms, APGD and
+the sign attacks against straightforward reference loops; bf16 attacks; benchmark.py's rows and errors."""
 from __future__ import annotations
 
 import json
@@ -55,8 +55,8 @@ def test_class_map_equals_argmax_on_scores(classes):
 
 @pytest.mark.parametrize("case", ["random", "ties", "nan", "bf16", "one class", "300 classes"])
 def test_label_hits_equal_the_class_map_compared_with_the_label(case):
-    """(class_map == y) & valid, found from values on the CPU: ties broken to the first class (y
-    tying with an earlier class misses, with a later one hits), NaN maps, +-inf, ignore labels."""
+    """(argmax == y) & valid: ties broken to the first class (y tying with an earlier class misses,
+    with a later one hits), NaN maps, +-inf, ignore labels."""
     g = torch.Generator().manual_seed(0)
     classes = {"one class": 1, "300 classes": 300}.get(case, 7)
     x = torch.randn(3, classes, 6, 5, generator=g)
@@ -99,9 +99,10 @@ def test_shared_ce_is_cross_entropy_bit_for_bit(classes):
 
 @pytest.mark.parametrize("classes", [2, 21, 151])
 def test_norm_correct_logit_loss_and_gradient_are_autograds_bit_for_bit(classes):
-    """The fused backward of mask-norm-corrlog gives autograd's gradient of the plain expression bit
-    for bit, at ignored pixels and below the norm's clamp too; at an all-zero logit vector, where
-    autograd's sqrt backward gives NaN, the norm term contributes 0 and the gather term remains."""
+    """mask-norm-corrlog (its sum of squares also clamped before the root) gives the value and the
+    gradient of the plain expression bit for bit, at ignored pixels and below the norm's clamp too; at
+    an all-zero logit vector, where the plain expression's sqrt backward gives NaN, the norm term
+    contributes 0 and the gather term remains."""
     g = torch.Generator().manual_seed(classes)
     z = (torch.randn(2, classes, 7, 5, generator=g) * 4)
     y = torch.randint(0, classes, (2, 7, 5), generator=g)

@@ -46,6 +46,13 @@ def test_class_map_equals_argmax_with_ties_and_nan(dtype, nan):
     assert torch.equal(class_map(x, -1), x.argmax(-1))
 
 
+def test_class_map_takes_the_first_class_on_ties_and_the_nan_class_on_nan():
+    x = torch.tensor([[1.0, 3.0, 3.0], [float("nan"), 5.0, 5.0], [2.0, float("nan"), 9.0]])
+    assert class_map(x, 1).tolist() == [1, 0, 1]
+    y = torch.tensor([2, 0, 2])
+    assert label_hits(x.view(3, 3, 1, 1), y.view(3, 1, 1)).flatten().tolist() == [False, True, False]
+
+
 @pytest.mark.parametrize("classes", [1, 2, 151])
 def test_class_map_equals_argmax_on_scores(classes):
     x = torch.randn(2, classes, 9, 4, generator=torch.Generator().manual_seed(classes))

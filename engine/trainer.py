@@ -17,7 +17,7 @@ from defenses import build_defense
 from models import build_model, load_pretrained
 from models.weights import load_model_weights
 from utils import dist
-from utils.checkpoint import (check_fresh_run, check_init_file, list_checkpoints, recover_model_dir,
+from utils.checkpoint import (check_fresh_run, check_init_file, first_sentence, list_checkpoints, recover_model_dir,
                               remove_stale_temporaries, replace_model_dir, save_checkpoint, shared_resume)
 from utils.config import save_config
 from utils.env import env_record
@@ -34,6 +34,8 @@ from .results import task_metrics
 # (in the first run of a job that torchrun restarts).
 KILL_AT_ITER_ENV = "SEGROBUST_TEST_KILL_AT_ITER"
 KEEP_ITER_CHECKPOINTS = 2
+# what load_state_dict / set_rng_state raise on a state of another shape or kind
+STATE_ERRORS = (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError)
 
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -163,9 +165,9 @@ def load_phase_states(objs: Dict[Optional[str], object], state: dict, path: str)
         what = type(o).__name__ + ("" if k is None else f" of phase {k}")
         try:
             o.load_state_dict(state if k is None else state["phases"][k])
-        except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+        except STATE_ERRORS as e:
             raise SetupError(f"train.resume: {path}: the {what} state does not fit this run "
-                             f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+                             f"({first_sentence(e)})") from None
         if isinstance(o, torch.optim.Optimizer):
             check_optimizer_state(o, path)
 
@@ -351,9 +353,9 @@ class Trainer:
                              f"{self.iters_per_epoch} iterations per epoch (train.batch_size or data changed?)")
         try:
             set_rng_state(ckpt["rng"])
-        except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+        except STATE_ERRORS as e:
             raise SetupError(f"train.resume: {path}: 'rng' is not a random-number state saved by this project "
-                             f"({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
+                             f"({first_sentence(e)})") from None
         self.log.info(f"resumed from {path} at epoch {self.epoch}, iteration {self.iteration}"
                       + (f" ({done} iterations into epoch {self.epoch + 1})" if done else ""))
 

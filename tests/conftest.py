@@ -44,6 +44,16 @@ test:
 """
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread here and in the subprocesses: bit-exact comparisons need the same float
+    reduction order, and a single thread does not stall when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> str:
     """One tiny synthetic dataset on disk shared by the session (written on first use)."""

@@ -28,12 +28,7 @@ COMMON = ("device=cpu", "train.freeze_bn=true", "model.dropout=0.0", "train.epoc
           "train.val_batch_size=2", "train.lr=0.05")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def torchrun(n: int, *args: str) -> subprocess.CompletedProcess:

@@ -23,14 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ("train.save_iter_freq=3", "train.print_freq=1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocesses: bit-exact comparisons need the same float
-    reduction order, and a single thread does not stall when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def train(path, *overrides) -> int:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import rounding
+from test_distributed import torchrun
 
 from engine import eval_resume
 from engine.cli import main
@@ -28,12 +29,7 @@ test_entry = importlib.util.module_from_spec(_spec)  # test.py: evaluate, or mer
 _spec.loader.exec_module(test_entry)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 def metrics_of(folder) -> dict:
@@ -411,13 +407,10 @@ def test_launch_checks_attack_options_before_any_process_starts(tiny_config, tmp
 
 
 def test_a_config_error_is_printed_once_under_torchrun(tiny_config, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", "--config", tiny_config(), "device=cpu", "train.lr=-1"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = torchrun(2, "train.py", "--config", tiny_config(), "device=cpu", "train.lr=-1")
     assert r.returncode != 0
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == [f"error: command line: config key 'train.lr' must be a number > 0, got -1"], r.stderr[-2000:]
+    assert errors == ["error: command line: config key 'train.lr' must be a number > 0, got -1"], r.stderr[-2000:]
 
 
 # -------------------------------------------------------- two nodes, one rank killed, restarted by itself

@@ -58,7 +58,7 @@ def save_checkpoint(state: dict, path: str) -> None:
         torch.save(state, _KillAfter(f, 4096) if kill_at == _saves else f)
 
 
-def _first_sentence(e: BaseException) -> str:
+def first_sentence(e: BaseException) -> str:
     """'RuntimeError: PytorchStreamReader failed ...': the type and the first sentence, kept short."""
     text = " ".join(str(e).split()).split(". ")[0][:120]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -107,10 +107,10 @@ def read_checkpoint(path: str, key: Optional[str] = None) -> Any:
             raise SetupError(f"{where}{path} holds code (pickled objects other than tensors"
                              + (f", e.g. {found.group(1)}" if found else "")
                              + "); refused: it was not loaded") from None
-        raise SetupError(f"{where}cannot read {path}: truncated or not a PyTorch file ({_first_sentence(e)})") from None
+        raise SetupError(f"{where}cannot read {path}: truncated or not a PyTorch file ({first_sentence(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
             UnicodeDecodeError) as e:  # what torch.load raises on a cut or foreign file
-        raise SetupError(f"{where}cannot read {path}: truncated or not a PyTorch file ({_first_sentence(e)})") from None
+        raise SetupError(f"{where}cannot read {path}: truncated or not a PyTorch file ({first_sentence(e)})") from None
     bad = first_nonfinite(obj)
     if bad:
         raise SetupError(f"{where}{path}: tensor '{bad[0]}' holds non-finite values ({bad[1]}); refused")

@@ -154,14 +154,14 @@ def worst_case_miou(inter: Array, union: Array, max_rounds: int = 100000,
     singles = miou(I.sum(1), U.sum(1))
     a0 = int(np.nanargmin(singles)) if not np.all(np.isnan(singles)) else 0
     sel = np.full(N, a0, dtype=np.int64)
-    RI, RU = I[a0].sum(0), U[a0].sum(0)
-    cur = float(miou(RI, RU))
+    pooled_inter, pooled_union = I[a0].sum(0), U[a0].sum(0)
+    cur = float(miou(pooled_inter, pooled_union))
     rows = np.arange(N)
     moves = 0
     for _ in range(max_rounds):
-        dI = I - I[sel, rows][None]                     # [A,N,C] change if image n switches to a
-        dU = U - U[sel, rows][None]
-        cand = miou(RI + dI, RU + dU)                   # [A,N] exact mIoU after one swap
+        d_inter = I - I[sel, rows][None]        # [A,N,C] change if image n switches to a
+        d_union = U - U[sel, rows][None]
+        cand = miou(pooled_inter + d_inter, pooled_union + d_union)  # [A,N] exact mIoU after one swap
         cand = np.where(np.isnan(cand), np.inf, cand)
         best_a = cand.argmin(0)
         best = cand[best_a, rows]
@@ -174,18 +174,19 @@ def worst_case_miou(inter: Array, union: Array, max_rounds: int = 100000,
         top_val = float(best[top[0]])
         m = order.size
         chosen = top
-        while m > 1:                                    # try many swaps at once, best first
+        while m > 1:  # try many swaps at once, best first
             idx = order[:m]
-            val = float(miou(RI + dI[best_a[idx], idx].sum(0), RU + dU[best_a[idx], idx].sum(0)))
+            val = float(miou(pooled_inter + d_inter[best_a[idx], idx].sum(0),
+                             pooled_union + d_union[best_a[idx], idx].sum(0)))
             if val < cur - tol:
                 if val < top_val:
                     chosen = idx
                 break
             m //= 2
-        RI = RI + dI[best_a[chosen], chosen].sum(0)
-        RU = RU + dU[best_a[chosen], chosen].sum(0)
+        pooled_inter = pooled_inter + d_inter[best_a[chosen], chosen].sum(0)
+        pooled_union = pooled_union + d_union[best_a[chosen], chosen].sum(0)
         sel[chosen] = best_a[chosen]
-        cur = float(miou(RI, RU))
+        cur = float(miou(pooled_inter, pooled_union))
         moves += int(chosen.size)
     return cur, sel, moves
 

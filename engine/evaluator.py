@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from attacks import Attack, attack_mode, build_attack
+from attacks import ATTACKS, Attack, attack_mode, build_attack
+from attacks.registry import attack_spec
 from attacks.ensemble import expand_attacks, needs_class_weights
 from attacks.losses import class_weights_from_counts
 from attacks.multitask import merge_task_losses, published_task_losses, task_targets
@@ -125,12 +126,12 @@ def regression_tasks(model: nn.Module, dataset: Dataset) -> List[str]:
     return [t for t in target_tasks(dataset) if t != SEG_TASK]
 
 
-def _attacked_tasks(cfg, name: str, opts: dict, attack: Attack, model: Optional[nn.Module],
+def _attacked_tasks(cfg, name: str, opts: dict, multitask_attack: bool, model: Optional[nn.Module],
                     targets: List[str]) -> List[str]:
-    """The outputs `attack` differentiates; checks them against the model and the data."""
+    """The outputs attack `name` differentiates; checks them against the model and the data."""
     where = f"attack '{name}'"
     multitask_model = model is not None and getattr(model, "multitask", False)
-    if attack.multitask:
+    if multitask_attack:
         if not multitask_model:
             raise SetupError(f"{where} needs a multitask model (model.name drn_multitask or taskonomy_resnet)")
         tasks = list(opts.get("tasks") or cfg.test.attack_tasks)
@@ -146,6 +147,21 @@ def _attacked_tasks(cfg, name: str, opts: dict, attack: Attack, model: Optional[
     return [main]
 
 
+def _transfer_sources(groups, device: torch.device) -> Dict[Tuple[str, str], nn.Module]:
+    """The source model of every transfer attack, loaded once per (source_config, source_checkpoint)."""
+    sources: Dict[Tuple[str, str], nn.Module] = {}
+    for g in groups:
+        for label, name, opts in g.members:
+            if name != "transfer":
+                continue
+            if not opts.get("source_config") or not opts.get("source_checkpoint"):
+                raise SetupError(f"attack '{label}': transfer needs source_config and source_checkpoint")
+            key = (opts["source_config"], opts["source_checkpoint"])
+            if key not in sources:
+                sources[key] = _load_model(*key, device)
+    return sources
+
+
 def build_attack_runs(cfg, device: torch.device = torch.device("cpu"), model: Optional[nn.Module] = None,
                       dataset: Optional[Dataset] = None) -> List[AttackRun]:
     """Expand ``test.attacks`` x ``test.eps`` into runs; ensembles into their members.
@@ -153,11 +169,12 @@ def build_attack_runs(cfg, device: torch.device = torch.device("cpu"), model: Op
     Adds class weights to balanced-CE members (``balanced_class_weights``), the attacked tasks to
     multitask attacks (``test.attack_tasks`` unless the entry sets ``tasks``) with each task's training
     loss (``attacks.multitask.published_task_losses``), the source model of
-    transfer attacks (``source_config`` / ``source_checkpoint``) and each run's random seed
-    (``seed`` and the run's key).
+    transfer attacks (``source_config`` / ``source_checkpoint``, ``_transfer_sources``) and each run's
+    random seed (``seed`` and the run's key).
     """
     groups = expand_attacks(cfg.test.attacks)
     targets = target_tasks(dataset) if dataset is not None else list(cfg.data.tasks)
+    sources = _transfer_sources(groups, device)
     weights = None
     runs = []
     for eps in cfg.test.eps:
@@ -170,21 +187,19 @@ def build_attack_runs(cfg, device: torch.device = torch.device("cpu"), model: Op
                         weights = balanced_class_weights(cfg)
                     opts["class_weights"] = weights
                 if name == "transfer":
-                    if not opts.get("source_config") or not opts.get("source_checkpoint"):
-                        raise SetupError(f"attack '{label}': transfer needs source_config and source_checkpoint")
-                    opts["source_forward"] = _load_model(opts["source_config"], opts["source_checkpoint"], device)
+                    opts["source_forward"] = sources[(opts["source_config"], opts["source_checkpoint"])]
+                multitask = attack_spec(ATTACKS.get(name)).multitask
+                tasks = _attacked_tasks(cfg, label, opts, multitask, model, targets)
+                if multitask:  # each task's training loss (attacks/multitask.py), names in opts change the kind
+                    opts["tasks"] = tasks
+                    opts["task_losses"] = merge_task_losses(published_task_losses(
+                        cfg.data.name, targets, getattr(dataset, "seg_class_weights", None), cfg.model.std),
+                        opts.get("task_losses"))
                 key = f"{g.label}/{label}@{e}" if g.is_ensemble else f"{label}@{e}"
                 seed_label = g.seed_label(label, e)  # = key, except for members shared by named ensembles
                 attack = build_attack(name, seed=cfg.seed, label=seed_label, eps=eps, **opts)
-                tasks = _attacked_tasks(cfg, label, opts, attack, model, targets)
-                if attack.multitask:  # each task's training loss (attacks/multitask.py), names in opts change the kind
-                    losses = merge_task_losses(published_task_losses(
-                        cfg.data.name, targets, getattr(dataset, "seg_class_weights", None), cfg.model.std),
-                        opts.get("task_losses"))
-                    attack = build_attack(name, seed=cfg.seed, label=seed_label, eps=eps,
-                                          **dict(opts, tasks=tasks, task_losses=losses))
                 runs.append(AttackRun(key, f"{g.label}@{e}", e, attack, tasks,
-                                      skip_solved=g.skip_solved and g.is_ensemble and not attack.multitask))
+                                      skip_solved=g.skip_solved and g.is_ensemble and not multitask))
     return runs
 
 

@@ -297,6 +297,34 @@ def test_balanced_weights_published_estimated_or_given(tmp_path):
                                                    "data.synthetic.size=33"]))) == 6  # estimated
 
 
+def test_attack_runs_build_each_attack_once_and_load_each_transfer_source_once(tmp_path, monkeypatch):
+    """Two transfer entries from one source at two eps: the source model is loaded once and shared; every
+    run's attack is built once, a multitask attack with its tasks and losses already in its options."""
+    import torch
+    from engine import evaluator
+    loads, builds = [], []
+    source = torch.nn.Conv2d(3, 6, 1)
+    monkeypatch.setattr(evaluator, "_load_model", lambda *a: loads.append(a[:2]) or source)
+    real_build = evaluator.build_attack
+    monkeypatch.setattr(evaluator, "build_attack", lambda name, **o: builds.append(name) or real_build(name, **o))
+    entry = "{name: transfer, source_config: a.yaml, source_checkpoint: b.pth, inner: pgd, steps: 1, alpha: 1.0"
+    cfg = load_config(os.path.join(ROOT, "config", "synthetic", "synthetic_pspnet18_none.yaml"),
+                      [f"exp_dir={tmp_path}", f"test.attacks=[{entry}}}, {entry}, label: t2}}]", "test.eps=[2,4]"])
+    runs = evaluator.build_attack_runs(cfg)
+    assert [r.key for r in runs] == ["transfer@2", "t2@2", "transfer@4", "t2@4"]
+    assert loads == [("a.yaml", "b.pth")] and builds == ["transfer"] * 4
+    assert all(r.attack.options["source_forward"] is source for r in runs)
+
+    builds.clear()
+    cfg = load_config(os.path.join(ROOT, "config", "taskonomy", "taskonomy_resnet18_autoencoder_mtl.yaml"),
+                      [f"exp_dir={tmp_path}", "test.attacks=[{name: multitask, steps: 1, alpha: 1.0}]", "test.eps=[4]",
+                       "test.attack_tasks=[segmentsemantic,depth_zbuffer]",
+                       "data.tasks=[segmentsemantic,depth_zbuffer]"])
+    (run,) = evaluator.build_attack_runs(cfg, model=_FakeMultitask())
+    assert builds == ["multitask"] and run.tasks == ["segmentsemantic", "depth_zbuffer"]
+    assert run.attack.options["tasks"] == run.tasks and set(run.attack.options["task_losses"]) == set(run.tasks)
+
+
 class _FakeMultitask(__import__("torch").nn.Module):
     """seg: class 1 where channel 0 > 0.5; depth: channel 1 (times a weight 1)."""
     multitask, main_output, tasks = True, "segmentsemantic", ["segmentsemantic", "depth_zbuffer"]

@@ -7,7 +7,7 @@ batch: `forward` maps images in [0,1] to logits [B,C,H,W]; eps and step sizes ar
 Random draws (random starts) come from :class:`ImageSeeds`: one generator per image, seeded by
 (seed, attack label, image key, restart), so the draws never depend on the batch size, the grouping
 of images, the number of processes or a resume (the result still carries the kernels' rounding,
-which differs between batch sizes: equal up to rounding, not bit for bit; README, Reproducibility).
+which differs between batch sizes: equal up to rounding, not bit for bit; docs/reproducibility.md).
 """
 from __future__ import annotations
 

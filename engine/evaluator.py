@@ -7,8 +7,8 @@ image index. Images of different sizes are evaluated in same-size groups (never 
 attack's random draws are seeded per image (``attacks.ImageSeeds``): the same draws for any batch
 size, number of processes or resume. The numbers are bit-identical for the same per-process batch
 and process count on the same machine (a resume included); another batch size, process count or
-CPU changes the kernels' rounding, which an iterative attack can carry to a few pixels (README,
-Reproducibility). Ensembles (SEA, sea+, user lists) and the overall worst case per eps are
+CPU changes the kernels' rounding, which an iterative attack can carry to a few pixels
+(docs/reproducibility.md). Ensembles (SEA, sea+, user lists) and the overall worst case per eps are
 computed from the counts (engine/results.py).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What "equal up to float rounding" means in the tests (README, Reproducibility).
+"""What "equal up to float rounding" means in the tests (docs/reproducibility.md).
 
 Another batch size, process count or CPU runs other kernels, which sum in another order: logits differ
 by about 1e-6 and an iterative attack can carry that to a few pixels. Two evaluations of one checkpoint

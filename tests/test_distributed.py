@@ -77,7 +77,7 @@ def test_two_gloo_processes_match_one_process_accumulating(tiny_config, tmp_path
 
 def test_two_processes_evaluate_like_one(trained_model, tmp_path):
     """Clean and random-start PGD results of 2 gloo processes (each its shard of the images, in batches
-    of 2) agree with those of 1 process in batches of 4 up to rounding (README, Reproducibility), every
+    of 2) agree with those of 1 process in batches of 4 up to rounding (docs/reproducibility.md), every
     image counted once."""
     from engine.eval_resume import saved_counts
     common = [f"test.checkpoint={trained_model.checkpoint}", "device=cpu"]

@@ -106,7 +106,7 @@ def _check_plots(exp, m: dict) -> None:
 
 def test_attacked_metrics_agree_up_to_rounding_for_batch_sizes_1_and_4(trained_model, tmp_path):
     """Random starts are seeded per image, so another batch size changes an attacked result only by the
-    kernels' rounding (README, Reproducibility: equal up to rounding; tests/rounding.py)."""
+    kernels' rounding (docs/reproducibility.md: equal up to rounding; tests/rounding.py)."""
     import torch
     from engine.eval_resume import saved_counts
     results = {}

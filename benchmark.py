@@ -151,8 +151,8 @@ class Meter:
         start) and a closing forward-only pass are not counted, and one floor() pass is timed right
         before each iteration's forward and left out of that iteration's time. Every iteration thus
         gets its own ratio to a floor measured next to it: the machine's speed changes between
-        consecutive passes (+-15 % on a shared VM, correlated over seconds), which timing whole runs
-        and differencing them amplified. Statistics over every iteration of the ``repeats`` runs:
+        consecutive passes (on a shared VM, correlated over seconds; docs/performance.md), which
+        timing whole runs and differencing them amplified. Statistics over every iteration of the ``repeats`` runs:
         the median time and the median ratio, or (``stat="min"``) the fastest iteration over the
         fastest floor."""
         run(forward)  # warm-up

@@ -66,8 +66,8 @@ def part_logs(logits: torch.Tensor, y: torch.Tensor, n_clean: int, ignore: int,
               logp: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """loss_clean / acc_clean over the first n_clean rows, loss_adv / acc_adv over the others (the
     keys of a part that is empty are left out; the split is the same on every process). `logp`:
-    the logits' log-softmax where the training loss already computed it (at 151 classes a second
-    one costs about 2 % of a SAT step on the CPU)."""
+    the logits' log-softmax where the training loss already computed it, so the logs add no second
+    pass over the logits (its cost: docs/performance.md)."""
     logs = {}
     with torch.no_grad():
         if logp is None:

@@ -13,11 +13,10 @@ def keep_cpu_memory() -> bool:
 
     By default glibc maps each large block (32 MiB and up, smaller ones until its threshold adapts)
     with mmap and unmaps it on free, so every full-size tensor of every iteration (logits,
-    activations, their gradients) page-faults its memory in anew. Measured on a 2-core VM: a fresh
-    4x151x128x128 float tensor costs 24 ms of page faults on top of a 10 ms element-wise op, and a
-    DRN-D-22 forward + input backward at that size runs 13 % faster with this setting. Results are
-    unchanged (only where memory comes from); freed memory stays with the process until it exits,
-    so the resident size stays near its peak."""
+    activations, their gradients) page-faults its memory in anew; what that costs, and what this
+    setting saves, is measured in docs/performance.md. Results are unchanged (only where memory
+    comes from); freed memory stays with the process until it exits, so the resident size stays
+    near its peak."""
     if not sys.platform.startswith("linux"):
         return False
     try:

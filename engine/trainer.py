@@ -374,6 +374,13 @@ class Trainer:
         every = self.epoch % self.cfg.train.save_freq == 0 or self.epoch == self.cfg.train.epochs
         self._checkpoint(([f"epoch_{self.epoch}.pth"] if every else []) + ["last.pth"])
 
+    def maybe_save_iter(self) -> None:
+        """The last step of every iteration: `save_iter` every `train.save_iter_freq` iterations, except
+        at an epoch's end, whose checkpoint `save` writes once the epoch (and its validation) is over."""
+        t = self.cfg.train
+        if t.save_iter_freq and self.iteration % t.save_iter_freq == 0 and self.iteration % self.iters_per_epoch:
+            self.save_iter()
+
     def save_iter(self) -> None:
         """Mid-epoch: iter_<I>.pth and last.pth; older iter_ files beyond the newest two are removed."""
         if not dist.is_main():
@@ -512,9 +519,7 @@ class Trainer:
                               + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                               + (f" skipped {self.skipped}" if self.skipped else ""))
                 window, n_window = {}, {}
-            if t.save_iter_freq and self.iteration % t.save_iter_freq == 0 \
-                    and self.iteration % self.iters_per_epoch:
-                self.save_iter()
+            self.maybe_save_iter()
             if kill_at == self.iteration and not dist.restart_count():  # (a restarted job goes on)
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook
         if not total:

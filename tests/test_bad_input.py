@@ -28,6 +28,7 @@ from engine.cli import main
 from engine.evaluator import run_test
 from engine.trainer import Trainer
 from tests import data_fixtures as fx
+from tests import faults
 from tests.conftest import ROOT, TINY
 
 LOGS = r"(train|test)-[0-9_-]+\.log"
@@ -61,6 +62,7 @@ class Case:
     marks: tuple = field(default=())
     env: Tuple[Tuple[str, str], ...] = ()  # extra environment (launchers), filled in like args
     absent: str = ""                 # a path (relative to the repository, filled in) that must not exist afterwards
+    faults: Tuple[Tuple[str, int], ...] = ()  # train.py / test.py run under tests/faults.py with these
 
 
 # ------------------------------------------------------------------ preparations (files outside exp)
@@ -179,10 +181,10 @@ CASES = [
     Case("truncated_jpeg", "train.py", ("data.root={case}/data", OVER), ("train_0005.jpg: the file is truncated",),
          prepare=truncated_jpeg),
     # runs that stop part-way
-    Case("nan_loss_after_resume", "train.py", ("train.resume=auto", "train.epochs=3", "train.debug_nan_at_iter=9"),
-         ("non-finite loss (nan) at iteration 9",), rc=3),
-    Case("nan_loss_with_overwrite", "train.py", (OVER, "train.debug_nan_at_iter=1"),
-         ("non-finite loss (nan) at iteration 1",), rc=3),
+    Case("nan_loss_after_resume", "train.py", ("train.resume=auto", "train.epochs=3"),
+         ("non-finite loss (nan) at iteration 9",), rc=3, faults=(("nan_at_iter", 9),)),
+    Case("nan_loss_with_overwrite", "train.py", (OVER,), ("non-finite loss (nan) at iteration 1",), rc=3,
+         faults=(("nan_at_iter", 1),)),
     # one run per exp_dir
     Case("fresh_run_into_checkpoints", "train.py", (), ("already holds checkpoints", "train.resume=auto",
                                                         "train.overwrite=true")),
@@ -481,7 +483,8 @@ def run_case(case: Case, base: Path, cfg: Path, earlier_exp: Path, data: str):
     elif case.script == "tools/compare_curves.py":
         cmd = [sys.executable, case.script, *args]
     else:
-        cmd = [sys.executable, case.script, "--config", fill(case.config), f"exp_dir={exp}", *args]
+        runner = faults.runner(**dict(case.faults)) if case.faults else []
+        cmd = [sys.executable, *runner, case.script, "--config", fill(case.config), f"exp_dir={exp}", *args]
     env = {k: v for k, v in os.environ.items() if k not in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, **{k: fill(v) for k, v in case.env})

@@ -16,6 +16,7 @@ from engine.cli import main
 from engine.eval_resume import saved_counts
 from engine.evaluator import run_test
 from engine.trainer import Trainer
+from tests import faults
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,10 +31,11 @@ def train(path, *overrides) -> int:
     return main("train", lambda cfg: Trainer(cfg).fit(), ["--config", path, *overrides])
 
 
-def train_subprocess(path, *overrides, env=None) -> subprocess.CompletedProcess:
-    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, "train.py", "--config", path, *overrides], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=120)
+def train_subprocess(path, *overrides, **fault) -> subprocess.CompletedProcess:
+    """train.py in a child process, under tests/faults.py with the keyword faults (kill_at_iter=3)."""
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *faults.runner(**fault), "train.py", "--config", path, *overrides],
+                          cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
 
 
 def same_weights(a_path, b_path) -> None:
@@ -59,12 +61,12 @@ def test_sigkill_mid_epoch_and_mid_save_then_resume_gives_same_weights(reference
     # 1) killed at the end of a random iteration that is not a checkpoint iteration (mid-epoch resume
     #    through the sampler skip), 2) killed inside the write of the next checkpoint
     kill_iter = random.Random(os.getpid()).choice([4, 5, 7])
-    r = train_subprocess(path, f"exp_dir={exp}", *RUN, env={"SEGROBUST_TEST_KILL_AT_ITER": str(kill_iter)})
+    r = train_subprocess(path, f"exp_dir={exp}", *RUN, kill_at_iter=kill_iter)
     assert r.returncode == -9, r.stderr[-2000:]
     # checkpoints: iter_3, epoch_1 (after iteration 4, written once the epoch loop has ended), iter_6
     assert load_checkpoint(str(exp / "model" / "last.pth"))["iteration"] == {4: 3, 5: 4, 7: 6}[kill_iter]
     # resumed; its 2nd checkpoint write is killed part-way: last.pth must still be the previous, loadable one
-    r = train_subprocess(path, f"exp_dir={exp}", *RUN, "train.resume=auto", env={"SEGROBUST_TEST_KILL_IN_SAVE": "2"})
+    r = train_subprocess(path, f"exp_dir={exp}", *RUN, "train.resume=auto", kill_in_save=2)
     assert r.returncode == -9, r.stderr[-2000:]
     assert "resumed from" in r.stdout
     tmps = glob.glob(str(exp / "model" / "*.tmp.*"))
@@ -84,7 +86,7 @@ def test_sigkill_mid_epoch_and_mid_save_then_resume_gives_same_weights(reference
 def test_kill_during_save_keeps_previous_file(tmp_path):
     path = str(tmp_path / "m" / "last.pth")
     save_checkpoint({"a": torch.zeros(3)}, path)
-    code = ("import os, sys, torch; sys.path.insert(0, %r); os.environ['SEGROBUST_TEST_KILL_IN_SAVE'] = '1'\n"
+    code = ("import sys, torch; sys.path.insert(0, %r); from tests import faults; faults.kill_in_save(1)\n"
             "from utils.checkpoint import save_checkpoint\n"
             "save_checkpoint({'a': torch.ones(100000)}, %r)" % (ROOT, path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
@@ -108,9 +110,10 @@ def test_unreadable_last_falls_back_to_newest_valid(reference, tmp_path, capsys)
     same_weights(full, str(exp / "model" / "last.pth"))
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_config, tmp_path, capsys):
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_config, tmp_path, capsys, monkeypatch):
     path = tiny_config()
-    rc = train(path, f"exp_dir={tmp_path / 'nan'}", *RUN, "train.debug_nan_at_iter=5")
+    faults.nan_at_iter(5, monkeypatch.setattr)
+    rc = train(path, f"exp_dir={tmp_path / 'nan'}", *RUN)
     assert rc == 3
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]  # (tqdm writes there too)
     assert len(err) == 1 and "non-finite loss (nan) at iteration 5 (epoch 2)" in err[0]
@@ -119,10 +122,10 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_config,
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_nan_loss_skipped_when_asked(tiny_config, tmp_path, capsys):
+def test_nan_loss_skipped_when_asked(tiny_config, tmp_path, capsys, monkeypatch):
     path = tiny_config()
-    rc = train(path, f"exp_dir={tmp_path / 'skip'}", *RUN, "train.debug_nan_at_iter=2",
-               "train.skip_nonfinite=true", "train.epochs=1")
+    faults.nan_at_iter(2, monkeypatch.setattr)
+    rc = train(path, f"exp_dir={tmp_path / 'skip'}", *RUN, "train.skip_nonfinite=true", "train.epochs=1")
     assert rc == 0
     out = capsys.readouterr().out
     assert "non-finite loss at iteration 2: step skipped (1 skipped so far)" in out
@@ -163,9 +166,9 @@ def test_killed_evaluation_resumes_to_identical_metrics(trained_model, tmp_path)
     whole = tmp_path / "whole"
     assert main("test", run_test, ["--config", path, f"exp_dir={whole}", *common]) == 0
     exp = tmp_path / "resumed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", SEGROBUST_TEST_EVAL_FLUSH_SECONDS="0",
-               SEGROBUST_TEST_KILL_AT_EVAL_BATCH="2")
-    r = subprocess.run([sys.executable, "test.py", "--config", path, f"exp_dir={exp}", *common], cwd=ROOT, env=env,
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, *faults.runner(eval_flush_seconds=0, kill_at_eval_batch=2), "test.py",
+                        "--config", path, f"exp_dir={exp}", *common], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr[-2000:]
     chunks = glob.glob(str(exp / "result.partial" / "per_image" / "*.npz"))  # staged until the run ends

@@ -18,6 +18,7 @@ import pytest
 from engine.cli import main
 from engine.evaluator import run_test
 from engine.trainer import Trainer
+from tests import faults
 from tests.conftest import ROOT
 from utils.checkpoint import load_checkpoint, recover_model_dir, replace_model_dir
 from utils.config import load_config
@@ -43,13 +44,16 @@ def error_lines(stderr: str) -> list:
     return [ln for ln in lines if ln.strip() and "%|" not in ln]
 
 
-def start(script: str, config: str, *overrides: str, fsize: int = 0) -> subprocess.Popen:
+def start(script: str, config: str, *overrides: str, fsize: int = 0, **fault) -> subprocess.Popen:
+    """`script` in a child process (under tests/faults.py with the keyword faults, if any); `fsize`:
+    its file-size limit in bytes (0: none)."""
     def limit():
         if fsize:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     # no .pyc writes under a file-size limit: a cut one would break later imports
     env = dict(os.environ, OMP_NUM_THREADS="1", **({"PYTHONDONTWRITEBYTECODE": "1"} if fsize else {}))
-    return subprocess.Popen([sys.executable, script, "--config", config, *overrides], cwd=ROOT, env=env,
+    runner = faults.runner(**fault) if fault else []
+    return subprocess.Popen([sys.executable, *runner, script, "--config", config, *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
 
 
@@ -58,8 +62,8 @@ def finish(p: subprocess.Popen):
     return p.returncode, out, err
 
 
-def run(script: str, config: str, *overrides: str, fsize: int = 0):
-    return finish(start(script, config, *overrides, fsize=fsize))
+def run(script: str, config: str, *overrides: str, fsize: int = 0, **fault):
+    return finish(start(script, config, *overrides, fsize=fsize, **fault))
 
 
 def one_error(err: str, *words: str) -> str:
@@ -258,12 +262,9 @@ def test_full_disk_during_evaluation_keeps_the_earlier_result(earlier_run, tmp_p
     path, exp = copy_of(earlier_run, tmp_path)
     merged = next((exp / "result" / "per_image").glob("*.all.npz")).stat().st_size
     before = snapshot(exp)
-    os.environ["SEGROBUST_TEST_EVAL_FLUSH_SECONDS"] = "0"
-    try:
-        rc, _, err = run("test.py", path, f"exp_dir={exp}", "test.num_images=6", "test.batch_size=1",
-                         f"test.save_images={stage == 'image'}", fsize=merged - 1 if stage == "merge" else 300)
-    finally:
-        os.environ.pop("SEGROBUST_TEST_EVAL_FLUSH_SECONDS")
+    rc, _, err = run("test.py", path, f"exp_dir={exp}", "test.num_images=6", "test.batch_size=1",
+                     f"test.save_images={stage == 'image'}", fsize=merged - 1 if stage == "merge" else 300,
+                     eval_flush_seconds=0)
     assert rc == 2, err[-2000:]
     folder = "clean" if stage == "image" else "per_image"
     line = one_error(err, "cannot write", str(exp / "result.partial" / folder), "EFBIG")

@@ -19,6 +19,7 @@ from engine import eval_resume
 from engine.cli import main
 from engine.eval_resume import saved_counts
 from engine.evaluator import RunStats, run_columns, run_test
+from tests import faults
 from utils import dist
 from utils.config import load_config
 from utils.logger import setup_logger
@@ -55,9 +56,9 @@ def test_killed_evaluation_resumed_with_another_batch_keeps_finished_images(trai
     path, ckpt = trained_model.config, trained_model.checkpoint
     common = [f"test.checkpoint={ckpt}", "test.save_images=false"]
     exp = tmp_path / "resumed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", SEGROBUST_TEST_EVAL_FLUSH_SECONDS="0",
-               SEGROBUST_TEST_KILL_AT_EVAL_BATCH="2")
-    r = subprocess.run([sys.executable, "test.py", "--config", path, f"exp_dir={exp}", "test.batch_size=2", *common],
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, *faults.runner(eval_flush_seconds=0, kill_at_eval_batch=2), "test.py",
+                        "--config", path, f"exp_dir={exp}", "test.batch_size=2", *common],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == -9, r.stderr[-2000:]
     chunks = glob.glob(str(exp / "result.partial" / "per_image" / "*.npz"))
@@ -417,11 +418,11 @@ def test_a_config_error_is_printed_once_under_torchrun(tiny_config, tmp_path):
 def test_two_node_launch_restarts_after_a_killed_rank_and_ends_with_uninterrupted_weights(tmp_path):
     """tools/launch.sh on 2 "nodes" of 1 CPU process (127.0.0.1, c10d rendezvous, RESTARTS=1; with
     train.aux_weight=0 under DDP): node 1's process is SIGKILLed at the end of iteration 3 of 4 (after
-    the iteration-2 checkpoint); every process restarts, resumes from that checkpoint and ends with
-    the weights of an uninterrupted 2-process run, bit for bit."""
+    the iteration-2 checkpoint; its launcher's PYTHON runs train.py under tests/faults.py); every
+    process restarts, resumes from that checkpoint and ends with the weights of an uninterrupted
+    2-process run, bit for bit."""
     import signal
     import socket
-    from engine.trainer import KILL_AT_ITER_ENV
     from datasets import build_dataset
     from utils.checkpoint import load_checkpoint
     script, config = "tool_train/synthetic/pspnet18_none.sh", "config/synthetic/synthetic_pspnet18_none.yaml"
@@ -431,7 +432,7 @@ def test_two_node_launch_restarts_after_a_killed_rank_and_ends_with_uninterrupte
             "train.aux_weight=0", "device=cpu"]
     build_dataset(load_config(config, args), "train")  # the data, written once before the processes read it
     base = {k: v for k, v in os.environ.items() if not k.startswith(("NGPU", "NNODES", "NODE_RANK", "MASTER_", "RDZV_",
-                                                                    "RESTARTS", "SEGROBUST_TEST", "TORCHELASTIC"))}
+                                                                    "RESTARTS", "TORCHELASTIC"))}
     base.update(OMP_NUM_THREADS="1", PYTHON=sys.executable)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -439,8 +440,8 @@ def test_two_node_launch_restarts_after_a_killed_rank_and_ends_with_uninterrupte
     elastic = dict(base, NGPU="1", NNODES="2", RDZV_ENDPOINT=f"127.0.0.1:{port}", RDZV_ID="kill-test", RESTARTS="1")
     jobs = [(["sh", script, f"exp_dir={tmp_path / 'ref'}", *args], dict(base, NGPU="2")),
             (["sh", script, f"exp_dir={tmp_path / 'killed'}", *args], dict(elastic, NODE_RANK="0")),
-            (["sh", script, f"exp_dir={tmp_path / 'killed'}", *args], dict(elastic, NODE_RANK="1",
-                                                                        **{KILL_AT_ITER_ENV: "3"}))]
+            (["sh", script, f"exp_dir={tmp_path / 'killed'}", *args],
+             dict(elastic, NODE_RANK="1", PYTHON=faults.launcher_python(str(tmp_path / "bin"), kill_at_iter=3)))]
     procs = []
     try:  # the reference and the two nodes at once
         for cmd, env in jobs:

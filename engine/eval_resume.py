@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -43,11 +42,9 @@ from utils.logger import get_logger
 
 from .paths import result_dir, staging_dir
 
+# seconds between two writes of the per-image counts: a killed evaluation redoes at most the batches
+# of this span; read by each EvalProgress when it is made (0: a write after every batch)
 FLUSH_SECONDS = 10.0
-# Test hooks (fault-injection tests only): write per-image counts after every batch, and SIGKILL
-# the process right after the N-th batch's counts were written.
-FLUSH_ENV = "SEGROBUST_TEST_EVAL_FLUSH_SECONDS"
-KILL_AT_BATCH_ENV = "SEGROBUST_TEST_KILL_AT_EVAL_BATCH"
 FORMAT = 2  # per-image file layout; chunks of another layout are not resumed from
 IDENTITY_FILE = "identity.txt"
 
@@ -168,8 +165,7 @@ class EvalProgress:
         self.columns = dict(columns)
         self.attacks = list(attacks)
         self.runs = ["clean"] + [k for k, _ in self.attacks]
-        self.flush_s = float(os.environ.get(FLUSH_ENV, FLUSH_SECONDS))
-        self.kill_at = int(os.environ.get(KILL_AT_BATCH_ENV, 0) or 0)
+        self.flush_s = FLUSH_SECONDS
         self.batch = batch  # per-process batch, recorded with the counts
         images = shard_images(n, cfg.test.shard)
         # this process's images; earlier counts of these only are gathered from here (the others' from theirs)
@@ -254,8 +250,6 @@ class EvalProgress:
         self.batches += 1
         if time.time() - self.last_flush >= self.flush_s:
             self.flush(stats)
-        if self.kill_at == self.batches:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook
 
     def finish(self, stats: Dict[str, object]) -> Tuple[Dict[str, Dict[str, np.ndarray]], Dict[str, float],
                                                        Dict[str, Tuple[int, int]]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -30,9 +29,6 @@ from .common import amp_dtype, channels_last, group_collate, make_loader, per_pr
 from .evaluator import evaluate, regression_tasks
 from .results import task_metrics
 
-# Test hook (fault-injection tests only): SIGKILL the process at the end of this (1-based) iteration
-# (in the first run of a job that torchrun restarts).
-KILL_AT_ITER_ENV = "SEGROBUST_TEST_KILL_AT_ITER"
 KEEP_ITER_CHECKPOINTS = 2
 # what load_state_dict / set_rng_state raise on a state of another shape or kind
 STATE_ERRORS = (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError)
@@ -431,8 +427,6 @@ class Trainer:
             raise RuntimeError(f"training method {t.method} stepped phase {phase!r}; its phases: "
                                f"{list(self.optimizers)}")
         optimizer = self.optimizers[phase]
-        if t.debug_nan_at_iter is not None and self.iteration + 1 == int(t.debug_nan_at_iter):
-            loss = loss * float("nan")  # test hook
         bad = dist.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
         # every parameter's gradient, not only the phase's: none is left over from another phase's step
         self.model.zero_grad(set_to_none=True)
@@ -493,7 +487,6 @@ class Trainer:
         total: Dict[str, torch.Tensor] = {}
         n_window: Dict[str, int] = {}
         n_total: Dict[str, int] = {}
-        kill_at = int(os.environ.get(KILL_AT_ITER_ENV, 0) or 0)
         bar = tqdm(self.loader, disable=not dist.is_main(), desc=f"epoch {self.epoch + 1}/{t.epochs}",
                    leave=False, initial=done, total=self.iters_per_epoch)
         for batch in bar:
@@ -520,8 +513,6 @@ class Trainer:
                               + (f" skipped {self.skipped}" if self.skipped else ""))
                 window, n_window = {}, {}
             self.maybe_save_iter()
-            if kill_at == self.iteration and not dist.restart_count():  # (a restarted job goes on)
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook
         if not total:
             return {}
         return {k: float(v) for k, v in self._log_scalars(total, n_total, "train_epoch").items()}

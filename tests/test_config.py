@@ -84,7 +84,7 @@ def test_every_shipped_config_loads():
     "train.head_lr_mult=0", "train.momentum=1.0", "train.weight_decay=-1e-4", "train.scheduler=cosine",
     "train.power=-1", "train.warmup_iters=-1", "train.warmup_ratio=2", "train.aux_weight=-0.4", "train.save_freq=0",
     "train.eval_freq=-1", "train.print_freq=0", "train.resume=5", "train.val_batch_size=0", "train.save_iter_freq=-1",
-    "train.amp=fp8", "train.debug_nan_at_iter=0", "test.split=dev", "test.checkpoint=''", "test.protocol=fast",
+    "train.amp=fp8", "test.split=dev", "test.checkpoint=''", "test.protocol=fast",
     "test.crop_size=[33,33,3]", "test.stride_rate=0", "test.stride_rate=1.5", "test.batch_size=0",
     "test.num_images=0", "test.eps=[]", "test.eps=[0]", "test.eps=[-8]", "test.attacks=[3]",
     "test.class_weights=[1,2]", "test.class_weights=[1,1,1,1,1,-1]", "test.examples=-1",

@@ -14,7 +14,6 @@ import os
 import pickle
 import re
 import shutil
-import signal
 import warnings
 from typing import Any, List, Mapping, Optional, Tuple
 
@@ -22,40 +21,14 @@ from .atomic import fsync_folder, atomic_write, describe
 from .errors import SetupError
 
 REQUIRED = ("model", "optimizer", "scheduler", "epoch", "iteration", "rng", "config")
-# Test hook (fault-injection tests only): SIGKILL this process inside its N-th save_checkpoint
-# call, after part of the temporary file has been written.
-KILL_IN_SAVE_ENV = "SEGROBUST_TEST_KILL_IN_SAVE"
-_saves = 0
-
-
-class _KillAfter:
-    """File wrapper that SIGKILLs the process once `limit` bytes have gone to disk (test hook)."""
-
-    def __init__(self, f, limit: int):
-        self.f, self.limit, self.n = f, limit, 0
-
-    def write(self, data) -> int:
-        n = self.f.write(data)
-        self.n += n
-        if self.n >= self.limit:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
 
 
 def save_checkpoint(state: dict, path: str) -> None:
     """Write atomically (`utils.atomic.atomic_write`): a kill, crash or full disk at any moment leaves
     either the previous file or the complete new one under `path`, never a truncated one."""
-    global _saves
-    _saves += 1
-    kill_at = int(os.environ.get(KILL_IN_SAVE_ENV, 0) or 0)
     import torch  # here, not at module level: the launch check (tools/preflight.py) reads folders without torch
     with atomic_write(path) as f:
-        torch.save(state, _KillAfter(f, 4096) if kill_at == _saves else f)
+        torch.save(state, f)
 
 
 def first_sentence(e: BaseException) -> str:

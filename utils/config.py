@@ -420,7 +420,6 @@ RULES: Dict[str, Rule] = {
     "train.save_iter_freq": INT_GE0,
     # YAML reads a bare `off` as false
     "train.amp": one_of(None, False, "off", "none", "fp32", "bf16", "fp16"),
-    "train.debug_nan_at_iter": optional(INT_GE1),
     "train.mtl.main_tasks": list_of(text(), nonempty=False),
     "train.mtl.mt_lambda": number(0),
     "train.mtl.task_lambdas": mapping_of(number(0)),

@@ -190,7 +190,7 @@ class EvalProgress:
         if other and batch:
             get_logger().info(f"the per-process batch changed ({', '.join(map(str, other))} before, {batch} now): "
                               f"the images already done are kept; the results equal an uninterrupted run up to "
-                              f"float rounding (README, Reproducibility)")
+                              f"float rounding (docs/reproducibility.md)")
 
     def _load(self, path: str, seen: set) -> None:
         try:

@@ -22,7 +22,7 @@ import torch
 
 from .base import ImageSeeds, PassCounter, counted, input_grad, project, uniform_noise
 from .losses import PixelTerms, get_loss, image_loss, pixel_terms
-from .registry import register_attack
+from .registry import register_attack, unless_random_start
 
 MOMENTUM = 0.75          # a in x + a(u - x) + (1 - a)(x - x_prev)
 RHO = 0.75               # checkpoint: halve if #increases <= RHO * k
@@ -167,17 +167,19 @@ def _checkpoint(s: _Images, i: int, k: int) -> None:
 
 def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor, eps: float, n: int,
            loss_fn: Callable, loss_kw: dict, n_valid: torch.Tensor, early_stop: bool,
-           counter: Optional[PassCounter]) -> Tuple[torch.Tensor, torch.Tensor]:
+           counter: Optional[PassCounter],
+           start_fwd: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One APGD run of n iterations at radius eps from x_init; returns (lowest-accuracy point, its accuracy).
+    `start_fwd` (default `fwd`) evaluates x_init.
 
     With ``early_stop``, every EARLY_STOP_EVERY iterations the images at 0 pixel accuracy leave the
     batch (their point is final: see FREEZE in ``_record``), so they cost no more passes and the
     others run on.
     """
-    def grad_at(xa, y, n_valid, step):
-        return _grad_at(fwd, xa, y, n_valid, loss_fn, loss_kw, step, n, counter)
+    def grad_at(xa, y, n_valid, step, f=fwd):
+        return _grad_at(f, xa, y, n_valid, loss_fn, loss_kw, step, n, counter)
 
-    s = _start(x, y, n_valid, x_init.detach().clone(), eps, n, grad_at)
+    s = _start(x, y, n_valid, x_init.detach().clone(), eps, n, lambda *a: grad_at(*a, f=start_fwd or fwd))
     out_x = None  # results of images that left the batch, allocated when the first one leaves
     out_acc = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     k, k_min, k_decr = checkpoint_params(n)
@@ -213,10 +215,13 @@ def _stage(fwd: Callable, x: torch.Tensor, y: torch.Tensor, x_init: torch.Tensor
 def apgd_run(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
              loss: str = "ce", prr: bool = False, random_start: bool = True, early_stop: bool = False,
              class_weights=None, ignore_index: int = 255, counter: Optional[PassCounter] = None,
-             rng: Optional[ImageSeeds] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """APGD (with PRR when ``prr``); returns (x_adv, per-image pixel accuracy of x_adv over valid pixels)."""
+             rng: Optional[ImageSeeds] = None,
+             clean_forward: Optional[Callable] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """APGD (with PRR when ``prr``); returns (x_adv, per-image pixel accuracy of x_adv over valid pixels).
+    Without a random start the first stage starts at x, evaluated by ``clean_forward`` when given."""
     loss_fn = get_loss(loss)
     fwd = counted(forward, counter)
+    start_fwd = None if random_start or clean_forward is None else counted(clean_forward, counter)
     x = x.detach()
     n_valid = (y != ignore_index).flatten(1).sum(1).clamp_min(1).to(x.dtype)
     weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=x.dtype, device=x.device)
@@ -228,15 +233,16 @@ def apgd_run(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         else:  # chain: project the previous stage's point onto the smaller ball
             x_adv = project(x_adv, x, eps_s)
         # SegPGD's lambda restarts in each stage (step/steps within the stage), as in the reference.
-        x_adv, acc = _stage(fwd, x, y, x_adv, eps_s, n_s, loss_fn, loss_kw, n_valid, early_stop, counter)
+        x_adv, acc = _stage(fwd, x, y, x_adv, eps_s, n_s, loss_fn, loss_kw, n_valid, early_stop, counter, start_fwd)
+        start_fwd = None  # later stages start at the previous stage's point
     return x_adv.detach(), acc
 
 
-@register_attack("apgd")
+@register_attack("apgd", starts_at_x=unless_random_start)
 def apgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100, loss: str = "ce",
          prr: bool = False, random_start: bool = True, early_stop: bool = False, class_weights=None,
          ignore_index: int = 255, counter: Optional[PassCounter] = None,
-         rng: Optional[ImageSeeds] = None) -> torch.Tensor:
+         rng: Optional[ImageSeeds] = None, clean_forward: Optional[Callable] = None) -> torch.Tensor:
     """APGD for segmentation (sea.md §1.3); ``prr`` adds progressive radius reduction (§1.4).
 
     SEA's members: ``steps=300, prr=True, random_start=True, early_stop=True`` with loss
@@ -245,4 +251,4 @@ def apgd(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, ste
     """
     return apgd_run(forward, x, y, eps=eps, steps=steps, loss=loss, prr=prr, random_start=random_start,
                     early_stop=early_stop, class_weights=class_weights, ignore_index=ignore_index,
-                    counter=counter, rng=rng)[0]
+                    counter=counter, rng=rng, clean_forward=clean_forward)[0]

@@ -2,6 +2,8 @@
 
 An attack is a plain function ``fn(forward, x, y, *, eps, ..., counter=None, rng=None) -> x_adv`` on a
 batch: `forward` maps images in [0,1] to logits [B,C,H,W]; eps and step sizes are in [0,1] units there.
+One that can start at x itself declares when it does (``register_attack(..., starts_at_x=...)``) and
+takes ``clean_forward=None``, which it calls instead of `forward` for that forward of x.
 ``build_attack`` wraps it in an :class:`Attack` that takes config units (1/255) and keeps counts.
 
 Random draws (random starts) come from :class:`ImageSeeds`: one generator per image, seeded by
@@ -206,9 +208,23 @@ class Attack:
         """True for attacks on multitask outputs: forward returns {task: output}, y is {task: target}."""
         return self.spec.multitask
 
-    def __call__(self, forward: Callable, x: torch.Tensor, y, keys: Optional[Sequence] = None) -> torch.Tensor:
-        """x_adv for the batch; `keys` (one image index or key tuple per row) seed its random draws."""
+    @property
+    def starts_at_x(self) -> bool:
+        """Whether the first iterate is x itself (no random start), as the attack declares it for
+        these options: then a `clean_forward` given to the call evaluates x."""
+        declared = self.spec.starts_at_x
+        return declared is not None and declared({**self.spec.defaults, **self.options})
+
+    def __call__(self, forward: Callable, x: torch.Tensor, y, keys: Optional[Sequence] = None,
+                 clean_forward: Optional[Callable] = None) -> torch.Tensor:
+        """x_adv for the batch; `keys` (one image index or key tuple per row) seed its random draws.
+
+        `clean_forward`: when the attack starts at x (`starts_at_x`), it calls this instead of
+        `forward` for that forward (counted the same), so the caller gets the output at x without a
+        forward of its own; it must return what `forward` would. Otherwise it is never called."""
         extra = {"rng": image_seeds(self.seed, self.label, keys)} if self.spec.takes_rng and keys is not None else {}
+        if clean_forward is not None and self.spec.starts_at_x is not None:
+            extra["clean_forward"] = clean_forward
         return self.fn(forward, x, y, counter=self.counter, **self.kwargs, **extra)
 
     def __repr__(self) -> str:

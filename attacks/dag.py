@@ -24,7 +24,7 @@ from utils.errors import SetupError
 
 from .apgd import EARLY_STOP_EVERY
 from .base import PassCounter, counted, input_grad, project
-from .registry import register_attack
+from .registry import always, register_attack
 
 
 def logit_margin(logits: torch.Tensor, yv: torch.Tensor) -> torch.Tensor:
@@ -40,12 +40,14 @@ def _check_dag(name: str, options: dict) -> None:
         raise SetupError(f"attack '{name}': gamma must be > 0, got {gamma}")
 
 
-@register_attack("dag", check=_check_dag)
+@register_attack("dag", check=_check_dag, starts_at_x=always)
 def dag(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, gamma: float = 0.001,
-        steps: int = 200, ignore_index: int = 255, counter: Optional[PassCounter] = None) -> torch.Tensor:
+        steps: int = 200, ignore_index: int = 255, counter: Optional[PassCounter] = None,
+        clean_forward: Optional[Callable] = None) -> torch.Tensor:
     """DAG with step `gamma` (L-inf-normalised gradient) for `steps` iterations, projected to the eps
     ball and the box. Cost: at most `steps` forwards and `steps` - 1 backwards per image."""
     fwd = counted(forward, counter)
+    first_fwd = fwd if clean_forward is None else counted(clean_forward, counter)  # the first iterate is x
     x = x.detach()
     B = x.shape[0]
     view = (-1,) + (1,) * (x.dim() - 1)
@@ -64,7 +66,7 @@ def dag(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, gamm
                 rows, xa = rows[keep], xa[keep]
         xi, yv, valid, n_valid = x[rows], yv_all[rows], valid_all[rows], n_valid_all[rows]
         xa.requires_grad_(True)
-        margin = logit_margin(fwd(xa), yv)
+        margin = logit_margin((first_fwd if i == 0 else fwd)(xa), yv)
         with torch.no_grad():
             acc = ((margin > 0) & valid).flatten(1).sum(1).to(x.dtype) / n_valid
             better = acc < best_acc[rows]

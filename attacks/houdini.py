@@ -29,7 +29,7 @@ from utils.metrics import confusion_counts
 from .base import ImageSeeds, PassCounter
 from .losses import image_loss
 from .pgd import sign_steps
-from .registry import register_attack
+from .registry import register_attack, unless_random_start
 
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -72,14 +72,14 @@ def houdini_loss(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255)
     return HoudiniSurrogate.apply(F.log_softmax(logits, 1), yv, weight)
 
 
-@register_attack("houdini")
+@register_attack("houdini", starts_at_x=unless_random_start)
 def houdini(forward: Callable, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
             alpha: Optional[float] = None, decay: Optional[float] = 0.5, random_start: bool = True,
             ignore_index: int = 255, counter: Optional[PassCounter] = None,
-            rng: Optional[ImageSeeds] = None) -> torch.Tensor:
+            rng: Optional[ImageSeeds] = None, clean_forward: Optional[Callable] = None) -> torch.Tensor:
     """MTRobust's Houdini attack: sign steps on the Houdini surrogate with momentum m = decay*m + g
     (raw gradients; ``decay: null`` for plain sign steps); alpha default 2.5 eps / steps."""
     def objective(logits: torch.Tensor, t: int) -> torch.Tensor:
         return image_loss(houdini_loss(logits, y, ignore_index)).sum()
     return sign_steps(forward, x, objective, eps=eps, alpha=alpha, steps=steps, random_start=random_start,
-                      decay=decay, normalize_grad=False, counter=counter, rng=rng)
+                      decay=decay, normalize_grad=False, counter=counter, rng=rng, clean_forward=clean_forward)

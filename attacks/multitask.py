@@ -39,7 +39,7 @@ from utils.errors import SetupError
 
 from .base import ImageSeeds, PassCounter
 from .pgd import sign_steps
-from .registry import register_attack
+from .registry import register_attack, unless_random_start
 
 MASK_SUFFIX = "_mask"
 TASK_LOSSES = ("ce", "prior_ce", "l1", "mse")
@@ -197,13 +197,14 @@ def _check_multitask(name: str, options: dict) -> None:
             raise SetupError(f"attack '{name}': unknown task loss '{spec}' for '{t}'; valid: {', '.join(TASK_LOSSES)}")
 
 
-@register_attack("multitask", multitask=True, check=_check_multitask)  # forward returns {task: output}
+@register_attack("multitask", multitask=True, check=_check_multitask,  # forward returns {task: output}
+                 starts_at_x=unless_random_start)
 def multitask(forward: Callable, x: torch.Tensor, y: Dict[str, torch.Tensor], *, eps: float, steps: int,
               alpha: Optional[float] = None, tasks: Optional[Sequence[str]] = None,
               task_losses: Optional[Dict[str, object]] = None,
               random_start: bool = True, decay: Optional[float] = None, normalize_grad: bool = True,
               ignore_index: int = 255, counter: Optional[PassCounter] = None,
-              rng: Optional[ImageSeeds] = None) -> torch.Tensor:
+              rng: Optional[ImageSeeds] = None, clean_forward: Optional[Callable] = None) -> torch.Tensor:
     """L-inf PGD (MIM with ``decay``; MTRobust: 0.5 and ``normalize_grad=False``) on a multitask loss;
     ``alpha`` defaults to 2.5 eps / steps (Madry et al.).
 
@@ -216,5 +217,5 @@ def multitask(forward: Callable, x: torch.Tensor, y: Dict[str, torch.Tensor], *,
     _check_multitask("multitask", {"task_losses": task_losses})
     return sign_steps(forward, x, lambda out, t: multitask_loss(out, y, tasks, task_losses, ignore_index),
                       eps=eps, alpha=alpha, steps=steps, random_start=random_start, decay=decay,
-                      normalize_grad=normalize_grad, counter=counter, rng=rng)
+                      normalize_grad=normalize_grad, counter=counter, rng=rng, clean_forward=clean_forward)
 

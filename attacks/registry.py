@@ -12,7 +12,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from utils.registry import Registry
 
 ATTACKS = Registry("attack")
-RUNTIME_ARGS = ("forward", "x", "y", "counter", "rng")  # passed by the caller, never config options
+# passed by the caller, never config options
+RUNTIME_ARGS = ("forward", "x", "y", "counter", "rng", "clean_forward")
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,11 @@ class AttackSpec:
     required: Tuple[str, ...]    # the options without a default
     hints: Mapping[str, Any]     # their annotations ({} where one does not resolve: types left unchecked)
     takes_rng: bool              # whether it draws random numbers (gets per-image seeds)
+    defaults: Mapping[str, Any]  # the options' defaults (where they have one)
     multitask: bool = False      # forward returns {task: output} and y is {task: target}
+    # whether the first iterate is x itself, from the options (defaults filled in); None: never said,
+    # and the attack takes no `clean_forward` (an attack that declares it calls that for its forward of x)
+    starts_at_x: Optional[Callable[[Mapping[str, Any]], bool]] = None
     check: Optional[Callable[[str, dict], None]] = None    # attack-specific validation at build time
     prepare: Optional[Callable[[str, dict], dict]] = None  # rewrites the options before they are validated
 
@@ -38,7 +43,18 @@ def _read_spec(fn: Callable, **declared) -> AttackSpec:
         hints = {}
     options = tuple(k for k in params if k not in RUNTIME_ARGS)
     required = tuple(k for k in options if params[k].default is inspect.Parameter.empty)
-    return AttackSpec(options, required, hints, "rng" in params, **declared)
+    defaults = {k: params[k].default for k in options if k not in required}
+    return AttackSpec(options, required, hints, "rng" in params, defaults, **declared)
+
+
+def unless_random_start(options: Mapping[str, Any]) -> bool:
+    """``starts_at_x`` of an attack with a ``random_start`` option: at x when it is off."""
+    return not options["random_start"]
+
+
+def always(options: Mapping[str, Any]) -> bool:
+    """``starts_at_x`` of an attack that never draws a random start."""
+    return True
 
 
 def attack_spec(fn: Callable) -> AttackSpec:
@@ -47,9 +63,17 @@ def attack_spec(fn: Callable) -> AttackSpec:
 
 
 def register_attack(name: str, *, multitask: bool = False, check: Optional[Callable[[str, dict], None]] = None,
-                    prepare: Optional[Callable[[str, dict], dict]] = None) -> Callable[[Callable], Callable]:
-    """Register an attack function under `name` with its declarations (see ``AttackSpec``)."""
+                    prepare: Optional[Callable[[str, dict], dict]] = None,
+                    starts_at_x: Optional[Callable[[Mapping[str, Any]], bool]] = None
+                    ) -> Callable[[Callable], Callable]:
+    """Register an attack function under `name` with its declarations (see ``AttackSpec``).
+
+    ``starts_at_x`` (e.g. ``unless_random_start``, ``always``) goes with a ``clean_forward=None``
+    parameter: when given, the function calls it instead of `forward` for its one forward of x itself,
+    so a caller that needs the model's output at x gets it from the attack."""
     def deco(fn: Callable) -> Callable:
-        _SPECS[fn] = _read_spec(fn, multitask=multitask, check=check, prepare=prepare)
+        if (starts_at_x is None) == ("clean_forward" in inspect.signature(fn).parameters):
+            raise TypeError(f"attack '{name}': declare starts_at_x exactly when the function takes clean_forward")
+        _SPECS[fn] = _read_spec(fn, multitask=multitask, check=check, prepare=prepare, starts_at_x=starts_at_x)
         return ATTACKS.register(name)(fn)
     return deco

@@ -106,14 +106,18 @@ class Defense:
         return min(1.0, (epoch + 1) / (w + 1))
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y, index: torch.Tensor,
-                    forward=None) -> torch.Tensor:
+                    forward=None, clean_forward=None) -> torch.Tensor:
         """x_adv for the batch (detached). `forward(net, x)` picks what the attack differentiates
-        (default: the eval-mode output, i.e. the main logits, or the outputs dict of a multitask model)."""
+        (default: the eval-mode output, i.e. the main logits, or the outputs dict of a multitask model).
+        `clean_forward(net, x)`, returning the same: the attack calls it instead for its forward of x
+        itself when it starts there (``Attack.starts_at_x``), and never otherwise, so a method reads
+        what it needs of the clean batch from the attack's own pass."""
         net = dist.unwrap(model)
         keys: Sequence = [(self.epoch, int(i)) for i in index.tolist()]
         with attack_mode(net):
             fwd = net if forward is None else (lambda inp: forward(net, inp))
-            x_adv = self.attack(fwd, x, y, keys)
+            clean = None if clean_forward is None else (lambda inp: clean_forward(net, inp))
+            x_adv = self.attack(fwd, x, y, keys, clean_forward=clean)
         return x_adv.detach()
 
     def attack_passes(self) -> float:

@@ -101,20 +101,16 @@ class DDCAT(Defense):
         """(images [x[:n]; x_adv[n:]], mask labels [M; 0], n clean images)."""
         x, y = batch["image"], batch["label"]
         n_clean = process_clean_count(x.shape[0], self.adv_fraction)
-        first: dict = {}
+        routed: dict = {}
 
-        def forward(net, inp):  # the attack's first forward at the clean batch also routes its clean part
-            if not first:
-                first["clean"] = bool(n_clean) and torch.equal(inp, x)
-                if first["clean"]:
-                    out, first["p_clean"] = net.main_and_routed(inp, n_clean)
-                    return out
-            return net(inp)
+        def clean_forward(net, inp):  # the attack's forward of x also routes its clean part
+            out, routed["p_clean"] = net.main_and_routed(inp, n_clean)
+            return out
         # the whole batch: see the module docstring
-        x_adv = self.adversarial(model, x, y, batch["index"], forward=forward)
+        x_adv = self.adversarial(model, x, y, batch["index"], clean_forward=clean_forward if n_clean else None)
         m = torch.zeros_like(y)
         if n_clean:
-            m[:n_clean] = self.division_labels(model, x[:n_clean], x_adv[:n_clean], first.get("p_clean"))
+            m[:n_clean] = self.division_labels(model, x[:n_clean], x_adv[:n_clean], routed.get("p_clean"))
         return torch.cat([x[:n_clean], x_adv[n_clean:]]), m, n_clean
 
     def loss(self, model, batch):

@@ -51,17 +51,15 @@ class PIRAT(Defense):
 
     def loss(self, model, batch):
         x, y = batch["image"], batch["label"]
-        first = []
+        at_x = {}
 
-        def forward(net, inp):  # the attack's forward; its first call gives the clean statistics
+        def clean_forward(net, inp):  # the attack's forward of x: its output gives the clean statistics
             out = net(inp)
-            if not first:
-                first.append((inp.detach(), out.detach()))
+            at_x["logits"] = out.detach()
             return out
-        x_adv = self.adversarial(model, x, y, batch["index"], forward=forward)
-        if first and torch.equal(first[0][0], x):
-            clean = first[0][1]
-        else:  # the attack started elsewhere (random start): one forward without gradients
+        x_adv = self.adversarial(model, x, y, batch["index"], clean_forward=clean_forward)
+        clean = at_x.get("logits")
+        if clean is None:  # the attack started elsewhere (random start): one forward without gradients
             net = dist.unwrap(model)
             with torch.no_grad(), attack_mode(net):
                 clean = net(x)

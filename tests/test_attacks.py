@@ -285,6 +285,54 @@ def test_attack_declarations_are_read_once_at_registration_not_from_function_att
         build_attack("dag", eps=8.0, gamma=0.0)
 
 
+# (name, options, whether the first iterate is x itself): every attack that can start at x, both ways
+STARTS = [
+    ("fgsm", {}, True), ("pgd", dict(alpha=2.0, steps=3), False), ("pgd", dict(alpha=2.0, steps=3, random_start=False), True),
+    ("segpgd", dict(steps=3, random_start=False), True), ("cospgd", dict(steps=3), False),
+    ("mim", dict(steps=3), True), ("mim", dict(steps=3, random_start=True), False),
+    ("apgd", dict(steps=5), False), ("apgd", dict(steps=10, prr=True, random_start=False), True),
+    ("padam", dict(steps=3), False), ("dag", dict(steps=5, gamma=0.003), True),
+    ("houdini", dict(steps=3), False), ("houdini", dict(steps=3, random_start=False), True),
+    ("multitask", dict(steps=2), False), ("multitask", dict(steps=2, random_start=False), True),
+]
+
+
+@pytest.mark.parametrize("name,opts,at_x", STARTS)
+def test_clean_forward_is_the_forward_of_x_exactly_when_the_attack_starts_there(name, opts, at_x):
+    """``attack(forward, x, y, clean_forward=f)``: f replaces forward for the one pass at x itself when the
+    attack declares a start at x (``starts_at_x``), and is never called otherwise; x_adv and the pass
+    counts are those of the call without it."""
+    torch.manual_seed(0)
+    if name == "multitask":
+        model, x = TwoTask(), torch.rand(2, 3, 8, 8)
+        y = {"seg": torch.randint(0, 3, (2, 8, 8)), "depth": torch.rand(2, 1, 8, 8)}
+    else:
+        model, (x, y) = TinyConv(), _batch()
+    seen = []
+
+    def clean_forward(inp):
+        seen.append((inp.detach().clone(), inp.requires_grad))
+        return model(inp)
+    attack, plain = build_attack(name, eps=8.0, **opts), build_attack(name, eps=8.0, **opts)
+    assert attack.starts_at_x == at_x
+    x_adv = attack(model, x, y, keys=[0, 1], clean_forward=clean_forward)
+    assert torch.equal(x_adv, plain(model, x, y, keys=[0, 1]))
+    assert (attack.counter.forward, attack.counter.backward) == (plain.counter.forward, plain.counter.backward)
+    assert len(seen) == int(at_x) and all(torch.equal(inp, x) and grad for inp, grad in seen)
+
+
+def test_starts_at_x_is_declared_with_clean_forward():
+    """Every attack that can start at x is checked above; one that declares it must take clean_forward."""
+    from attacks import register_attack
+    assert {n for n, _, _ in STARTS} == set(ATTACKS.names()) - {"transfer"}    # transfer runs on its source
+    assert not build_attack("transfer", eps=8.0, steps=2, source_forward=TinyConv()).starts_at_x
+    with pytest.raises(TypeError, match="attack 'x': declare starts_at_x exactly when the function takes clean_forward"):
+        register_attack("x", starts_at_x=lambda options: True)(lambda forward, x, y, *, eps: x)
+    with pytest.raises(TypeError, match="attack 'x'"):
+        register_attack("x")(lambda forward, x, y, *, eps, clean_forward=None: x)
+    assert "x" not in ATTACKS.names()
+
+
 def test_no_function_in_the_attacks_or_the_metrics_is_over_60_lines():
     import ast
     import glob

@@ -304,6 +304,31 @@ def test_ddcat_main_and_routed_equals_the_separate_forwards(ddcat_setup):
     assert n == 2 and net.training and m[:2].any() and not m[2:].any()
 
 
+@pytest.mark.parametrize("random_start", [False, True])
+def test_ddcat_routed_clean_prediction_comes_from_the_attacks_forward_of_x(ddcat_setup, monkeypatch, random_start):
+    """Without a random start the attack hands its forward of x over (main_and_routed, once) and the division
+    labels get that routed clean prediction, equal to a separate routed forward of the clean part; with
+    one, the attack never evaluates x and division_labels routes x on its own."""
+    from models.ddcat import route
+    from utils.metrics import class_map
+    cfg, net, batch = ddcat_model(ddcat_setup, f"train.attack={{random_start: {str(random_start).lower()}}}")
+    defense = build_defense(cfg)
+    handed, given = [], []
+    orig_routed, orig_labels = type(net).main_and_routed, type(defense).division_labels
+    monkeypatch.setattr(type(net), "main_and_routed", lambda self, *a: handed.append(a[1:]) or orig_routed(self, *a))
+    monkeypatch.setattr(type(defense), "division_labels",
+                        lambda self, model, x, x_adv, p=None: given.append(p) or orig_labels(self, model, x, x_adv, p))
+    defense.training_batch(net, batch)
+    assert defense.attack.starts_at_x != random_start
+    if random_start:
+        assert handed == [] and given == [None]
+        return
+    net.eval()
+    with torch.no_grad():
+        direct = class_map(route(net.outputs(batch["image"][:2])))
+    assert handed == [(2,)] and torch.equal(given[0], direct)
+
+
 def _ddcat_cfg_args(ddcat_setup, *overrides):
     return str(ddcat_setup[0]), ["train.method=ddcat", "model.name=pspnet_ddcat", *SMALL, *overrides]
 
@@ -597,9 +622,9 @@ def test_fpd_attack_is_frozen_and_labelled_by_the_models_predictions(tiny_cfg):
     assert (expected != y).any() and (expected == 255).sum() == (y == 255).sum()  # not the ground truth
     start, seen, real = _state(model), {}, defense.attack
 
-    def spy(forward, xx, yy, keys):
+    def spy(forward, xx, yy, keys, clean_forward=None):
         seen.update(labels=yy.clone(), training=model.training, frozen=not any(p.requires_grad for p in model.parameters()))
-        seen["x_adv"] = real(forward, xx, yy, keys)
+        seen["x_adv"] = real(forward, xx, yy, keys, clean_forward)
         seen.update(grads=[p.grad for p in model.parameters()], state=_state(model))
         return seen["x_adv"]
     defense.attack = spy
@@ -865,9 +890,9 @@ def test_pirat_one_iteration_touches_what_it_should(tiny_config, tmp_path, monke
     seen = {}
     adversarial = trainer.defense.adversarial
 
-    def checked(net, x, y, index, forward=None):
+    def checked(net, x, y, index, forward=None, clean_forward=None):
         before = {k: v.clone() for k, v in net.state_dict().items()}
-        x_adv = adversarial(net, x, y, index, forward)
+        x_adv = adversarial(net, x, y, index, forward, clean_forward)
         seen["grads"] = [n for n, p in net.named_parameters() if p.grad is not None]
         seen["moved"] = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
         seen["x"], seen["x_adv"], seen["training"] = x, x_adv, net.training
@@ -922,7 +947,8 @@ def test_attack_warmup_is_logged_per_epoch(tiny_config, monkeypatch):
 
 def test_pirat_clean_statistics_with_and_without_random_start(tiny_cfg):
     """loss_clean / acc_clean are the eval-mode model on the clean batch: read from the attack's first forward
-    when it starts at the clean image, from one extra forward when it starts elsewhere; the same values."""
+    when it starts at the clean image (the attack hands it over), from one extra forward without gradients
+    when it starts elsewhere; the same values."""
     batch = _pirat_batch()
     torch.manual_seed(0)
     model = _TinySeg().train()
@@ -932,11 +958,18 @@ def test_pirat_clean_statistics_with_and_without_random_start(tiny_cfg):
     model.train()
     want_loss = F.cross_entropy(clean, batch["label"], ignore_index=255)
     want_acc = pixel_accuracy(clean, batch["label"])
-    for attack in ("{steps: 2}", "{steps: 2, random_start: true}", "{name: apgd, steps: 2}"):
+    for attack, extra in (("{steps: 2}", 0), ("{steps: 2, random_start: true}", 1), ("{name: apgd, steps: 2}", 1),
+                          ("{name: apgd, steps: 2, random_start: false}", 0)):
         defense = build_defense(tiny_cfg("train.method=pirat", f"train.attack={attack}"))
-        _, logs = defense.loss(copy.deepcopy(model), batch)  # (its training forward moves the BN statistics)
+        net = copy.deepcopy(model)  # (its training forward moves the BN statistics)
+        calls = _Calls(net)
+        _, logs = defense.loss(net, batch)
+        assert defense.attack.starts_at_x == (not extra), attack
         assert torch.allclose(logs["loss_clean"], want_loss, atol=1e-6) and logs["acc_clean"] == want_acc, attack
         assert logs["loss_adv"] > want_loss  # (training mode on x_adv)
+        # eval-mode forwards: the attack's counted passes, plus the extra clean one (no gradients) if any
+        assert sum(not c[0] for c in calls.calls) * 4 == defense.attack.counter.forward + 4 * extra, attack
+        assert calls.calls[-1 - extra:] == [(False, False, 4)] * extra + [(True, True, 4)], attack
     assert "pgd(eps=4.0, alpha=2.55, steps=5, random_start=False)" in build_defense(
         tiny_cfg("train.method=pirat")).describe()
 

@@ -57,14 +57,14 @@ DDCAT_HEADS = ("cls1", "cls2", "mask1")
 
 
 @register_defense("ddcat")
-class DDCAT(Defense):
+class DDCATTraining(Defense):
     default_attack = DDCAT_BIM
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        o = cfg.train.ddcat
-        self.adv_fraction = float(o.adv_fraction)
-        self.mask_ignore = bool(o.mask_ignore)
+        settings = cfg.train.ddcat
+        self.adv_fraction = float(settings.adv_fraction)
+        self.mask_ignore = bool(settings.mask_ignore)
 
     def prepare(self, model: nn.Module) -> None:
         refuse_multitask(model, "ddcat")

@@ -58,18 +58,19 @@ class FPDTraining(Defense):
     default_attack = {"name": "pgd", "eps": 8.0, "alpha": 2.0, "steps": 40, "random_start": True}
 
     def __init__(self, cfg):
-        f = cfg.train.fpd
-        self.adv = bool(f.adversarial)
-        if not self.adv:
+        settings = cfg.train.fpd
+        self.adversarial_finetuning = bool(settings.adversarial)
+        if not self.adversarial_finetuning:
             if cfg.train.attack:
                 raise SetupError("train.attack is set but train.fpd.adversarial is false: two-phase FPD training "
                                  "uses no attack (set train.fpd.adversarial=true for adversarial fine-tuning)")
             self.default_attack = None
         super().__init__(cfg)
-        self.noise_eps = f.noise_eps / 255.0
-        self.gate, self.threshold = bool(f.gate), float(f.threshold)
-        self.ce_weight, self.l2_weight, self.cycle_l2_weight = f.ce_weight, f.l2_weight, f.cycle_l2_weight
-        self.phase1_params = f.phase1_params
+        self.noise_eps = settings.noise_eps / 255.0
+        self.gate, self.threshold = bool(settings.gate), float(settings.threshold)
+        self.ce_weight, self.l2_weight = settings.ce_weight, settings.l2_weight
+        self.cycle_l2_weight = settings.cycle_l2_weight
+        self.phase1_params = settings.phase1_params
 
     def prepare(self, model) -> None:
         if not callable(getattr(model, "phase1_parameters", None)):
@@ -79,7 +80,7 @@ class FPDTraining(Defense):
     def param_phases(self, model):
         """Two-phase training: "restore" (the gated warm-up) and "joint" (everything); the adversarial
         fine-tuning has one optimiser."""
-        if self.adv:
+        if self.adversarial_finetuning:
             return None
         names: List[str] = [n for n, _ in model.named_parameters()]
         if self.phase1_params == "restoration_only":  # the released code's defect (module docstring)
@@ -93,12 +94,12 @@ class FPDTraining(Defense):
         """Two-phase: 2 (the joint and the cycle step; the gated warm-up is one step). Adversarial
         fine-tuning: (2k + 1 + 6 + 3) / 3: the attack, the labelling forward, the step on [x; x_adv],
         the cycle step."""
-        if not self.adv:
+        if not self.adversarial_finetuning:
             return 2.0
         return (self.attack_passes() + 10.0) / 3.0
 
     def describe(self) -> str:
-        if self.adv:
+        if self.adversarial_finetuning:
             return (f"fpd adversarial fine-tuning, training attack {self.attack} on the model's own predictions, "
                     f"adversarial share 0.5, cycle MSE weight {self.cycle_l2_weight:g}")
         gate = f"gate MSE > {self.threshold:g} (phase-1 parameters: {self.phase1_params})" if self.gate else "no gate"
@@ -127,7 +128,7 @@ class FPDTraining(Defense):
         return bool(mean.item() > self.threshold)
 
     def steps(self, model, batch):
-        if self.adv:
+        if self.adversarial_finetuning:
             yield from self._adversarial_steps(model, batch)
         else:
             yield from self._two_phase_steps(model, batch)

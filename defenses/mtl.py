@@ -41,8 +41,8 @@ MTL_ATTACK = {"name": "multitask", "eps": 8.0, "alpha": 2.0, "steps": 5, "random
 @register_defense("mtl")
 class MultitaskTraining(Defense):
     def __init__(self, cfg):
-        m = cfg.train.mtl
-        self.adversarial_training = bool(m.adversarial)
+        settings = cfg.train.mtl
+        self.adversarial_training = bool(settings.adversarial)
         self.default_attack = dict(MTL_ATTACK) if self.adversarial_training else None
         given = dict(cfg.train.attack or {})
         if self.adversarial_training and ("tasks" in given or "task_losses" in given):
@@ -50,7 +50,7 @@ class MultitaskTraining(Defense):
             raise SetupError(f"train.attack.{key}: the mtl training attack ascends the training losses of "
                              "train.mtl.attack_tasks; set those instead")
         super().__init__(cfg)
-        self.mix_clean = float(m.mix_clean)
+        self.mix_clean = float(settings.mix_clean)
         self.attack_tasks: List[str] = []
         if not cfg.data.tasks:
             raise SetupError("train.method mtl: data.tasks is empty; list the trained tasks "

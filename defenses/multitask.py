@@ -70,8 +70,9 @@ class MultitaskObjective:
 
 def build_objective(cfg, tasks: Sequence[str], seg_class_weights=None) -> MultitaskObjective:
     """The objective of ``train.mtl`` for `tasks` with the published per-task losses of ``data.name``."""
-    m = cfg.train.mtl
-    weights = task_weights(tasks, list(m.main_tasks), m.mt_lambda, dict(m.task_lambdas), m.equally)
+    settings = cfg.train.mtl
+    weights = task_weights(tasks, list(settings.main_tasks), settings.mt_lambda, dict(settings.task_lambdas),
+                           settings.equally)
     losses = published_task_losses(cfg.data.name, tasks, seg_class_weights, cfg.model.std)
-    return MultitaskObjective(list(tasks), resolve_main(tasks, list(m.main_tasks)), weights, losses,
+    return MultitaskObjective(list(tasks), resolve_main(tasks, list(settings.main_tasks)), weights, losses,
                               cfg.data.ignore_label)

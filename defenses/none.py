@@ -4,6 +4,6 @@ from .registry import register_defense
 
 
 @register_defense("none")
-class NoDefense(Defense):
+class CleanTraining(Defense):
     def loss(self, model, batch):
         return self.task_loss(model(batch["image"]), batch)

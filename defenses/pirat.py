@@ -36,7 +36,7 @@ from .registry import register_defense
 
 
 @register_defense("pirat")
-class PIRAT(Defense):
+class PIRATTraining(Defense):
     # sea.md §4.1: Pgd_Attack with EPS 4, alpha 1e-2 (= 2.55/255), N_ITERS 5, delta starting at 0, CE
     default_attack = {"name": "pgd", "eps": 4.0, "alpha": 2.55, "steps": 5, "random_start": False}
 

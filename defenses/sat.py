@@ -92,7 +92,7 @@ def describe_split(method: str, attack, adv_fraction: float, batch_size: int) ->
 
 
 @register_defense("sat")
-class SAT(Defense):
+class SATTraining(Defense):
     default_attack = DDCAT_BIM
 
     def __init__(self, cfg):

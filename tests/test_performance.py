@@ -443,16 +443,16 @@ def test_bf16_attack_strength_close_to_fp32(trained_model, tmp_path):
 
 def test_benchmark_rows_cover_every_attack_and_method_with_their_bounds(monkeypatch):
     from defenses.base import Defense
-    from defenses.ddcat import DDCAT
+    from defenses.ddcat import DDCATTraining
     torch.set_num_threads(1)
     referenced = []  # each method's row is timed against its own reference step
-    for cls in (Defense, DDCAT):
+    for cls in (Defense, DDCATTraining):
         def spy(self, model, batch, _orig=cls.reference_loss):
             referenced.append(type(self).__name__)
             return _orig(self, model, batch)
         monkeypatch.setattr(cls, "reference_loss", spy)
     rows = benchmark.run(SYNTHETIC, batch=2, size=(17, 17), iters=2, repeats=1, aggregation=(50, 3, 151))
-    assert set(referenced) == {"SAT", "PIRAT", "DDCAT"}
+    assert set(referenced) == {"SATTraining", "PIRATTraining", "DDCATTraining"}
     by = {r.name: r for r in rows}
     assert [r.name for r in rows if r.kind == "model"] == ["forward", "forward + input backward", "clean training step"]
     attacks = {r.name for r in rows if r.kind == "attack"}

@@ -12,7 +12,7 @@ Rows (printed as a table, written as a JSON list with ``--out``):
                final forward) are not counted; FGSM is one step, timed whole against the floor.
   defense      one training step of each method that fits the model (DDC-AT on the config model's
                ``_ddcat`` variant), ``ratio`` = its time / the clean step of the same model, ``bound``
-               = the method's pass count in clean-step units (``Defense.cost_bound``: (2k+3)/3 for
+               = the method's pass count in clean-step units (``cost_bound``: (2k+3)/3 for
                PIR-AT with k attack steps)
   aggregation  the worst case over attacks for N images x A attacks x C classes (utils.metrics)
 Each figure is the median (``--stat min``: the minimum) of ``--repeats`` timed runs after a warm-up
@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from torch import nn
 
 from utils.errors import SetupError
 from utils.perf import keep_cpu_memory
+
+if TYPE_CHECKING:
+    from defenses import Defense
 
 ATTACK_EPS, ATTACK_ALPHA = 8.0, 2.0  # config units (1/255)
 MIN_SIZE = 8  # pixels: one position of the feature map at output stride 8
@@ -349,18 +352,105 @@ def attack_rows(meter: Meter, cfg, model: nn.Module, batch: dict, amp: Optional[
     return rows
 
 
-def reference_steps(defense, model: nn.Module, batch: dict):
+# ------------------------------------------------------------------ training methods' bounds
+# Pass counts per image in forward-equivalents (a forward and a backward to the input count one each; a
+# clean training step, forward and backward, counts 3), keyed by train.method.
+def attack_passes(defense: Defense) -> float:
+    """Forward-equivalents per attacked image of the method's training attack (a forward and an input
+    backward count one each): 2 per sign step, 2 per APGD iteration plus its final forward; 0 without
+    an attack."""
+    if defense.attack is None:
+        return 0.0
+    steps = int(defense.attack.options.get("steps") or 1)
+    return 2.0 * steps + (1.0 if defense.attack.name == "apgd" else 0.0)
+
+
+def sat_bound(defense: Defense) -> float:
+    """(2k * adversarial share + 3) / 3: the attack on the replaced images, one training step."""
+    return (attack_passes(defense) * defense.adv_fraction + 3.0) / 3.0
+
+
+def pirat_bound(defense: Defense) -> float:
+    """(2k + 3) / 3, plus one forward when the attack starts away from the clean image (the clean logs)."""
+    attack = defense.attack
+    extra = 1.0 if attack.options.get("random_start", False) or attack.name == "apgd" else 0.0
+    return (attack_passes(defense) + 3.0 + extra) / 3.0
+
+
+def ddcat_bound(defense: Defense) -> float:
+    """(2k + 2 * clean share + 3) / 3: the attack on the whole batch, the two no-grad routed
+    forwards of the clean part, one training step (the published method's pass count; here the
+    clean part's routed forward shares the attack's first backbone pass when the attack starts at
+    the clean image, and only its f_a and f_m heads run on their own)."""
+    return (attack_passes(defense) + 2.0 * (1.0 - defense.adv_fraction) + 3.0) / 3.0
+
+
+def mtl_bound(defense: Defense) -> float:
+    """Clean: 1. Adversarial: (2k + 3) / 3, or (2k + 6) / 3 when clean images join the training forward."""
+    if defense.attack is None:
+        return 1.0
+    return (attack_passes(defense) + (6.0 if defense.mix_clean else 3.0)) / 3.0
+
+
+def fpd_bound(defense: Defense) -> float:
+    """Two-phase: 2 (the joint and the cycle step; the gated warm-up is one step). Adversarial
+    fine-tuning: (2k + 1 + 6 + 3) / 3: the attack, the labelling forward, the step on [x; x_adv],
+    the cycle step."""
+    if not defense.adversarial_finetuning:
+        return 2.0
+    return (attack_passes(defense) + 10.0) / 3.0
+
+
+COST_BOUNDS: Dict[str, Callable[[Defense], float]] = {
+    "sat": sat_bound, "pirat": pirat_bound, "ddcat": ddcat_bound, "mtl": mtl_bound, "fpd": fpd_bound}
+
+
+def cost_bound(defense: Defense) -> Optional[float]:
+    """Pass-count floor of one training iteration of the method in clean-step units (a clean step = 3
+    forward-equivalents: forward, backward): the method's entry in ``COST_BOUNDS``; otherwise 1 for a
+    method without an attack (the clean step itself) and None (not stated) for one with an attack."""
+    bound = COST_BOUNDS.get(defense.cfg.train.method)
+    if bound is not None:
+        return bound(defense)
+    return 1.0 if defense.attack is None else None
+
+
+Loss = Tuple[torch.Tensor, Dict[str, torch.Tensor]]  # (loss, logs) as Defense.loss gives them
+
+
+def ddcat_reference_loss(defense: Defense, model: nn.Module, batch: dict) -> Loss:
+    """DDC-AT's loss on the clean batch with every mask label 0 (no attack, no routed forwards):
+    a training step of all three heads, which the clean loss (o_n and aux only) leaves out of
+    the backward; this is the training step that `ddcat_bound` counts."""
+    y = batch["label"]
+    return defense.batch_loss(model, batch["image"], torch.zeros_like(y), y, y.shape[0])
+
+
+REFERENCE_LOSSES: Dict[str, Callable[[Defense, nn.Module, dict], Loss]] = {"ddcat": ddcat_reference_loss}
+
+
+def reference_loss(defense: Defense, model: nn.Module, batch: dict) -> Loss:
+    """(loss, logs) of the method's training loss on the clean batch without its attack: the "one
+    training step" (three passes) that `cost_bound` counts in. The clean loss (`train.method: none`),
+    except for a method in ``REFERENCE_LOSSES``, whose own loss trains more of the model than that."""
+    own = REFERENCE_LOSSES.get(defense.cfg.train.method)
+    if own is not None:
+        return own(defense, model, batch)
+    return defense.task_loss(model(batch["image"]), batch)
+
+
+def reference_steps(defense: Defense, model: nn.Module, batch: dict):
     """`Defense.steps` for the method's reference loss: one step, computed when first asked for (under
     the caller's autocast)."""
-    yield (*defense.reference_loss(model, batch), None)
+    yield (*reference_loss(defense, model, batch), None)
 
 
 def train_step_fn(cfg, model: nn.Module, method: str, batch: dict, amp: Optional[str],
                   reference: bool = False) -> Callable[[], None]:
     """One training iteration of `method` as the engine runs it: each of the method's optimisation
     steps' backward and optimiser step (plain SGD at a tiny lr keeps the weights near their start).
-    ``reference``: one step on the method's loss without its attack (`Defense.reference_loss`), the
-    unit of its `cost_bound`."""
+    ``reference``: one step on the method's loss without its attack (`reference_loss`), the unit of
+    its `cost_bound`."""
     from defenses import build_defense
     from engine.trainer import build_optimizers
     c = copy.deepcopy(cfg)
@@ -397,8 +487,8 @@ def defense_variant(cfg, method: str) -> Optional[str]:
 
 def defense_rows(meter: Meter, cfg, batch_size: int, size, amp: Optional[str]) -> List[Row]:
     """One training step per method that fits the model, against its reference step on the same model
-    and batch (`Defense.reference_loss`: the clean loss, or the method's own loss without the attack
-    where it trains more of the model than that)."""
+    and batch (`reference_loss`: the clean loss, or the method's own loss without the attack where it
+    trains more of the model than that)."""
     from defenses import DEFENSES, build_defense
     rows: List[Row] = []
     for method in DEFENSES.names():
@@ -426,7 +516,7 @@ def defense_rows(meter: Meter, cfg, batch_size: int, size, amp: Optional[str]) -
         d = build_defense(c)
         k = int(d.attack.options.get("steps") or 1) if d.attack is not None else 0
         label = f"{method}{f' {k}-step' if k else ''}" + (f" ({variant})" if variant != cfg.model.name else "")
-        rows.append(Row(label, "defense", t * 1e3, ratio, d.cost_bound(), m))
+        rows.append(Row(label, "defense", t * 1e3, ratio, cost_bound(d), m))
     return rows
 
 

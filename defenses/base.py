@@ -120,19 +120,6 @@ class Defense:
             x_adv = self.attack(fwd, x, y, keys, clean_forward=clean)
         return x_adv.detach()
 
-    def attack_passes(self) -> float:
-        """Forward-equivalents per attacked image of the training attack (a forward and an input
-        backward count one each): 2 per sign step, 2 per APGD iteration plus its final forward."""
-        if self.attack is None:
-            return 0.0
-        steps = int(self.attack.options.get("steps") or 1)
-        return 2.0 * steps + (1.0 if self.attack.name == "apgd" else 0.0)
-
-    def cost_bound(self) -> Optional[float]:
-        """Pass-count floor of one training iteration in clean-step units (a clean step = 3
-        forward-equivalents: forward, backward); None when the method does not state one."""
-        return 1.0 if self.attack is None else None
-
     def describe(self) -> str:
         """One line for the training log: the method and its attack."""
         name = self.cfg.train.method
@@ -171,12 +158,6 @@ class Defense:
 
     def loss(self, model: nn.Module, batch: dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         raise NotImplementedError
-
-    def reference_loss(self, model: nn.Module, batch: dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """The method's training loss on the clean batch without its attack: the "one training step"
-        (three passes) that `cost_bound` counts in. Default: the clean loss (`train.method: none`);
-        a method whose own loss trains more of the model (DDC-AT's three heads) overrides it."""
-        return self.task_loss(model(batch["image"]), batch)
 
     def steps(self, model: nn.Module, batch: dict) -> Iterator[Tuple[torch.Tensor, Dict[str, torch.Tensor], Optional[str]]]:
         """The optimisation steps of one iteration as (loss, logs, phase): the engine runs backward,

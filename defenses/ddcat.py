@@ -72,13 +72,6 @@ class DDCATTraining(Defense):
             raise SetupError(f"train.method 'ddcat' needs a DDC-AT model with main, auxiliary and mask heads; "
                              f"model.name '{self.cfg.model.name}' has none (use pspnet_ddcat or deeplabv3_ddcat)")
 
-    def cost_bound(self) -> float:
-        """(2k + 2 * clean share + 3) / 3: the attack on the whole batch, the two no-grad routed
-        forwards of the clean part, one training step (the published method's pass count; here the
-        clean part's routed forward shares the attack's first backbone pass when the attack starts at
-        the clean image, and only its f_a and f_m heads run on their own)."""
-        return (self.attack_passes() + 2.0 * (1.0 - self.adv_fraction) + 3.0) / 3.0
-
     def describe(self) -> str:
         mask = (f"the pixels not labelled {self.ignore}" if self.mask_ignore
                 else "every pixel, ignore-labelled ones included")
@@ -116,13 +109,6 @@ class DDCATTraining(Defense):
     def loss(self, model, batch):
         x, m, n_clean = self.training_batch(model, batch)
         return self.batch_loss(model, x, m, batch["label"], n_clean)
-
-    def reference_loss(self, model, batch):
-        """DDC-AT's loss on the clean batch with every mask label 0 (no attack, no routed forwards):
-        a training step of all three heads, which the clean loss (o_n and aux only) leaves out of
-        the backward; this is the training step that `cost_bound` counts."""
-        y = batch["label"]
-        return self.batch_loss(model, batch["image"], torch.zeros_like(y), y, y.shape[0])
 
     def batch_loss(self, model: nn.Module, x: torch.Tensor, m: torch.Tensor, y: torch.Tensor, n_clean: int):
         """(loss, logs) of the train-mode forward of x with mask labels m, the first n_clean images clean."""

@@ -90,14 +90,6 @@ class FPDTraining(Defense):
             restore = [n for n, p in model.named_parameters() if id(p) in ids]
         return {"restore": restore, "joint": names}
 
-    def cost_bound(self) -> float:
-        """Two-phase: 2 (the joint and the cycle step; the gated warm-up is one step). Adversarial
-        fine-tuning: (2k + 1 + 6 + 3) / 3: the attack, the labelling forward, the step on [x; x_adv],
-        the cycle step."""
-        if not self.adversarial_finetuning:
-            return 2.0
-        return (self.attack_passes() + 10.0) / 3.0
-
     def describe(self) -> str:
         if self.adversarial_finetuning:
             return (f"fpd adversarial fine-tuning, training attack {self.attack} on the model's own predictions, "

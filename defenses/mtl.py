@@ -111,12 +111,6 @@ class MultitaskTraining(Defense):
         clean, clean_logs = self.terms({t: o[n:] for t, o in out.items()}, batch, "clean")
         return (1 - self.mix_clean) * adv + self.mix_clean * clean, {**logs, **clean_logs}
 
-    def cost_bound(self) -> float:
-        """Clean: 1. Adversarial: (2k + 3) / 3, or (2k + 6) / 3 when clean images join the training forward."""
-        if self.attack is None:
-            return 1.0
-        return (self.attack_passes() + (6.0 if self.mix_clean else 3.0)) / 3.0
-
     def describe(self) -> str:
         text = f"mtl, tasks (weight x loss): {self.objective.describe() if self.objective else '?'}"
         if self.attack is None:

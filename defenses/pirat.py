@@ -71,11 +71,6 @@ class PIRATTraining(Defense):
         logs["acc_clean"] = pixel_accuracy(clean, y, self.ignore)
         return loss, logs
 
-    def cost_bound(self) -> float:
-        """(2k + 3) / 3, plus one forward when the attack starts away from the clean image (the clean logs)."""
-        extra = 1.0 if self.attack.options.get("random_start", False) or self.attack.name == "apgd" else 0.0
-        return (self.attack_passes() + 3.0 + extra) / 3.0
-
     def describe(self) -> str:
         return (f"pirat (100% adversarial batches, no clean loss term; parameters frozen during the attack), "
                 f"training attack {self.attack}")

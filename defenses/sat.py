@@ -105,10 +105,6 @@ class SATTraining(Defense):
             raise SetupError(f"train.method 'sat' trains the plain model; model '{type(model).__name__}' has "
                              "DDC-AT heads (use pspnet / deeplabv3, or train.method ddcat)")
 
-    def cost_bound(self) -> float:
-        """(2k * adversarial share + 3) / 3: the attack on the replaced images, one training step."""
-        return (self.attack_passes() * self.adv_fraction + 3.0) / 3.0
-
     def describe(self) -> str:
         return describe_split("sat", self.attack, self.adv_fraction, self.cfg.train.batch_size)
 

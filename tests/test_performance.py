@@ -442,15 +442,13 @@ def test_bf16_attack_strength_close_to_fp32(trained_model, tmp_path):
 # ----------------------------------------------------------------------------- benchmark.py
 
 def test_benchmark_rows_cover_every_attack_and_method_with_their_bounds(monkeypatch):
-    from defenses.base import Defense
-    from defenses.ddcat import DDCATTraining
     torch.set_num_threads(1)
     referenced = []  # each method's row is timed against its own reference step
-    for cls in (Defense, DDCATTraining):
-        def spy(self, model, batch, _orig=cls.reference_loss):
-            referenced.append(type(self).__name__)
-            return _orig(self, model, batch)
-        monkeypatch.setattr(cls, "reference_loss", spy)
+
+    def spy(defense, model, batch, _orig=benchmark.reference_loss):
+        referenced.append(type(defense).__name__)
+        return _orig(defense, model, batch)
+    monkeypatch.setattr(benchmark, "reference_loss", spy)
     rows = benchmark.run(SYNTHETIC, batch=2, size=(17, 17), iters=2, repeats=1, aggregation=(50, 3, 151))
     assert set(referenced) == {"SATTraining", "PIRATTraining", "DDCATTraining"}
     by = {r.name: r for r in rows}
@@ -466,6 +464,38 @@ def test_benchmark_rows_cover_every_attack_and_method_with_their_bounds(monkeypa
             assert math.isfinite(r.ratio) and r.ratio > 0
     assert all(r.ratio > 1 for r in rows if r.kind == "defense")  # an attack costs more than nothing
     assert rows[-1].kind == "aggregation" and rows[-1].name.startswith("worst case, 50 images x 3 attacks x 151")
+
+
+TASKS = "data.tasks=[segmentsemantic,depth_zbuffer]"
+
+
+@pytest.mark.parametrize("overrides,bound", [
+    (["train.method=none"], 1.0),
+    (["train.method=sat"], (2 * 3 * 0.5 + 3) / 3),                      # BIM-3 on half the batch
+    (["train.method=sat", "train.sat.adv_fraction=0.25"], (2 * 3 * 0.25 + 3) / 3),
+    (["train.method=pirat"], (2 * 5 + 3) / 3),                           # PGD-5 from the clean image
+    (["train.method=pirat", "train.attack={random_start: true}"], (2 * 5 + 3 + 1) / 3),  # + the clean forward
+    (["train.method=pirat", "train.attack={name: apgd, steps: 3}"], (2 * 3 + 1 + 3 + 1) / 3),
+    (["train.method=ddcat"], (2 * 3 + 2 * 0.5 + 3) / 3),
+    (["train.method=ddcat", "train.ddcat.adv_fraction=1.0"], (2 * 3 + 3) / 3),
+    (["train.method=mtl", TASKS], 1.0),
+    (["train.method=mtl", TASKS, "train.mtl.adversarial=true"], (2 * 5 + 3) / 3),
+    (["train.method=mtl", TASKS, "train.mtl.adversarial=true", "train.mtl.mix_clean=0.5"], (2 * 5 + 6) / 3),
+    (["train.method=fpd"], 2.0),
+    (["train.method=fpd", "train.fpd.adversarial=true"], (2 * 40 + 10) / 3),
+])
+def test_cost_bounds_of_every_method_by_hand(tiny_cfg, overrides, bound):
+    """benchmark.cost_bound, in clean steps of 3 passes: 2 per attack step (+1 for APGD's last forward)."""
+    from defenses import build_defense
+    assert benchmark.cost_bound(build_defense(tiny_cfg(*overrides))) == pytest.approx(bound)
+
+
+def test_cost_bound_of_a_method_without_an_entry(tiny_cfg, monkeypatch):
+    """A method not in COST_BOUNDS states none when it has an attack, and is one clean step without."""
+    from defenses import build_defense
+    monkeypatch.delitem(benchmark.COST_BOUNDS, "sat")
+    assert benchmark.cost_bound(build_defense(tiny_cfg("train.method=sat"))) is None
+    assert benchmark.cost_bound(build_defense(tiny_cfg("train.method=none"))) == 1.0
 
 
 @pytest.mark.parametrize("stat,per_iter,ratio", [

@@ -371,9 +371,9 @@ def sat_bound(defense: Defense) -> float:
 
 
 def pirat_bound(defense: Defense) -> float:
-    """(2k + 3) / 3, plus one forward when the attack starts away from the clean image (the clean logs)."""
-    attack = defense.attack
-    extra = 1.0 if attack.options.get("random_start", False) or attack.name == "apgd" else 0.0
+    """(2k + 3) / 3, plus one forward when the attack starts away from the clean image (the clean logs;
+    ``Attack.starts_at_x``, as the attack declares it)."""
+    extra = 0.0 if defense.attack.starts_at_x else 1.0
     return (attack_passes(defense) + 3.0 + extra) / 3.0
 
 

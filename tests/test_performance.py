@@ -476,6 +476,9 @@ TASKS = "data.tasks=[segmentsemantic,depth_zbuffer]"
     (["train.method=pirat"], (2 * 5 + 3) / 3),                           # PGD-5 from the clean image
     (["train.method=pirat", "train.attack={random_start: true}"], (2 * 5 + 3 + 1) / 3),  # + the clean forward
     (["train.method=pirat", "train.attack={name: apgd, steps: 3}"], (2 * 3 + 1 + 3 + 1) / 3),
+    (["train.method=pirat", "train.attack={name: apgd, steps: 3, random_start: false}"], (2 * 3 + 1 + 3) / 3),
+    (["train.method=pirat", "train.attack={name: segpgd, steps: 3}"], (2 * 3 + 3 + 1) / 3),  # its default start
+    (["train.method=pirat", "train.attack={name: padam, steps: 3}"], (2 * 3 + 3 + 1) / 3),   # always random
     (["train.method=ddcat"], (2 * 3 + 2 * 0.5 + 3) / 3),
     (["train.method=ddcat", "train.ddcat.adv_fraction=1.0"], (2 * 3 + 3) / 3),
     (["train.method=mtl", TASKS], 1.0),

@@ -4,13 +4,15 @@ against a copy of an exp_dir that holds a real earlier run (trained and evaluate
 and must end with the expected exit code (2, or 3 for a stopped non-finite run), exactly one
 `error:` line on stderr, a line of its own (progress bars on other lines), no traceback, and every
 file of the earlier run byte-identical afterwards (a new timestamped log is all a failing run may
-add). The cases run two at a time."""
+add). The cases run two at a time; the Python entry points as forks of a process that has imported
+torch once (tests/preloaded.py), the launchers and cases with their own environment as fresh processes."""
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
 import os
 import pickle
+import queue
 import re
 import shutil
 import subprocess
@@ -30,6 +32,7 @@ from engine.trainer import Trainer
 from tests import data_fixtures as fx
 from tests import faults
 from tests.conftest import ROOT, TINY
+from tests.preloaded import Preloaded
 
 LOGS = r"(train|test)-[0-9_-]+\.log"
 # tqdm progress bars also go to stderr ("\r"-separated); they are the only other output allowed
@@ -459,10 +462,12 @@ def earlier(tmp_path_factory, synthetic_root) -> Tuple[Path, Path]:
     return cfg, top / "exp"
 
 
-def run_case(case: Case, base: Path, cfg: Path, earlier_exp: Path, data: str):
+def run_case(case: Case, base: Path, cfg: Path, earlier_exp: Path, data: str, servers: queue.Queue):
     """Copy the earlier run, prepare, snapshot, run the entry point, snapshot again; returns
     (result, snapshot before, snapshot after, whether the pickled payload ran). The case's copies
-    are removed afterwards: each holds megabytes of checkpoints."""
+    are removed afterwards: each holds megabytes of checkpoints. A Python entry point run in the
+    test's own environment runs as a fork of a `tests/preloaded.py` server from `servers`
+    (torch already imported); launchers, faults and extra environment get a fresh process."""
     folder = base / case.id
     exp = folder / "exp"
     shutil.copytree(earlier_exp, exp)
@@ -488,7 +493,14 @@ def run_case(case: Case, base: Path, cfg: Path, earlier_exp: Path, data: str):
     env = {k: v for k, v in os.environ.items() if k not in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, **{k: fill(v) for k, v in case.env})
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300, env=env)
+    if cmd[0] == sys.executable and not case.env and not case.faults:
+        server = servers.get()
+        try:
+            r = server.run(cmd, ROOT, env)
+        finally:
+            servers.put(server)
+    else:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300, env=env)
     # decoded here: text mode would turn the progress bars' "\r" into line ends
     r.stdout, r.stderr = (b.decode("utf-8", "replace") for b in (r.stdout, r.stderr))
     after, code_ran = snapshot(exp), (folder / MARKER).exists()
@@ -505,9 +517,17 @@ def outcomes(request, earlier, tmp_path_factory, synthetic_root):
     base = tmp_path_factory.mktemp("cases")
     wanted = [it.callspec.params["case"] for it in request.session.items
               if it.module is sys.modules[__name__] and hasattr(it, "callspec") and "case" in it.callspec.params]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {c.id: pool.submit(run_case, c, base, cfg, earlier_exp, synthetic_root) for c in wanted}
-        return {k: f.result() for k, f in futures.items()}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    servers: queue.Queue = queue.Queue()
+    for _ in range(2):
+        servers.put(Preloaded(str(tmp_path_factory.mktemp("streams")), env))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {c.id: pool.submit(run_case, c, base, cfg, earlier_exp, synthetic_root, servers) for c in wanted}
+            return {k: f.result() for k, f in futures.items()}
+    finally:
+        while not servers.empty():
+            servers.get().close()
 
 
 def message_lines(stderr: str) -> list:
@@ -526,6 +546,37 @@ def test_message_lines():
     assert message_lines(bar + "\nerror: x\n") == ["error: x"]
     assert message_lines(bar + "error: x\n") == [bar + "error: x"]  # sharing the bar's line: not alone
     assert message_lines("warning: y\nerror: x") == ["warning: y", "error: x"]
+
+
+def test_preloaded_server_runs_a_script_as_a_fresh_process_does(tmp_path):
+    """Exit code, stdout, stderr, working directory, environment and argv of a script run by the
+    preloaded server equal those of `python script` for a normal end, sys.exit(code), sys.exit(message)
+    and an uncaught exception; atexit handlers run."""
+    script = tmp_path / "probe.py"
+    script.write_text("import atexit, os, sys\n"
+                      "atexit.register(lambda: print('bye'))\n"
+                      "print(os.getcwd(), os.environ.get('PROBE'), sys.argv[1:], end=' ')\n"
+                      "print('err', file=sys.stderr)\n"
+                      "mode = sys.argv[1]\n"
+                      "if mode == 'code': sys.exit(3)\n"
+                      "if mode == 'message': sys.exit('error: stop')\n"
+                      "if mode == 'raise': raise ValueError('boom')\n")
+    env = dict(os.environ, PROBE="x")
+    server = Preloaded(str(tmp_path), env)
+    try:
+        for mode, rc in (("end", 0), ("code", 3), ("message", 1), ("raise", 1)):
+            cmd = [sys.executable, str(script), mode, "a b"]
+            fresh = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True)
+            forked = server.run(cmd, str(tmp_path), env)
+            assert fresh.returncode == forked.returncode == rc, (mode, fresh, forked)
+            assert fresh.stdout == forked.stdout == f"{tmp_path} x ['{mode}', 'a b'] bye\n".encode()
+            if mode == "raise":
+                assert b"Traceback" in forked.stderr and forked.stderr.endswith(b"ValueError: boom\n")
+                assert fresh.stderr.splitlines()[-1] == forked.stderr.splitlines()[-1]
+            else:
+                assert fresh.stderr == forked.stderr
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])

@@ -93,8 +93,8 @@ def _tracked(t: PixelTerms, n_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.
     are excluded from the accuracy's numerator and denominator, here and at the initial point alike
     (the original counted them wrong at init and right in the loop)."""
     with torch.no_grad():
-        hits = t.correct.flatten(1).sum(1, dtype=torch.int64)  # a count, exact in any dtype
-        return image_loss(t.ce.detach()), hits.to(n_valid.dtype) / n_valid
+        n_correct = t.correct.flatten(1).sum(1, dtype=torch.int64)  # a count, exact in any dtype
+        return image_loss(t.ce.detach()), n_correct.to(n_valid.dtype) / n_valid
 
 
 def _grad_at(fwd: Callable, xa: torch.Tensor, y: torch.Tensor, n_valid: torch.Tensor, loss_fn: Callable,

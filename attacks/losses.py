@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import SetupError
-from utils.metrics import label_hits
+from utils.metrics import correct_pixels
 from utils.registry import Registry
 
 LOSSES = Registry("loss")
@@ -62,7 +62,7 @@ def pixel_terms(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = 255,
     logp = F.log_softmax(logits, 1)
     logp_y = logp.gather(1, yv.unsqueeze(1)).squeeze(1)
     ce = torch.where(valid, -logp_y, torch.zeros_like(logp_y))
-    correct = label_hits(logits.detach(), y, valid).to(logits.dtype) if with_correct else None
+    correct = correct_pixels(logits.detach(), y, valid).to(logits.dtype) if with_correct else None
     return PixelTerms(valid, yv, logp, logp_y, ce, correct)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from attacks import Attack, attack_mode, build_attack
 from utils import dist
 from utils.errors import SetupError
-from utils.metrics import label_hits
+from utils.metrics import correct_pixels
 
 from .multitask import MultitaskObjective, build_objective
 
@@ -38,8 +38,8 @@ from .multitask import MultitaskObjective, build_objective
 def pixel_accuracy(logits: torch.Tensor, y: torch.Tensor, ignore: int = 255) -> torch.Tensor:
     """Fraction of valid pixels whose argmax is the label (detached scalar tensor, no host sync)."""
     valid = y != ignore
-    hit = label_hits(logits.detach(), y, valid)
-    return hit.sum().float() / valid.sum().clamp_min(1).float()
+    correct = correct_pixels(logits.detach(), y, valid)
+    return correct.sum().float() / valid.sum().clamp_min(1).float()
 
 
 def ce_and_logp(logits: torch.Tensor, y: torch.Tensor, ignore: int = 255) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from tests.rounding import PIXEL_FRACTION
 from utils.config import load_config
 from utils.errors import SetupError
 from utils.folder_lock import FolderLock
-from utils.metrics import label_hits
+from utils.metrics import correct_pixels
 
 EXAMPLES = os.path.join(ROOT, "examples")
 VOLATILE = ("seconds", "env", "config")  # what two evaluations of the same numbers may differ in
@@ -229,9 +229,9 @@ def test_sea_on_a_batch_is_the_per_image_worst_case_of_test_py(trained_model, tm
     assert stats["member"] == [("apgd-mask-ce-bal", "apgd-mask-ce", "apgd-js")[i] for i in acc.argmin(0).tolist()]
     with torch.no_grad():                                     # the accuracy of the image returned
         valid = y != 255
-        fresh = label_hits(model(x_adv), y, valid).flatten(1).sum(1) / valid.flatten(1).sum(1)
+        fresh = correct_pixels(model(x_adv), y, valid).flatten(1).sum(1) / valid.flatten(1).sum(1)
     assert (fresh - stats["accuracy"]).abs().max() <= PIXEL_FRACTION
-    clean_acc = (label_hits(model(x), y, valid).flatten(1).sum(1) / valid.flatten(1).sum(1))
+    clean_acc = (correct_pixels(model(x), y, valid).flatten(1).sum(1) / valid.flatten(1).sum(1))
     assert (stats["accuracy"] < clean_acc).any()              # the attack did something
     cfg.test.result_dir = str(tmp_path / "result")
     with FolderLock(str(tmp_path / "result.lock"), "result folder"):  # another evaluation writing there

@@ -23,7 +23,7 @@ from attacks import ATTACKS, LOSSES, build_attack  # noqa: E402
 from attacks.apgd import MOMENTUM, RHO, checkpoint_params, prr_schedule  # noqa: E402
 from attacks.base import project  # noqa: E402
 from attacks.losses import pixel_loss, pixel_terms  # noqa: E402
-from utils.metrics import class_map, label_hits  # noqa: E402
+from utils.metrics import class_map, correct_pixels  # noqa: E402
 
 IGN = 255
 SYNTHETIC = os.path.join(ROOT, "config", "synthetic", "synthetic_pspnet18_none.yaml")
@@ -50,7 +50,7 @@ def test_class_map_takes_the_first_class_on_ties_and_the_nan_class_on_nan():
     x = torch.tensor([[1.0, 3.0, 3.0], [float("nan"), 5.0, 5.0], [2.0, float("nan"), 9.0]])
     assert class_map(x, 1).tolist() == [1, 0, 1]
     y = torch.tensor([2, 0, 2])
-    assert label_hits(x.view(3, 3, 1, 1), y.view(3, 1, 1)).flatten().tolist() == [False, True, False]
+    assert correct_pixels(x.view(3, 3, 1, 1), y.view(3, 1, 1)).flatten().tolist() == [False, True, False]
 
 
 @pytest.mark.parametrize("classes", [1, 2, 151])
@@ -87,8 +87,8 @@ def test_label_hits_equal_the_class_map_compared_with_the_label(case):
     y = torch.where(valid, y, torch.full_like(y, IGN))
     ref = (x.argmax(1) == y) & valid
     assert ref.any() and ((valid & ~ref).any() or classes == 1)      # hits and misses both
-    assert torch.equal(label_hits(x, y, valid), ref)
-    assert torch.equal(label_hits(x, torch.where(valid, y, 0)), x.argmax(1) == torch.where(valid, y, 0))
+    assert torch.equal(correct_pixels(x, y, valid), ref)
+    assert torch.equal(correct_pixels(x, torch.where(valid, y, 0)), x.argmax(1) == torch.where(valid, y, 0))
 
 
 @pytest.mark.parametrize("classes", [2, 21, 151])

@@ -29,12 +29,12 @@ def class_map(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return scores.argmax(dim)
 
 
-def label_hits(scores: torch.Tensor, y: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+def correct_pixels(scores: torch.Tensor, y: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bool [B,H,W]: where the class map of `scores` [B,C,H,W] is the label y (and `valid`, if given).
 
     ``(class_map(scores) == y) & valid``; `y` may hold an ignore label outside [0, C) where `valid` is False."""
-    hit = class_map(scores) == y
-    return hit if valid is None else hit & valid
+    correct = class_map(scores) == y
+    return correct if valid is None else correct & valid
 
 
 def label_counts(labels: torch.Tensor, classes: int, ignore: int = 255) -> torch.Tensor:

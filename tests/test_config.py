@@ -59,6 +59,21 @@ def test_saved_config_reads_back(tmp_path):
     assert load_config(str(tmp_path / "out" / "config.yaml")).to_dict() == back  # resolved config is loadable
 
 
+def test_config_saved_by_an_earlier_version_still_loads(tmp_path):
+    """A config.yaml saved before train.debug_nan_at_iter was removed holds it as null: it loads (the key
+    dropped, the rest as saved); any other value is a one-line error naming the file and the key."""
+    saved = load_config(write(tmp_path / "e.yaml", "train: {lr: 0.005}\n")).to_dict()
+    saved["train"]["debug_nan_at_iter"] = None
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(saved))
+    back = load_config(str(old)).to_dict()
+    assert "debug_nan_at_iter" not in back["train"] and back["train"]["lr"] == 0.005
+    saved["train"]["debug_nan_at_iter"] = 3
+    old.write_text(yaml.safe_dump(saved))
+    with pytest.raises(SetupError, match=r"old.yaml: config key 'train.debug_nan_at_iter' was removed .*got 3"):
+        load_config(str(old))
+
+
 def test_every_shipped_config_loads():
     root = os.path.join(os.path.dirname(__file__), "..", "config")
     found = 0

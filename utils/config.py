@@ -559,10 +559,31 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
     return out
 
 
+# Keys earlier versions wrote into every saved config.yaml, with the value they wrote: a saved config
+# still loads (the key is dropped); any other value is an error saying the key is gone.
+RETIRED = {"train.debug_nan_at_iter": None}  # a test-only hook; the tests inject NaN losses themselves
+
+
+def drop_retired(tree: dict, source: str) -> None:
+    """Remove the `RETIRED` keys that hold their saved value from `tree`; SetupError for another value."""
+    for key, saved in RETIRED.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        if node[leaf] != saved:
+            raise SetupError(f"{source}: config key '{key}' was removed (only {saved!r}, as earlier runs "
+                             f"saved it, is still accepted and ignored), got {node[leaf]!r}")
+        del node[leaf]
+
+
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
     """Load an experiment config: defaults <- `_base_` chain <- file <- `key=value` overrides."""
     schema = _read_yaml(DEFAULT_PATH)
     data = _resolve_bases(path)
+    drop_retired(data, path)
     cli = parse_overrides(overrides)
     for tree, source in ((data, path), (cli, "command line")):
         _coerce_floats(tree, schema, RULES)

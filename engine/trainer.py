@@ -203,9 +203,6 @@ def check_training_tasks(model: nn.Module, dataset) -> None:
                          "use a multitask model (drn_multitask, taskonomy_resnet) or data.tasks: []")
 
 
-AUX_HEADS = ("aux", "aux_head", "aux_cls1")  # the auxiliary heads' attribute names (models/)
-
-
 class Trainer:
     """Builds everything from the config, validates the inputs, then runs `fit()`.
 
@@ -282,9 +279,10 @@ class Trainer:
         parameters that take part in no backward)."""
         if self.cfg.train.aux_weight:
             return
-        heads = [n for n in AUX_HEADS if isinstance(getattr(self.model, n, None), nn.Module)]
-        for n in heads:
-            getattr(self.model, n).requires_grad_(False)
+        aux_heads = getattr(self.model, "aux_heads", None)  # (models/segmentor.py; a model of one's own may have none)
+        heads = aux_heads() if callable(aux_heads) else {}
+        for head in heads.values():
+            head.requires_grad_(False)
         if heads:
             self.log.info(f"train.aux_weight=0: auxiliary head {', '.join(heads)} frozen")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Dict, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from utils.errors import SetupError
 from utils.metrics import class_map
@@ -41,6 +42,9 @@ class _DDCATMixin:
         self.cls1, self.aux_cls1 = self.cls, self.aux
         del self.cls, self.aux
         self.cls2, self.mask1 = cls2, mask1
+
+    def aux_heads(self) -> Dict[str, nn.Module]:
+        return {"aux_cls1": self.aux_cls1}
 
     def forward_features(self, x: torch.Tensor, size: Sequence[int]) -> Dict[str, torch.Tensor]:
         c3, ctx = self.features(x)

@@ -46,6 +46,9 @@ class ContextSegmentor(Segmentor):
         """(layer3 output for the aux head, context feature for the main head)."""
         raise NotImplementedError
 
+    def aux_heads(self) -> Dict[str, nn.Module]:
+        return {} if self.aux is None else {"aux": self.aux}
+
     def forward_features(self, x: torch.Tensor, size: Sequence[int]) -> Dict[str, torch.Tensor]:
         c3, ctx = self.features(x)
         out = {"out": upsample(self.cls(ctx), size)}

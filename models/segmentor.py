@@ -49,6 +49,11 @@ class Segmentor(nn.Module):
         out = self.outputs(x)
         return out if self.training else out[self.main_output]
 
+    def aux_heads(self) -> Dict[str, nn.Module]:
+        """The auxiliary heads by attribute name: modules that only the "aux" output (the auxiliary
+        loss, ``train.aux_weight``) trains; the trainer freezes them when that weight is 0. None here."""
+        return {}
+
     def param_groups(self, head_lr_mult: float) -> List[dict]:
         """Backbone at the base lr, everything else (new modules) at `head_lr_mult` x (ddcat.md §1.6)."""
         backbone = [p for n, p in self.named_parameters() if n.startswith("backbone.")]

@@ -88,6 +88,9 @@ class UperNet(Segmentor):
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
 
+    def aux_heads(self) -> Dict[str, nn.Module]:
+        return {} if self.aux_head is None else {"aux_head": self.aux_head}
+
     def forward_features(self, x: torch.Tensor, size: Sequence[int]) -> Dict[str, torch.Tensor]:
         feats = self.backbone(x)
         out = {"out": resize(self.decode_head(feats), size)}

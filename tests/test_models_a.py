@@ -149,6 +149,27 @@ def test_forward_backward_and_contract(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_aux_heads_are_exactly_the_modules_only_the_aux_output_trains(name):
+    """`aux_heads()` (what the trainer freezes at train.aux_weight 0): the parameters that get a gradient
+    from the "aux" output and none from every other output are exactly theirs."""
+    m = small(name)
+    size = (33, 33) if name == "upernet_convnext" else (65, 65)
+    m.train()
+    out = m(torch.rand(2, 3, *size))
+
+    params = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+
+    def touched(outputs) -> set:
+        grads = torch.autograd.grad(sum(o.float().mean() for o in outputs), [p for _, p in params],
+                                    allow_unused=True, retain_graph=True)
+        return {n for (n, _), g in zip(params, grads) if g is not None}
+    others = touched([v for k, v in out.items() if k != "aux"])
+    only_aux = touched([out["aux"]]) - others if "aux" in out else set()
+    declared = {f"{prefix}.{n}" for prefix, head in m.aux_heads().items() for n, _ in head.named_parameters()}
+    assert declared == only_aux and (bool(declared) == ("aux" in TRAIN_KEYS[name]))
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("size", [(65, 65), (33, 49)])
 def test_logits_at_input_resolution(name, size):
     m = small(name).eval()

@@ -283,9 +283,9 @@ def read_reference(path: str) -> Optional[dict]:
 def acceptance(rows: Dict[str, Dict[str, Optional[float]]], eps: float = 8.0, clean_row: str = METHODS[0][1],
                margin: float = 10.0) -> List[Tuple[str, bool]]:
     """The demo's checks (mIoU points), findings that held for every seed of the reference and under
-    every CPU kernel set tried (README, Demo result): per method SEA <= PGD-10 <= BIM-2 at `eps`; every
-    adversarially trained row's SEA at `eps` at least `margin` above the clean row's (smallest gap
-    seen: 20.4 points)."""
+    every CPU kernel set tried (docs/demo.md, "The demo's checks"): per method SEA <= PGD-10 <= BIM-2 at
+    `eps`; every adversarially trained row's SEA at `eps` at least `margin` above the clean row's
+    (smallest gap seen: 20.4 points)."""
     e = f"{eps:g}"
     out = []
 
@@ -627,7 +627,8 @@ def write_report(runs: Dict[int, Dict[str, Dict[str, Optional[float]]]], columns
     if stats is not None:
         parts.append(f"Mean ± std over seeds {','.join(map(str, runs))}:\n\n{stats_table(stats, columns)}")
     if reference is not None:
-        parts.append(f"Reference (README; mean ± std over seeds {','.join(map(str, reference.get('seeds', [])))}, "
+        parts.append(f"Reference (the README's demo table, {REFERENCE}; mean ± std over seeds "
+                     f"{','.join(map(str, reference.get('seeds', [])))}, "
                      f"{reference.get('machine', 'machine not recorded')}):\n\n{stats_table(ref_rows, columns)}")
     outside = [f"seed {r['seed']} {name} / {k}" for r in records for name, c in r["cells"].items()
                for k, v in c.items() if v["within"] is False]

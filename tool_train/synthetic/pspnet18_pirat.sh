@@ -1,6 +1,6 @@
 #!/bin/sh
 # PIR-AT-style adversarial training (100 % PGD batches at 6/255) of PSPNet (ResNet-18, half width) on the
-# built-in synthetic dataset (CPU demo).
+# built-in synthetic dataset (sized for a CPU).
 # Usage: [NGPU=n] sh tool_train/synthetic/pspnet18_pirat.sh [section.key=value ...]
 # Several CPU processes on a machine without GPUs: NGPU=2 sh tool_train/synthetic/pspnet18_pirat.sh device=cpu
 . "$(dirname "$0")/../../tools/launch.sh"

@@ -1,5 +1,5 @@
 #!/bin/sh
-# SAT of PSPNet (ResNet-18, half width) on the built-in synthetic dataset (CPU demo).
+# SAT of PSPNet (ResNet-18, half width) on the built-in synthetic dataset (sized for a CPU).
 # Usage: [NGPU=n] sh tool_train/synthetic/pspnet18_sat.sh [section.key=value ...]
 # Several CPU processes on a machine without GPUs: NGPU=2 sh tool_train/synthetic/pspnet18_sat.sh device=cpu
 . "$(dirname "$0")/../../tools/launch.sh"

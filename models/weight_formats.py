@@ -33,8 +33,8 @@ Backbone (ImageNet) formats, for ``load_backbone_weights(backbone, path)``:
   the ``module.`` / ``base_model.`` wrappers stripped; the four per-stage output norms, absent
   from ImageNet models, keep their fresh values.
 - ``timm_vit``: timm ``vit_*_patch16`` naming (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
-  ``blocks.N.*``, ``norm``), e.g. the robust ImageNet ViT-S of "Revisiting Adversarial Training at
-  Scale" (``module.base_model.model.*`` plus ``module.base_model.normalize.{mean,std}``): the
+  ``blocks.N.*``, ``norm``), e.g. the robust ImageNet ViT-S of Singh et al., "Revisiting Adversarial
+  Training for ImageNet" (``module.base_model.model.*`` plus ``module.base_model.normalize.{mean,std}``): the
   ``model.`` level is stripped, the 1000-class ``head`` is loaded when the file has it under
   ``model.`` and keeps its fresh value otherwise (Segmenter never uses it), and the 14 x 14
   position grid of a 224 model is resized bilinearly to the encoder's (logged).

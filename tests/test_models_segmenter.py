@@ -257,7 +257,7 @@ def test_released_checkpoint_with_a_renamed_key_is_refused(rename, named):
 
 
 def robust_vit(src: VisionTransformer, head: bool = True) -> dict:
-    """A robust ImageNet ViT file as "Revisiting Adversarial Training at Scale" writes it."""
+    """A robust ImageNet ViT file as Singh et al.'s "Revisiting Adversarial Training for ImageNet" code writes it."""
     ckpt = {"module.base_model.model." + k: v.clone() for k, v in src.state_dict().items() if head or not k.startswith("head.")}
     ckpt["module.base_model.normalize.mean"] = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     ckpt["module.base_model.normalize.std"] = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -7,6 +7,7 @@ it in ``attack_mode`` and passes ``source_forward=<its forward>`` to ``build_att
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import torch
@@ -28,6 +29,17 @@ def _hoist_alpha(name: str, options: dict) -> dict:
         options["alpha"] = inner.pop("alpha")
         options["inner_options"] = inner
     return options
+
+
+def check_sources(label: str, options: dict) -> None:
+    """An entry of ``test.attacks`` names its source model: ``source_config`` and ``source_checkpoint``,
+    both existing files (one-line SetupError otherwise)."""
+    for key in ("source_config", "source_checkpoint"):
+        path = options.get(key)
+        if not path:
+            raise SetupError(f"attack '{label}': transfer needs source_config and source_checkpoint")
+        if not os.path.isfile(path):
+            raise SetupError(f"attack '{label}': {key} '{path}' is not a file")
 
 
 def _check_transfer(name: str, options: dict) -> None:

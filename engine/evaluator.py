@@ -32,6 +32,7 @@ from attacks.ensemble import expand_attacks, needs_class_weights
 from attacks.losses import class_weights_from_counts
 from attacks.multitask import merge_task_losses, published_task_losses, task_targets
 from attacks.sea_weights import published_class_weights
+from attacks.transfer import check_sources
 from datasets import build_dataset
 from datasets.palettes import class_names, palette
 from models import build_model
@@ -154,8 +155,7 @@ def _transfer_sources(groups, device: torch.device) -> Dict[Tuple[str, str], nn.
         for label, name, opts in g.members:
             if name != "transfer":
                 continue
-            if not opts.get("source_config") or not opts.get("source_checkpoint"):
-                raise SetupError(f"attack '{label}': transfer needs source_config and source_checkpoint")
+            check_sources(label, opts)
             key = (opts["source_config"], opts["source_checkpoint"])
             if key not in sources:
                 sources[key] = _load_model(*key, device)

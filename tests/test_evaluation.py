@@ -307,12 +307,15 @@ def test_attack_runs_build_each_attack_once_and_load_each_transfer_source_once(t
     monkeypatch.setattr(evaluator, "_load_model", lambda *a: loads.append(a[:2]) or source)
     real_build = evaluator.build_attack
     monkeypatch.setattr(evaluator, "build_attack", lambda name, **o: builds.append(name) or real_build(name, **o))
-    entry = "{name: transfer, source_config: a.yaml, source_checkpoint: b.pth, inner: pgd, steps: 1, alpha: 1.0"
+    (tmp_path / "a.yaml").write_text("")
+    (tmp_path / "b.pth").write_bytes(b"")
+    entry = (f"{{name: transfer, source_config: {tmp_path / 'a.yaml'}, source_checkpoint: {tmp_path / 'b.pth'}, "
+             "inner: pgd, steps: 1, alpha: 1.0")
     cfg = load_config(os.path.join(ROOT, "config", "synthetic", "synthetic_pspnet18_none.yaml"),
                       [f"exp_dir={tmp_path}", f"test.attacks=[{entry}}}, {entry}, label: t2}}]", "test.eps=[2,4]"])
     runs = evaluator.build_attack_runs(cfg)
     assert [r.key for r in runs] == ["transfer@2", "t2@2", "transfer@4", "t2@4"]
-    assert loads == [("a.yaml", "b.pth")] and builds == ["transfer"] * 4
+    assert loads == [(str(tmp_path / "a.yaml"), str(tmp_path / "b.pth"))] and builds == ["transfer"] * 4
     assert all(r.attack.options["source_forward"] is source for r in runs)
 
     builds.clear()

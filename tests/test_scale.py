@@ -405,6 +405,18 @@ def test_launch_checks_attack_options_before_any_process_starts(tiny_config, tmp
     with pytest.raises(SetupError, match="attack 'pgd' has no option 'stepz'"):
         check("train", path, 1, 1, ["train.method=sat", "train.attack={stepz: 3}", "device=cpu"])
     assert check("train", path, 1, 1, ["train.method=sat", "device=cpu"]) == str(tmp_path / "exp")
+    # a transfer attack: its source files exist and its inner attack's options are valid, with no model loaded
+    (tmp_path / "src.yaml").write_text("")
+    (tmp_path / "src.pth").write_bytes(b"")
+    src = f"source_config: {tmp_path / 'src.yaml'}, source_checkpoint: {tmp_path / 'src.pth'}"
+    for entry, message in (("{name: transfer, steps: 1}", "attack 'transfer': transfer needs source_config and"),
+                           (f"{{name: transfer, steps: 1, source_config: {tmp_path / 'src.yaml'}, "
+                            f"source_checkpoint: {tmp_path / 'none.pth'}}}", "source_checkpoint '.*none.pth' is not a file"),
+                           (f"{{name: transfer, {src}, inner: pgd, inner_options: {{stepz: 1}}}}",
+                            "attack 'pgd' has no option 'stepz'")):
+        with pytest.raises(SetupError, match=message):
+            check("test", path, 1, 1, [f"test.attacks=[{entry}]", "device=cpu"])
+    assert check("test", path, 1, 1, [f"test.attacks=[{{name: transfer, {src}, steps: 1}}]", "device=cpu"])
 
 
 def test_a_config_error_is_printed_once_under_torchrun(tiny_config, tmp_path):

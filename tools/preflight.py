@@ -58,10 +58,12 @@ def check_attacks(kind: str, cfg) -> None:
         return
     from attacks import build_attack
     from attacks.ensemble import expand_attacks
+    from attacks.transfer import check_sources
     for group in expand_attacks(cfg.test.attacks):
         for label, name, opts in group.members:
-            if name == "transfer":  # its source model is loaded by the run (engine/evaluator.py)
-                continue
+            if name == "transfer":  # the run loads its source model (engine/evaluator.py); a stand-in here
+                check_sources(label, opts)
+                opts = dict(opts, source_forward=lambda x: x)
             for eps in cfg.test.eps:
                 build_attack(name, seed=cfg.seed, label=label, eps=eps, **opts)
 

@@ -78,6 +78,30 @@ def test_readme_is_short_and_links_every_docs_page():
     assert not unlinked, f"README.md does not link {unlinked}"
 
 
+# every section of the README before it became an index, and the page that holds it now (the first three
+# stay in the README)
+FORMER_SECTIONS = {
+    "Quickstart": "README.md", "Layout": "README.md", "Experiments": "README.md",
+    "Reproducibility": "docs/reproducibility.md", "Configs": "docs/configs.md", "Outputs": "docs/configs.md",
+    "Launchers": "docs/configs.md", "Models": "docs/models.md", "Data and checkpoints": "docs/data.md",
+    "Attacks and evaluation": "docs/evaluation.md",
+    "Evaluate a published checkpoint with SEA": "docs/evaluation.md",
+    "Evaluation protocols vs the papers": "docs/protocols.md", "Evaluate your own model": "docs/your_own_model.md",
+    "Performance": "docs/performance.md", "Training methods": "docs/training.md",
+    "Known deviations from the original code": "docs/deviations.md", "Extending": "docs/extending.md",
+}
+RENAMED = {"Evaluate your own model": "Your own model and data"}
+
+
+def test_every_former_readme_section_is_a_heading_of_a_linked_page():
+    missing = [f"{title!r} in {page}" for title, page in FORMER_SECTIONS.items()
+               if RENAMED.get(title, title) not in
+               re.findall(r"^#{1,6} +(.+?) *#*$", without_code_blocks(read(page)), re.M)]
+    assert not missing, missing
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)", without_code_blocks(readme())))
+    assert set(FORMER_SECTIONS.values()) - {"README.md"} <= linked
+
+
 def test_outputs_say_pass_counts_are_totals():
     """metrics.json's pass counts are totals over the evaluated images (attacks.base.PassCounter), and
     docs/configs.md says so where it defines them."""

@@ -43,7 +43,7 @@ from utils.logger import get_logger
 from .paths import result_dir, staging_dir
 
 # seconds between two writes of the per-image counts: a killed evaluation redoes at most the batches
-# of this span; read by each EvalProgress when it is made (0: a write after every batch)
+# of this span (0: a write after every batch)
 FLUSH_SECONDS = 10.0
 FORMAT = 2  # per-image file layout; chunks of another layout are not resumed from
 IDENTITY_FILE = "identity.txt"
@@ -165,7 +165,6 @@ class EvalProgress:
         self.columns = dict(columns)
         self.attacks = list(attacks)
         self.runs = ["clean"] + [k for k, _ in self.attacks]
-        self.flush_s = FLUSH_SECONDS
         self.batch = batch  # per-process batch, recorded with the counts
         images = shard_images(n, cfg.test.shard)
         # this process's images; earlier counts of these only are gathered from here (the others' from theirs)
@@ -248,7 +247,7 @@ class EvalProgress:
 
     def on_batch(self, stats: Dict[str, object]) -> None:
         self.batches += 1
-        if time.time() - self.last_flush >= self.flush_s:
+        if time.time() - self.last_flush >= FLUSH_SECONDS:
             self.flush(stats)
 
     def finish(self, stats: Dict[str, object]) -> Tuple[Dict[str, Dict[str, np.ndarray]], Dict[str, float],
